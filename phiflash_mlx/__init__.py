@@ -1,0 +1,11 @@
+"""phiflash-mlx: Phi-4-mini-flash-reasoning (SambaY) on MLX.
+
+On Linux the fast-BLAS route must be set up *before* ``mlx.core`` is first
+imported, so it is the first thing this package does.
+"""
+
+from . import _blas
+
+_blas.enable()
+
+__version__ = "0.1.0"
