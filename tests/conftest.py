@@ -1,0 +1,29 @@
+"""Shared test set-up: hypothesis profiles and the golden checkpoints.
+
+Profiles: "ci" (derandomized, chosen automatically when CI is set), "dev" (the default, random).
+Pick one with HYPOTHESIS_PROFILE=ci|dev.
+"""
+
+import os
+import pathlib
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+GOLDEN_DIR = pathlib.Path(os.environ.get("PHIFLASH_GOLDEN", ROOT.parent / "shared" / "golden"))
+GOLDEN_MODELS = sorted(p.name for p in GOLDEN_DIR.glob("*") if (p / "vectors.npz").exists())
+
+
+def golden_path(name: str) -> pathlib.Path:
+    return GOLDEN_DIR / name
+
+
+@pytest.fixture(params=GOLDEN_MODELS)
+def golden_name(request):
+    return request.param
