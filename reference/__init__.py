@@ -10,11 +10,11 @@ from .config import (ATTENTION_KINDS, CROSS, GLOBAL, GMU, MAMBA, MAMBA_KINDS, MA
 from .checkpoint import expected_tensors
 from .errors import CheckpointError
 from .model import Cache, Model, check_weights, load
-from .weights import WeightStore, bf16_bits_to_float32, open_checkpoint, round_to_bf16
+from .weights import WeightStore, bf16_bits_to_float32, open_checkpoint, round_to_bf16, write_safetensors
 
 __all__ = [
     "ATTENTION_KINDS", "CROSS", "GLOBAL", "GMU", "MAMBA", "MAMBA_KINDS", "MAMBA_MEM", "SWA",
     "Cache", "CheckpointError", "Config", "Model", "WeightStore", "bf16_bits_to_float32", "check_weights",
     "config_from_dict", "expected_tensors", "layer_schedule", "load", "load_config", "open_checkpoint",
-    "round_to_bf16",
+    "round_to_bf16", "write_safetensors",
 ]

@@ -184,3 +184,29 @@ def open_checkpoint(path: str, keep: bool | None = None) -> WeightStore:
     store = WeightStore(files, keep=False)
     store.keep = store.nbytes_float32() < 4 * 2**30 if keep is None else keep
     return store
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], bf16_names=(), metadata=None) -> None:
+    """Write float/int arrays as a safetensors file; names in `bf16_names` are stored as bf16
+    (rounded to nearest even). numpy cannot express bf16, hence this small writer."""
+    header, chunks, offset = {}, [], 0
+    codes = {np.dtype(v): k for k, v in _NUMPY_DTYPES.items()}
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        if name in bf16_names:
+            data = (round_to_bf16(arr.astype(np.float32)).view(np.uint32) >> 16).astype("<u2")
+            dtype = "BF16"
+        else:
+            data, dtype = arr.astype(arr.dtype.newbyteorder("<")), codes[arr.dtype]
+        raw = data.tobytes()
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    header["__metadata__"] = dict(metadata or {"format": "pt"})
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for raw in chunks:
+            f.write(raw)
