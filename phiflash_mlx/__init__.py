@@ -9,3 +9,8 @@ from . import _blas
 _blas.enable()
 
 __version__ = "0.1.0"
+
+from .errors import PhiflashError  # noqa: E402
+from .loader import load  # noqa: E402
+
+__all__ = ["PhiflashError", "load", "__version__"]

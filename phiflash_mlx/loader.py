@@ -1,0 +1,175 @@
+"""Loading a checkpoint directory (or a Hugging Face hub id) into the MLX model."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import struct
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import PhiflashError
+from .models.phi4flash import Model, ModelArgs
+from .progress import progress
+
+log = logging.getLogger("phiflash_mlx")
+
+
+def resolve_model_path(path_or_id: str) -> Path:
+    """A local directory as is; otherwise a hub id downloaded with huggingface_hub (optional extra)."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise PhiflashError(f"{path_or_id} is a file; point --model at a checkpoint directory "
+                            "(config.json + *.safetensors)")
+    if str(path_or_id).count("/") != 1 or str(path_or_id).startswith((".", "/", "~")):
+        raise PhiflashError(f"model directory {path_or_id} does not exist; give a checkpoint directory "
+                            "or a Hugging Face id like microsoft/Phi-4-mini-flash-reasoning")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise PhiflashError(f"{path_or_id} is not a local directory, and downloading from the Hugging Face hub "
+                            "needs huggingface_hub: pip install 'phiflash-mlx[hub]'") from None
+    try:
+        return Path(snapshot_download(
+            path_or_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]))
+    except Exception as exc:  # network, authentication, missing repo: all end the same way for the user
+        raise PhiflashError(f"could not download {path_or_id} from the Hugging Face hub: {exc}") from None
+
+
+def load_config(path: Path) -> dict:
+    file = path / "config.json"
+    if not file.exists():
+        raise PhiflashError(f"no config.json in {path}: point --model at a Hugging Face Phi4Flash checkpoint "
+                            "directory (config.json + *.safetensors)")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PhiflashError(f"cannot read {file}: {exc}") from None
+    if config.get("model_type") != "phi4flash":
+        raise PhiflashError(f"{file} has model_type {config.get('model_type')!r}, not 'phi4flash': this is not a "
+                            "Phi-4-mini-flash-reasoning (SambaY) checkpoint")
+    return config
+
+
+def _check_safetensors(file: str) -> None:
+    """mx.load on a truncated file fails obscurely; check the header against the file size first."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise PhiflashError(f"{file} is truncated (shorter than a safetensors header); download it again")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise PhiflashError(f"{file} is truncated or not a safetensors file; download it again")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise PhiflashError(f"{file} is not a valid safetensors file (bad header); download it again") from None
+    header.pop("__metadata__", None)
+    end = max((e["data_offsets"][1] for e in header.values()), default=0)
+    if 8 + n + end > size:
+        raise PhiflashError(f"{file} is truncated: it should hold {8 + n + end} bytes but has {size}; "
+                            "the download or copy did not finish, fetch it again")
+
+
+def load_weights(path: Path) -> dict:
+    files = sorted(glob.glob(str(path / "*.safetensors")))
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as exc:
+            raise PhiflashError(f"cannot read {index}: {exc}") from None
+        missing = [s for s in shard_names if not (path / s).exists()]
+        if missing:
+            raise PhiflashError(f"weight shard {missing[0]} listed in {index.name} is missing from {path}; download it")
+        files = [str(path / s) for s in shard_names]
+    if not files:
+        raise PhiflashError(f"no *.safetensors weights in {path}: the checkpoint is incomplete; download the "
+                            "model files again")
+    weights = {}
+    for file in progress(files, desc="loading weights", unit="shard", min_items=2):
+        _check_safetensors(file)
+        weights.update(mx.load(file))
+    return weights
+
+
+def _flat_shapes(model: nn.Module) -> dict:
+    from mlx.utils import tree_flatten
+    return {k: v.shape for k, v in tree_flatten(model.parameters())}
+
+
+def build_model(config: dict, weights: dict, dtype=None) -> Model:
+    """Instantiate, (de)quantize as the config says, check names and shapes, and load the weights."""
+    try:
+        args = ModelArgs.from_dict(config)
+    except (TypeError, ValueError) as exc:
+        raise PhiflashError(f"config.json is not a valid phi4flash config: {exc}") from None
+    n = args.num_hidden_layers
+    if n < 4 or n % 4 or args.num_attention_heads % 2 or args.num_key_value_heads % 2 \
+            or args.num_attention_heads % args.num_key_value_heads or args.hidden_size % args.num_attention_heads:
+        raise PhiflashError("config.json is not a valid phi4flash config: num_hidden_layers must be a multiple of 4, "
+                            "the head counts even, heads a multiple of KV heads, hidden_size a multiple of heads")
+    model = Model(args)
+    weights = model.sanitize(weights)
+    quant = config.get("quantization")
+    if quant:
+        _apply_quantization(model, quant, weights)
+    expected = _flat_shapes(model)
+    for name, shape in expected.items():
+        if name not in weights:
+            raise PhiflashError(f"tensor {name} is missing from the checkpoint; it is incomplete or was made for "
+                                "another architecture")
+        if tuple(weights[name].shape) != tuple(shape):
+            raise PhiflashError(f"tensor {name} has shape {tuple(weights[name].shape)}, but config.json implies "
+                                f"{tuple(shape)}; the weights do not match the config")
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        log.warning("ignoring %d tensors the model does not use (first: %s)", len(unexpected), unexpected[0])
+    if dtype is None:
+        # CPU: float32 everywhere (fp16/bf16 math is many times slower on x86). Metal: keep the stored dtype.
+        dtype = mx.float32 if not mx.metal.is_available() else None
+    items = []
+    for name in expected:
+        w = weights[name]
+        keep_fp32 = name.endswith(("A_log", ".D")) or "lambda_" in name
+        if mx.issubdtype(w.dtype, mx.floating) and (keep_fp32 or dtype is not None):
+            w = w.astype(mx.float32 if keep_fp32 else dtype)
+        items.append((name, w))
+    model.load_weights(items, strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+def _apply_quantization(model: Model, quant: dict, weights: dict) -> None:
+    """Turn the modules that the checkpoint stores quantized into quantized modules (mlx-lm layout:
+    `quantization` = {group_size, bits[, mode]} plus optional per-module overrides by path)."""
+    defaults = {k: quant[k] for k in ("group_size", "bits", "mode") if k in quant}
+
+    def predicate(path, module):
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        override = quant.get(path)
+        return override if isinstance(override, dict) else True
+
+    nn.quantize(model, **defaults, class_predicate=predicate)
+
+
+def load(path_or_id: str, dtype=None, tokenizer: bool = True):
+    """Load a phi4flash checkpoint: returns (model, tokenizer). The tokenizer is None when the checkpoint
+    carries no tokenizer files (or `tokenizer=False`)."""
+    path = resolve_model_path(str(path_or_id))
+    config = load_config(path)
+    model = build_model(config, load_weights(path), dtype)
+    tok = None
+    if tokenizer:
+        from .tokenizer import load_tokenizer
+        tok = load_tokenizer(path)
+    model.path = path
+    return model, tok
