@@ -5,4 +5,5 @@ Each module in ``COMMANDS`` defines ``register(subparsers)``, which adds its par
 """
 
 COMMANDS = [
+    "info",
 ]
