@@ -1,0 +1,364 @@
+"""The selective-scan, scan-step and GMU kernels against the NumPy reference.
+
+Each kernel test runs on every runner available here:
+* "harness": the kernel source compiled as C++ by tests/metal_harness.py (any machine with g++);
+* "metal":   the real mx.fast.metal_kernel (Apple silicon only).
+The plain-ops twins in phiflash_mlx/ssm.py are checked against the reference too, and the dispatch
+(fallback when Metal is missing, PHIFLASH_KERNELS, kernel_status) is tested where Metal is absent.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import metal_harness
+from phiflash_mlx import kernels
+from phiflash_mlx.ssm import gmu_gate_ops, selective_scan_ops, selective_state_update_ops
+from reference import ops as ref
+
+HAS_METAL = mx.metal.is_available()
+NO_HARNESS = metal_harness.available()
+
+RUNNERS = [
+    pytest.param("harness", marks=pytest.mark.skipif(
+        NO_HARNESS is not None, reason=f"CPU harness unavailable: {NO_HARNESS}")),
+    pytest.param("metal", marks=pytest.mark.skipif(
+        not HAS_METAL, reason="needs Metal (Apple silicon); here the same kernel source is run "
+                              "through the C++ harness instead")),
+]
+
+
+def runner_for(name):
+    return metal_harness.make_runner() if name == "harness" else kernels.run_metal
+
+
+def assert_close(got, want, name="", rtol=1e-5, atol_scale=1e-5):
+    """|got - want| <= atol_scale * max(1, max|want|) + rtol * |want|, elementwise."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
+    assert np.isfinite(got).all(), f"{name}: non-finite output"
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    err = np.abs(got - want)
+    bound = atol_scale * scale + rtol * np.abs(want)
+    worst = np.unravel_index(np.argmax(err - bound), err.shape) if err.size else ()
+    assert (err <= bound).all(), (f"{name}: |diff| {err[worst]:.3g} > {bound[worst]:.3g} at {worst} "
+                                  f"(got {got[worst]!r}, want {want[worst]!r}, scale {scale:.3g})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated inputs: tiny shapes, values covering both sides of the softplus threshold (20), near-zero
+# and large Δ, strongly decaying and slowly decaying A, large |z| for the SiLU gate.
+# ---------------------------------------------------------------------------------------------
+
+STATE_SIZES = (1, 3, 16)      # each size is one compiled kernel instance: keep the set small
+
+
+def floats(draw, shape, lo, hi):
+    return draw(hnp.arrays(np.float32, shape, elements=st.floats(lo, hi, width=32)))
+
+
+@st.composite
+def scan_inputs(draw, decode=False):
+    b = draw(st.integers(1, 2))
+    l = draw(st.integers(1, 6))
+    d_in = draw(st.integers(1, 6))
+    n = draw(st.sampled_from(STATE_SIZES))
+    seq = (b, d_in) if decode else (b, l, d_in)
+    bn = (b, n) if decode else (b, l, n)
+    case = dict(
+        u=floats(draw, seq, -3, 3),
+        delta=floats(draw, seq, -30, 30),
+        A=-np.exp(floats(draw, (d_in, n), -3, 3)),
+        B=floats(draw, bn, -3, 3),
+        C=floats(draw, bn, -3, 3),
+        D=floats(draw, (d_in,), -2, 2),
+        z=floats(draw, seq, -40, 40) if draw(st.booleans()) else None,
+        delta_bias=floats(draw, (d_in,), -5, 5) if draw(st.booleans()) else None,
+        state=floats(draw, (b, d_in, n), -3, 3) if (decode or draw(st.booleans())) else None,
+    )
+    return case
+
+
+def to_mx(case):
+    return {k: (None if v is None else mx.array(v)) for k, v in case.items()}
+
+
+def reference_scan(case):
+    return ref.selective_scan(case["u"], case["delta"], case["A"], case["B"], case["C"], case["D"],
+                              case["z"], case["delta_bias"], case["state"])
+
+
+def reference_step(case):
+    return ref.selective_state_update(case["state"], case["u"], case["delta"], case["A"], case["B"],
+                                      case["C"], case["D"], case["z"], case["delta_bias"])
+
+
+def random_case(rng, b, l, d_in, n, decode=False, gated=True):
+    seq = (b, d_in) if decode else (b, l, d_in)
+    bn = (b, n) if decode else (b, l, n)
+
+    def f(shape, scale=1.0):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    return dict(u=f(seq), delta=f(seq, 2.0) - 2.0,
+                A=-np.exp(np.log(np.arange(1, n + 1, dtype=np.float32)) + f((d_in, n), 0.1)),
+                B=f(bn), C=f(bn), D=f((d_in,)), z=f(seq) if gated else None,
+                delta_bias=f((d_in,), 0.5), state=f((b, d_in, n)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels (harness and Metal) against the reference
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("runner", RUNNERS)
+@settings(deadline=None, max_examples=150)
+@given(case=scan_inputs())
+def test_selective_scan_kernel_matches_reference(runner, case):
+    y, s = kernels.selective_scan_kernel(**to_mx(case), runner=runner_for(runner))
+    y_ref, s_ref = reference_scan(case)
+    assert_close(y, y_ref, "y")
+    assert_close(s, s_ref, "state")
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+@settings(deadline=None, max_examples=100)
+@given(case=scan_inputs(decode=True))
+def test_scan_step_kernel_matches_reference(runner, case):
+    y, s = kernels.selective_state_update_kernel(**to_mx(case), runner=runner_for(runner))
+    y_ref, s_ref = reference_step(case)
+    assert_close(y, y_ref, "y")
+    assert_close(s, s_ref, "state")
+
+
+@st.composite
+def gate_inputs(draw):
+    shape = draw(hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=7))
+    return floats(draw, shape, -60, 60), floats(draw, shape, -100, 100)
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+@settings(deadline=None, max_examples=100)
+@given(gm=gate_inputs())
+def test_gmu_gate_kernel_matches_reference(runner, gm):
+    g, memory = gm
+    out = kernels.gmu_gate_kernel(mx.array(g), mx.array(memory), runner=runner_for(runner))
+    with np.errstate(over="ignore"):
+        assert_close(out, ref.swiglu(g, memory), "gmu")
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_real_size_prefill_then_decode(runner):
+    """d_inner 5120, d_state 16 as in the released model: a 4-token prefill, then 3 decode steps."""
+    run = runner_for(runner)
+    rng = np.random.default_rng(5120)
+    for gated in (True, False):
+        case = random_case(rng, 1, 4, 5120, 16, gated=gated)
+        y, s = kernels.selective_scan_kernel(**to_mx(case), runner=run)
+        y_ref, s_ref = reference_scan(case)
+        assert_close(y, y_ref, "prefill y")
+        assert_close(s, s_ref, "prefill state")
+        for step in range(3):
+            tok = random_case(rng, 1, 1, 5120, 16, decode=True, gated=gated)
+            tok["A"], tok["D"], tok["delta_bias"] = case["A"], case["D"], case["delta_bias"]
+            tok["state"] = s_ref
+            y, s = kernels.selective_state_update_kernel(**to_mx(dict(tok, state=np.array(s))),
+                                                         runner=run)
+            y_ref, s_ref = reference_step(tok)
+            assert_close(y, y_ref, f"step {step} y")
+            assert_close(s, s_ref, f"step {step} state")
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+@settings(deadline=None, max_examples=30)
+@given(case=scan_inputs(), split=st.integers(0, 6))
+def test_scan_in_chunks_equals_whole(runner, case, split):
+    """Prefill in two chunks, carrying the state, gives the whole-sequence result (prompt caching)."""
+    run = runner_for(runner)
+    l = case["u"].shape[1]
+    split = min(max(split, 1), l)
+    seq_keys = ("u", "delta", "B", "C", "z")
+    first = {k: (v[:, :split] if k in seq_keys and v is not None else v) for k, v in case.items()}
+    y1, s1 = kernels.selective_scan_kernel(**to_mx(first), runner=run)
+    parts = [np.array(y1)]
+    if split < l:
+        second = {k: (v[:, split:] if k in seq_keys and v is not None else v) for k, v in case.items()}
+        second["state"] = np.array(s1)
+        y2, s1 = kernels.selective_scan_kernel(**to_mx(second), runner=run)
+        parts.append(np.array(y2))
+    y_whole, s_whole = kernels.selective_scan_kernel(**to_mx(case), runner=run)
+    assert_close(np.concatenate(parts, axis=1), y_whole, "y", rtol=1e-6, atol_scale=1e-6)
+    assert_close(s1, s_whole, "state", rtol=1e-6, atol_scale=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The harness itself
+# ---------------------------------------------------------------------------------------------
+
+needs_harness = pytest.mark.skipif(NO_HARNESS is not None, reason=f"CPU harness unavailable: {NO_HARNESS}")
+
+
+@needs_harness
+@settings(deadline=None, max_examples=20)
+@given(case=scan_inputs())
+def test_kernel_threads_are_independent(case):
+    """Threads run last-to-first give bit-identical outputs: no thread reads another's writes."""
+    args = to_mx(case)
+    forward = kernels.selective_scan_kernel(**args, runner=metal_harness.make_runner("forward"))
+    backward = kernels.selective_scan_kernel(**args, runner=metal_harness.make_runner("reverse"))
+    for a, b in zip(forward, backward):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+
+
+@needs_harness
+def test_harness_signature_follows_mlx():
+    """Shape arrays only where the source names them, as mx.fast.metal_kernel generates them."""
+    step = kernels.SPECS["phiflash_scan_step"]
+    scan = kernels.SPECS["phiflash_selective_scan"]
+    x = np.zeros((2, 3), np.float32)
+    args = dict(inputs=[x] * len(step.input_names), template=[("N", 4)],
+                output_dtypes=[np.float32, np.float32])
+    step_cpp = metal_harness.generate_source(step.name, step.input_names, step.output_names,
+                                             step.source, step.header, **args)
+    scan_cpp = metal_harness.generate_source(scan.name, scan.input_names, scan.output_names,
+                                             scan.source, scan.header, **args)
+    assert "A_shape" in step_cpp and "u_shape" not in step_cpp
+    assert "A_shape" in scan_cpp and "Checked<const int> u_shape" in scan_cpp
+    assert "uint3 thread_position_in_grid" in scan_cpp and "template <int N>" in scan_cpp
+
+
+@needs_harness
+def test_harness_catches_out_of_bounds_and_unwritten_outputs():
+    src = "uint i = thread_position_in_grid.x;\n    out[i] = inp[i + 1];"
+    with pytest.raises(metal_harness.HarnessError, match=r"inp\[4\]"):
+        metal_harness.run_kernel("oob", ["inp"], ["out"], src, "", [np.ones(4, np.float32)], [],
+                                 (4, 1, 1), (32, 1, 1), [(4,)], [np.float32])
+    src = "uint i = thread_position_in_grid.x;\n    if (i > 0) out[i] = inp[i];"
+    (out,) = metal_harness.run_kernel("partial", ["inp"], ["out"], src, "", [np.ones(4, np.float32)],
+                                      [], (4, 1, 1), (32, 1, 1), [(4,)], [np.float32])
+    assert np.isnan(out[0]) and (out[1:] == 1).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-ops twins against the reference (the fallback path and the kernels' oracle on a Mac)
+# ---------------------------------------------------------------------------------------------
+
+@settings(deadline=None, max_examples=40)
+@given(case=scan_inputs())
+def test_selective_scan_ops_matches_reference(case):
+    y, s = selective_scan_ops(**to_mx(case))
+    y_ref, s_ref = reference_scan(case)
+    assert_close(y, y_ref, "y")
+    assert_close(s, s_ref, "state")
+
+
+@settings(deadline=None, max_examples=40)
+@given(case=scan_inputs(decode=True))
+def test_scan_step_ops_matches_reference(case):
+    args = to_mx(case)
+    y, s = selective_state_update_ops(args.pop("state"), **args)
+    y_ref, s_ref = reference_step(case)
+    assert_close(y, y_ref, "y")
+    assert_close(s, s_ref, "state")
+
+
+@settings(deadline=None, max_examples=40)
+@given(gm=gate_inputs())
+def test_gmu_gate_ops_matches_reference(gm):
+    g, memory = gm
+    with np.errstate(over="ignore"):
+        assert_close(gmu_gate_ops(mx.array(g), mx.array(memory)), ref.swiglu(g, memory), "gmu")
+
+
+def test_real_size_ops_match_reference():
+    rng = np.random.default_rng(16)
+    case = random_case(rng, 1, 3, 5120, 16)
+    y, s = selective_scan_ops(**to_mx(case))
+    y_ref, s_ref = reference_scan(case)
+    assert_close(y, y_ref, "y")
+    assert_close(s, s_ref, "state")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch: which path runs, and the fallback where Metal is missing
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def restore_mode():
+    saved = kernels.kernel_status()["mode"], kernels._mode_source
+    yield
+    kernels.set_kernel_mode(saved[0])
+    kernels._mode_source = saved[1]
+
+
+@pytest.mark.skipif(HAS_METAL, reason="checks the fallback on machines without Metal")
+def test_forcing_kernels_without_metal_falls_back_and_says_so(restore_mode):
+    rng = np.random.default_rng(0)
+    case = random_case(rng, 1, 3, 4, 2)
+    args = to_mx(case)
+    kernels.set_kernel_mode("auto")
+    status = kernels.kernel_status()
+    assert status["active"] == "ops" and not status["metal_available"]
+    assert "Metal" in status["reason"]
+
+    with pytest.warns(kernels.KernelUnavailableWarning, match="Metal"):
+        y, s = kernels.selective_scan(**args, use_kernel=True)
+    y_ops, s_ops = selective_scan_ops(**args)
+    np.testing.assert_array_equal(np.array(y), np.array(y_ops))
+    np.testing.assert_array_equal(np.array(s), np.array(s_ops))
+
+    with warnings.catch_warnings():                     # warned once; later calls are quiet
+        warnings.simplefilter("error")
+        kernels.selective_state_update(args["state"], args["u"][:, 0], args["delta"][:, 0], args["A"],
+                                       args["B"][:, 0], args["C"][:, 0], args["D"], use_kernel=True)
+        kernels.gmu_gate(args["u"], args["delta"], use_kernel=True)
+
+    kernels.set_kernel_mode("metal")
+    with pytest.warns(kernels.KernelUnavailableWarning):
+        out = kernels.gmu_gate(args["u"], args["delta"])
+    np.testing.assert_array_equal(np.array(out), np.array(gmu_gate_ops(args["u"], args["delta"])))
+    status = kernels.kernel_status()
+    assert status["mode"] == "metal" and status["active"] == "ops" and "falls back" in status["reason"]
+
+
+def test_ops_mode_and_use_kernel_false_never_warn(restore_mode):
+    args = to_mx(random_case(np.random.default_rng(1), 1, 2, 3, 2))
+    kernels.set_kernel_mode("ops")
+    assert kernels.kernel_status()["active"] == "ops"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.selective_scan(**args)
+        kernels.selective_scan(**args, use_kernel=False)
+    with pytest.raises(ValueError):
+        kernels.set_kernel_mode("cuda")
+
+
+@pytest.mark.skipif(HAS_METAL, reason="checks the fallback on machines without Metal")
+def test_env_var_selects_mode():
+    code = ("import warnings, mlx.core as mx; from phiflash_mlx import kernels as k; "
+            "warnings.simplefilter('always'); "
+            "y = k.gmu_gate(mx.ones((2, 3)), mx.ones((2, 3))); mx.eval(y); "
+            "s = k.kernel_status(); print(s['mode'], s['mode_source'], s['active'])")
+    env = dict(os.environ, PHIFLASH_KERNELS="metal")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["metal", "PHIFLASH_KERNELS", "ops"]
+    assert "KernelUnavailableWarning" in proc.stderr
+
+
+@pytest.mark.skipif(not HAS_METAL, reason="needs Metal (Apple silicon)")
+def test_auto_mode_uses_metal_kernels_on_gpu(restore_mode):
+    kernels.set_kernel_mode("auto")
+    status = kernels.kernel_status()
+    assert status["metal_available"]
+    assert status["active"] == ("metal" if mx.default_device().type == mx.gpu else "ops")
