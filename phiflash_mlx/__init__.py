@@ -14,3 +14,6 @@ from .errors import PhiflashError  # noqa: E402
 from .loader import load  # noqa: E402
 
 __all__ = ["PhiflashError", "load", "__version__"]
+from .generate import ChatSession, GenerationResponse, generate, stream_generate  # noqa: E402
+
+__all__ += ["ChatSession", "GenerationResponse", "generate", "stream_generate"]

@@ -1,0 +1,445 @@
+"""Text generation: chunked prefill, cached decoding, sampling, stop conditions, streaming, multi-turn.
+
+    model, tokenizer = phiflash_mlx.load("path/or/hub-id")
+    text = phiflash_mlx.generate(model, tokenizer, [{"role": "user", "content": "What is 17 + 25?"}])
+    for piece in phiflash_mlx.stream_generate(model, tokenizer, "Once upon", max_tokens=20, temp=0):
+        print(piece.text, end="", flush=True)
+
+A prompt is a string (encoded as plain text), a list of chat messages (the chat template is applied
+with the generation prompt), or a list of token ids.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence, Union
+
+import mlx.core as mx
+
+from .errors import PhiflashError
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+DEFAULT_MAX_CONTEXT = 65536          # the released model's context (SAMBAY.md 1.5)
+
+Prompt = Union[str, Sequence[dict], Sequence[int]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class SamplingParams:
+    temp: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: Optional[int] = None
+
+    def validate(self):
+        if self.temp < 0:
+            raise PhiflashError(f"temperature must be >= 0, got {self.temp}")
+        if not 0 < self.top_p <= 1:
+            raise PhiflashError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise PhiflashError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0 <= self.min_p < 1:
+            raise PhiflashError(f"min_p must be in [0, 1), got {self.min_p}")
+
+
+def filter_logprobs(logprobs: mx.array, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> mx.array:
+    """Set to -inf every token that top-k, min-p or top-p (nucleus) excludes. logprobs: (b, V)."""
+    neg_inf = mx.array(-float("inf"), dtype=logprobs.dtype)
+    V = logprobs.shape[-1]
+    if 0 < top_k < V:
+        kth = mx.sort(logprobs, axis=-1)[:, V - top_k][:, None]
+        logprobs = mx.where(logprobs < kth, neg_inf, logprobs)
+    if min_p > 0:
+        threshold = logprobs.max(axis=-1, keepdims=True) + mx.log(mx.array(min_p))
+        logprobs = mx.where(logprobs < threshold, neg_inf, logprobs)
+    if top_p < 1.0:
+        order = mx.argsort(-logprobs, axis=-1)                          # most likely first
+        sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
+        probs = mx.softmax(sorted_lp, axis=-1)
+        before = mx.cumsum(probs, axis=-1) - probs                      # mass of the tokens ranked higher
+        keep_sorted = before < top_p                                    # the first token always stays
+        keep = mx.put_along_axis(mx.zeros(keep_sorted.shape, mx.bool_), order, keep_sorted, axis=-1)
+        logprobs = mx.where(keep, logprobs, neg_inf)
+    return logprobs
+
+
+class Sampler:
+    """Greedy at temperature 0, else a draw from the filtered, tempered distribution. Seeded draws
+    are reproducible: the same seed gives the same tokens."""
+
+    def __init__(self, params: SamplingParams):
+        params.validate()
+        self.params = params
+        self.key = mx.random.key(params.seed) if params.seed is not None else None
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        p = self.params
+        if p.temp == 0:
+            return mx.argmax(logits, axis=-1)
+        logprobs = logits / p.temp
+        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+        logprobs = filter_logprobs(logprobs, p.top_p, p.top_k, p.min_p)
+        if self.key is None:
+            return mx.random.categorical(logprobs)
+        self.key, sub = mx.random.split(self.key)
+        return mx.random.categorical(logprobs, key=sub)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams of text: stop strings and the <think> section
+# ---------------------------------------------------------------------------------------------
+
+class StopStringFilter:
+    """Holds back text that may be the start of a stop string; reports when one appears."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if not self.stops:
+            return text
+        self.pending += text
+        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
+        if hits:
+            cut = min(h[0] for h in hits)
+            out, self.pending, self.stopped = self.pending[:cut], "", True
+            return out
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        out = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class ReasoningSplitter:
+    """Splits streamed text into reasoning (inside <think> ... </think>) and answer pieces.
+
+    The tags are consumed; a tag split across pieces is recognised. The released model writes the
+    reasoning trace as plain text starting with <think> (there is no think token, SAMBAY.md 6.2).
+    """
+
+    def __init__(self):
+        self.inside = False
+        self.buffer = ""
+
+    def feed(self, text: str) -> list[tuple[bool, str]]:
+        """Returns [(is_reasoning, text), ...] for the text that is now certain."""
+        self.buffer += text
+        out = []
+        while self.buffer:
+            tag = THINK_CLOSE if self.inside else THINK_OPEN
+            i = self.buffer.find(tag)
+            if i >= 0:
+                if i:
+                    out.append((self.inside, self.buffer[:i]))
+                self.buffer = self.buffer[i + len(tag):]
+                self.inside = not self.inside
+                continue
+            hold = next((k for k in range(min(len(tag) - 1, len(self.buffer)), 0, -1)
+                         if self.buffer.endswith(tag[:k])), 0)
+            emit = self.buffer[:len(self.buffer) - hold]
+            if emit:
+                out.append((self.inside, emit))
+            self.buffer = self.buffer[len(emit):]
+            break
+        return out
+
+    def flush(self) -> list[tuple[bool, str]]:
+        out = [(self.inside, self.buffer)] if self.buffer else []
+        self.buffer = ""
+        return out
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """(reasoning, answer) of a complete response."""
+    s = ReasoningSplitter()
+    parts = s.feed(text) + s.flush()
+    return ("".join(t for r, t in parts if r).strip(), "".join(t for r, t in parts if not r).strip())
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class GenerationResponse:
+    """One streamed piece. `text` may be empty (a token that completes no character yet)."""
+    text: str
+    token: Optional[int]
+    reasoning: bool = False                 # the piece belongs to the <think> section
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    peak_memory: float = 0.0                # GB
+    finish_reason: Optional[str] = None     # "stop", "length" or None while generating
+
+
+def peak_memory_gb() -> float:
+    for getter in (getattr(mx, "get_peak_memory", None), getattr(getattr(mx, "metal", None), "get_peak_memory", None)):
+        if getter is not None:
+            try:
+                return getter() / 1e9
+            except Exception:  # some back-ends do not track it
+                continue
+    return 0.0
+
+
+def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise PhiflashError("a text prompt needs a tokenizer; this checkpoint has none, so pass token ids")
+        return tokenizer.encode(prompt)
+    prompt = list(prompt)
+    if prompt and isinstance(prompt[0], dict):
+        if tokenizer is None:
+            raise PhiflashError("chat messages need a tokenizer; this checkpoint has none")
+        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
+    return [int(t) for t in prompt]
+
+
+def prefill(model, ids: Sequence[int], cache, step_size: int = 512, progress=None) -> mx.array:
+    """Feed `ids` through the model in chunks of `step_size` (no T×T attention for long prompts);
+    returns the logits (1, V) of the last token."""
+    if not ids:
+        raise PhiflashError("the prompt is empty")
+    if step_size < 1:
+        raise PhiflashError(f"prefill step size must be positive, got {step_size}")
+    ids = list(ids)
+    done = 0
+    while len(ids) - done > 1:
+        n = min(step_size, len(ids) - done - 1)
+        model(mx.array([ids[done:done + n]]), cache=cache)
+        mx.eval([c.state for c in cache])                    # logits of these chunks are never computed
+        done += n
+        if progress is not None:
+            progress(done, len(ids))
+    logits = model(mx.array([ids[-1:]]), cache=cache)[:, -1]
+    if progress is not None:
+        progress(len(ids), len(ids))
+    return logits
+
+
+class Generator:
+    """Owns a cache and the tokens it holds, so a conversation can continue without re-prefilling.
+
+    `tokens` are the ids the cache has seen; `pending` ids are known (a sampled final token) but not
+    fed yet; they go in front of the next prompt.
+    """
+
+    def __init__(self, model, tokenizer, max_context: int = DEFAULT_MAX_CONTEXT, prefill_step_size: int = 512):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_context = max_context
+        self.prefill_step_size = prefill_step_size
+        self.reset()
+
+    def reset(self):
+        self.cache = self.model.make_cache()
+        self.tokens: list[int] = []
+        self.pending: list[int] = []
+
+    def _snapshot(self):
+        return [dict(vars(c)) for c in self.cache], len(self.tokens)
+
+    def _restore(self, saved):
+        states, n = saved
+        for c, state in zip(self.cache, states):
+            vars(c).clear()
+            vars(c).update(state)
+        del self.tokens[n:]
+
+    @property
+    def eos_ids(self) -> set:
+        tok = self.tokenizer
+        return set(getattr(tok, "eos_token_ids", ()) or ()) if tok is not None else set()
+
+    def stream(self, new_ids: Sequence[int], max_tokens: int = 4096, sampling: SamplingParams | None = None,
+               stop: Sequence[str] = (), stop_on_eos: bool = True, progress=None) -> Iterator[GenerationResponse]:
+        sampling = sampling or SamplingParams()
+        sampler = Sampler(sampling)
+        feed = self.pending + list(new_ids)
+        if max_tokens < 0:
+            raise PhiflashError(f"max_tokens must be >= 0, got {max_tokens}")
+        used = len(self.tokens) + len(feed)
+        if used >= self.max_context:
+            raise PhiflashError(
+                f"the prompt needs {used} tokens of context (history included) but the limit is "
+                f"{self.max_context}; shorten the prompt, start a new conversation, or raise --max-context")
+        vocab = self.model.args.vocab_size
+        bad = [t for t in feed if not 0 <= t < vocab]
+        if bad:
+            raise PhiflashError(f"token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
+        detok = self.tokenizer.detokenizer() if self.tokenizer is not None else None
+        stops = StopStringFilter(stop)
+        think = ReasoningSplitter()
+        eos = self.eos_ids if stop_on_eos else set()
+
+        t0 = time.perf_counter()
+        saved = self._snapshot()
+        try:
+            logits = prefill(self.model, feed, self.cache, self.prefill_step_size, progress)
+            token = sampler(logits)
+            mx.eval(token)
+        except BaseException:                  # interrupted prefill: the turn never happened
+            self._restore(saved)
+            raise
+        self.tokens += feed
+        self.pending = []
+        t1 = time.perf_counter()
+        prompt_tps = len(feed) / max(t1 - t0, 1e-9)
+        n = 0
+        stats = dict(prompt_tokens=len(feed), prompt_tps=prompt_tps)
+
+        def pieces(text, token_id, finish=None):
+            out = []
+            for is_reasoning, part in think.feed(text) if text else []:
+                out.append(GenerationResponse(part, token_id, is_reasoning, **stats))
+            if finish is not None:
+                out += [GenerationResponse(part, token_id, r, **stats) for r, part in think.flush()]
+            if not out:
+                out.append(GenerationResponse("", token_id, think.inside, **stats))
+            return out
+
+        finish = None
+        while True:
+            if n >= max_tokens:
+                finish = "length"
+                break
+            if len(self.tokens) + len(self.pending) >= self.max_context:
+                finish = "length"
+                break
+            tid = int(token.item())
+            n += 1
+            if tid in eos:
+                self.pending = [tid]                              # closes the turn in the history
+                finish = "stop"
+                break
+            # feed this token while the caller reads its text
+            saved = self._snapshot()
+            try:
+                logits = self.model(mx.array([[tid]]), cache=self.cache)[:, -1]
+                next_token = sampler(logits)
+                mx.async_eval(next_token)
+            except BaseException:              # Ctrl-C inside the model call: keep the cache consistent
+                self._restore(saved)
+                raise
+            self.tokens.append(tid)
+            text = detok.add_token(tid) if detok is not None else ""
+            text = stops.feed(text)
+            elapsed = time.perf_counter() - t1
+            stats.update(generation_tokens=n, generation_tps=n / max(elapsed, 1e-9), peak_memory=peak_memory_gb())
+            if stops.stopped:
+                finish = "stop"
+                yield from pieces(text, tid, finish)
+                break
+            yield from pieces(text, tid)
+            token = next_token
+        tail = ""
+        if detok is not None and not stops.stopped:
+            tail = stops.feed(detok.finalize()) + stops.flush()
+        elapsed = time.perf_counter() - t1
+        stats.update(generation_tokens=n, generation_tps=n / max(elapsed, 1e-9), peak_memory=peak_memory_gb())
+        final = pieces(tail, None, finish)
+        final[-1].finish_reason = finish
+        yield from final
+
+
+def _sampling(temp, top_p, top_k, min_p, seed) -> SamplingParams:
+    return SamplingParams(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+
+
+def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, temp: float = 0.6, top_p: float = 0.95,
+                    top_k: int = 0, min_p: float = 0.0, seed: Optional[int] = None, stop: Sequence[str] = (),
+                    max_context: int = DEFAULT_MAX_CONTEXT, prefill_step_size: int = 512,
+                    generator: Optional[Generator] = None) -> Iterator[GenerationResponse]:
+    """Yield `GenerationResponse` pieces as tokens are produced. Pass a `Generator` to continue a
+    conversation in its cache (then `prompt` holds only the new turn's messages or ids)."""
+    gen = generator or Generator(model, tokenizer, max_context, prefill_step_size)
+    yield from gen.stream(prompt_ids(tokenizer, prompt), max_tokens, _sampling(temp, top_p, top_k, min_p, seed), stop)
+
+
+def generate(model, tokenizer, prompt: Prompt, verbose: bool = False, **kwargs) -> str:
+    """The whole response as one string (the <think> section included, tags and all, as the model
+    wrote it; `split_reasoning` separates it)."""
+    out = []
+    last = None
+    in_think = False
+    for piece in stream_generate(model, tokenizer, prompt, **kwargs):
+        if piece.reasoning and not in_think:
+            out.append(THINK_OPEN)
+        if not piece.reasoning and in_think:
+            out.append(THINK_CLOSE)
+        in_think = piece.reasoning
+        out.append(piece.text)
+        if verbose:
+            print(piece.text, end="", flush=True)
+        last = piece
+    if in_think and last is not None and last.finish_reason is None:
+        out.append(THINK_CLOSE)
+    if verbose and last is not None:
+        print(f"\n[{last.prompt_tokens} prompt tokens at {last.prompt_tps:.1f} tok/s, "
+              f"{last.generation_tokens} generated at {last.generation_tps:.1f} tok/s]")
+    return "".join(out)
+
+
+@dataclass
+class ChatSession:
+    """A multi-turn conversation that reuses its cache: each turn prefills only its new tokens."""
+    model: object
+    tokenizer: object
+    system: Optional[str] = None
+    max_context: int = DEFAULT_MAX_CONTEXT
+    prefill_step_size: int = 512
+    messages: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.tokenizer is None:
+            raise PhiflashError("chat needs a tokenizer; this checkpoint has no tokenizer files")
+        self.generator = Generator(self.model, self.tokenizer, self.max_context, self.prefill_step_size)
+        self._primed = False
+
+    def reset(self, system: Optional[str] = None):
+        self.system = system
+        self.messages = []
+        self.generator.reset()
+        self._primed = False
+
+    def send(self, text: str, **kwargs) -> Iterator[GenerationResponse]:
+        """Stream the assistant's answer to a user message. kwargs: max_tokens, temp, top_p, top_k,
+        min_p, seed, stop."""
+        turn = []
+        if not self._primed and self.system:
+            turn.append({"role": "system", "content": self.system})
+        turn.append({"role": "user", "content": text})
+        ids = list(self.tokenizer.apply_chat_template(turn, add_generation_prompt=True))
+        gen = self.generator
+        if gen.tokens and not gen.pending:
+            # the last answer ended without <|end|> (length limit or interruption): close the turn
+            end_id = self.tokenizer.added_tokens.get("<|end|>") if hasattr(self.tokenizer, "added_tokens") else None
+            if end_id is not None:
+                ids = [end_id.id] + ids
+        max_tokens = kwargs.pop("max_tokens", 4096)
+        stop = kwargs.pop("stop", ())
+        self._primed = True
+        self.messages += turn
+        answer = []
+        for piece in gen.stream(ids, max_tokens, SamplingParams(**kwargs), stop):
+            answer.append(piece)
+            yield piece
+        self.messages.append({"role": "assistant", "content": "".join(p.text for p in answer)})
