@@ -419,9 +419,7 @@ class Tokenizer:
         # None: the Phi template of spec 6.3, in Python; otherwise a Jinja template.
         self.chat_template = None if _is_phi_template(chat_template) else chat_template
         ordered = sorted(self.added_tokens, key=len, reverse=True)  # longest match first
-        self._added_re = (
-            re.compile("|".join(map(re.escape, ordered))) if ordered else None
-        )
+        self._added_re = re.compile("|".join(map(re.escape, ordered))) if ordered else None
 
     def __repr__(self) -> str:
         kind = type(self._backend).__name__.strip("_").replace("Backend", "")
@@ -451,12 +449,10 @@ class Tokenizer:
                 pieces.append(text[pos:])
             for piece in pieces:
                 if isinstance(piece, AddedToken):
-                    if piece.lstrip:
-                        while items and isinstance(items[-1], str):
-                            stripped = items.pop().rstrip(_WHITESPACE)
-                            if stripped:
-                                items.append(stripped)
-                                break
+                    if piece.lstrip and items and isinstance(items[-1], str):
+                        items[-1] = items[-1].rstrip(_WHITESPACE)  # text runs are already joined
+                        if not items[-1]:
+                            items.pop()
                     items.append(piece)
                     absorb = piece.rstrip
                     continue
@@ -833,7 +829,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer | None:
     Looks for, in this order: ``tokenizer.json``; ``vocab.json`` + ``merges.txt`` (with
     ``added_tokens.json`` / ``tokenizer_config.json``); ``tokenizer.model`` (sentencepiece).
     eos ids come from ``generation_config.json`` (an int or a list), else ``config.json``, else
-    the ``eos_token`` of ``tokenizer_config.json``.
+    the ``eos_token`` of ``tokenizer_config.json`` (else a sentencepiece model's ``</s>``). Without
+    a chat template in the files, the Phi-4 one (spec 6.3) is used.
     """
     directory = Path(path)
     if not directory.is_dir():
