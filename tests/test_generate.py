@@ -145,10 +145,17 @@ def test_generation_stops_at_max_tokens_and_reports_stats(chat_model):
 
 # --- multi-turn ---------------------------------------------------------------------------------
 
-def test_multi_turn_reuses_cache_and_equals_full_rerun(chat_model):
+@pytest.mark.parametrize("ending", ["length", "stop"])
+def test_multi_turn_reuses_cache_and_equals_full_rerun(chat_model, ending, monkeypatch):
     model, tok = chat_model
+    if ending == "stop":
+        # make the third greedy token of the first answer an end-of-turn token, so the turn ends on eos
+        probe = ChatSession(model, tok, system="be brief")
+        tokens = [p.token for p in probe.send("what is 2 plus 2?", max_tokens=6, temp=0)]
+        monkeypatch.setattr(tok, "eos_token_ids", (tokens[2],))
     chat = ChatSession(model, tok, system="be brief")
     first = list(chat.send("what is 2 plus 2?", max_tokens=6, temp=0))
+    assert first[-1].finish_reason == ending
     history = list(chat.generator.tokens) + list(chat.generator.pending)
     second = list(chat.send("and 3 plus 3?", max_tokens=6, temp=0))
     new_turn = tok.apply_chat_template([{"role": "user", "content": "and 3 plus 3?"}])
