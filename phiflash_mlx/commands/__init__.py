@@ -5,5 +5,7 @@ Each module in ``COMMANDS`` defines ``register(subparsers)``, which adds its par
 """
 
 COMMANDS = [
+    "golden",
+    "verify",
     "info",
 ]
