@@ -5,6 +5,8 @@ Each module in ``COMMANDS`` defines ``register(subparsers)``, which adds its par
 """
 
 COMMANDS = [
+    "chat",
+    "generate",
     "golden",
     "verify",
     "info",

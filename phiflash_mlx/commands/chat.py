@@ -1,0 +1,140 @@
+"""`phiflash chat`: an interactive, multi-turn chat in the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import PhiflashError
+from ..generate import ChatSession
+from ._common import add_model_option, add_sampling_options, load_model, sampling_from_args
+
+EXAMPLES = """\
+examples:
+  phiflash chat                                   # the bundled demo model
+  phiflash chat --model microsoft/Phi-4-mini-flash-reasoning --max-tokens 32768
+  phiflash chat --hide-reasoning --temp 0
+
+in the chat:
+  /reset         forget the conversation
+  /system TEXT   set a system message (starts a new conversation)
+  /exit          leave (or Ctrl-D); Ctrl-C stops the current answer
+"""
+
+DIM, ITALIC, RESET = "\033[2m", "\033[3m", "\033[0m"
+
+
+class Printer:
+    """Writes streamed pieces: the <think> section dimmed (or marked) and set apart, or hidden."""
+
+    def __init__(self, out, hide_reasoning=False, color=None):
+        self.out = out
+        self.hide = hide_reasoning
+        self.color = out.isatty() if color is None else color
+        self.mode = None                      # None, "reasoning" or "answer"
+
+    def write(self, piece):
+        mode = "reasoning" if piece.reasoning else "answer"
+        if not piece.text:
+            return
+        if mode != self.mode:
+            self._switch(mode)
+        if mode == "reasoning" and self.hide:
+            return
+        self.out.write(piece.text)
+        self.out.flush()
+
+    def _switch(self, mode):
+        if self.mode == "reasoning" and not self.hide:
+            self.out.write(RESET if self.color else "")
+            self.out.write("\n" if self.color else "\n[/thinking]\n")
+        if mode == "reasoning" and not self.hide:
+            self.out.write(DIM + ITALIC if self.color else "[thinking]\n")
+        self.mode = mode
+
+    def end(self):
+        if self.mode == "reasoning" and not self.hide:
+            self.out.write(RESET if self.color else "\n[/thinking]")
+        self.out.write("\n")
+        self.out.flush()
+        self.mode = None
+
+
+def register(sub) -> None:
+    p = sub.add_parser("chat", help="chat with the model in the terminal (multi-turn, streaming)",
+                       description="Interactive chat. Every earlier turn is remembered (kept in the cache, not "
+                                   "re-read). The reasoning (<think> section) is shown dimmed before the answer.",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_option(p)
+    p.add_argument("--system", default=None, help="a system message for the conversation")
+    p.add_argument("--hide-reasoning", action="store_true", help="do not show the <think> section")
+    add_sampling_options(p, max_tokens=8192)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    model, tok, path = load_model(args.model)
+    sampling = sampling_from_args(args, path)
+    session = ChatSession(model, tok, system=args.system, max_context=args.max_context,
+                          prefill_step_size=args.prefill_step_size)
+    out = sys.stdout
+    interactive = sys.stdin.isatty()
+    print("Type a message; /reset, /system TEXT, /exit. Ctrl-C stops an answer.", file=sys.stderr)
+    while True:
+        try:
+            if interactive:
+                line = input(">>> ")
+            else:
+                out.write(">>> ")
+                out.flush()
+                line = sys.stdin.readline()
+                if not line:
+                    raise EOFError
+                line = line.rstrip("\n")
+                out.write(line + "\n")
+        except EOFError:
+            out.write("\n")
+            return 0
+        except KeyboardInterrupt:
+            out.write("\n")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command, _, rest = text.partition(" ")
+            if command in ("/exit", "/quit", "/bye"):
+                return 0
+            if command == "/reset":
+                session.reset(session.system)
+                print("[conversation reset]", file=out, flush=True)
+                continue
+            if command == "/system":
+                session.reset(rest.strip() or None)
+                print(f"[system message {'set' if rest.strip() else 'cleared'}; conversation reset]", file=out, flush=True)
+                continue
+            if command == "/help":
+                print(EXAMPLES.split("in the chat:\n", 1)[1], file=out, flush=True)
+                continue
+            print(f"[unknown command {command}; try /help]", file=out, flush=True)
+            continue
+        printer = Printer(out, hide_reasoning=args.hide_reasoning)
+        last = None
+        try:
+            for piece in session.send(text, max_tokens=args.max_tokens, temp=sampling.temp, top_p=sampling.top_p,
+                                      top_k=sampling.top_k, min_p=sampling.min_p, seed=sampling.seed):
+                printer.write(piece)
+                last = piece
+        except KeyboardInterrupt:
+            printer.end()
+            print("[stopped]", file=out, flush=True)
+            continue
+        except PhiflashError as exc:
+            printer.end()
+            print(f"[error: {exc}]", file=out, flush=True)
+            continue
+        printer.end()
+        if last is not None:
+            note = " (max tokens reached)" if last.finish_reason == "length" else ""
+            print(f"[{last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s; prompt {last.prompt_tokens} "
+                  f"tokens, {last.prompt_tps:.1f} tok/s]{note}", file=out, flush=True)
