@@ -277,3 +277,11 @@ def test_clear_errors(tmp_path, damage, message):
         d = tmp_path / "nowhere" / "model"
     with pytest.raises(phiflash_mlx.PhiflashError, match=message):
         phiflash_mlx.load(str(d))
+
+
+def test_ids_outside_vocabulary_are_refused():
+    m, _ = phiflash_mlx.load(str(golden_path(GOLDEN_MODELS[0])))
+    V = m.args.vocab_size
+    for bad in ([[1, V]], [[-1, 2]]):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            m(mx.array(bad))

@@ -525,3 +525,28 @@ def test_phi_vocabulary_with_wrong_chat_ids_warns(phi_dirs, tmp_path):
     assert any("<|user|> has id 200040" in str(w.message) for w in caught)
     assert tok.encode("<|user|>", allow_special=True) == [200040]
     shutil.rmtree(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# phiflash_mlx.load with the released checkpoint's file layout
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["tokenizer.json", "vocab.json + merges.txt"])
+def test_load_returns_the_tokenizer_of_a_released_layout(phi_dirs, tmp_path, layout):
+    """Golden weights beside the released model's tokenizer files: load() gives a working tokenizer."""
+    import shutil
+
+    import phiflash_mlx
+    from conftest import golden_path
+
+    source = phi_dirs[0] if layout == "tokenizer.json" else phi_dirs[1]
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(source, checkpoint)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(golden_path("tiny") / name, checkpoint / name)
+    model, tok = phiflash_mlx.load(str(checkpoint))
+    assert tok is not None and tok.eos_token_ids == (200020, 199999)
+    ids = tok.apply_chat_template([{"role": "user", "content": "How to solve 3*x^2+4*x+5=1?"}])
+    assert ids[0] == 200021 and ids[-2:] == [200020, 200019]
+    assert tok.decode(ids) == "<|user|>How to solve 3*x^2+4*x+5=1?<|end|><|assistant|>"

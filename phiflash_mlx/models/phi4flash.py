@@ -336,6 +336,13 @@ class Model(nn.Module):
         """Logits (b, l, V). `cache` is ``make_cache()``'s list (continued and updated in place).
         `padding_mask` (b, l), 1 for real tokens, marks left padding of a first (prefill) call.
         `capture`, a dict, receives per-layer outputs, the final norm and the GMU memory."""
+        if inputs.shape[-1] > 1:
+            # prompts are checked (an out-of-range id would silently read a wrong embedding row); single
+            # decode tokens come from a sampler over the vocabulary, and checking them would stall the pipeline
+            low, high = mx.min(inputs).item(), mx.max(inputs).item()
+            if low < 0 or high >= self.args.vocab_size:
+                raise ValueError(f"token id {low if low < 0 else high} is outside the vocabulary "
+                                 f"(0..{self.args.vocab_size - 1})")
         h = self.model(inputs, cache, padding_mask, capture)
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
