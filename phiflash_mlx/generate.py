@@ -420,9 +420,9 @@ class ChatSession:
         self.generator.reset()
         self._primed = False
 
-    def send(self, text: str, **kwargs) -> Iterator[GenerationResponse]:
+    def send(self, text: str, progress=None, **kwargs) -> Iterator[GenerationResponse]:
         """Stream the assistant's answer to a user message. kwargs: max_tokens, temp, top_p, top_k,
-        min_p, seed, stop."""
+        min_p, seed, stop; `progress(done, total)` is called during a long prefill."""
         turn = []
         if not self._primed and self.system:
             turn.append({"role": "system", "content": self.system})
@@ -439,7 +439,7 @@ class ChatSession:
         self._primed = True
         self.messages += turn
         answer = []
-        for piece in gen.stream(ids, max_tokens, SamplingParams(**kwargs), stop):
+        for piece in gen.stream(ids, max_tokens, SamplingParams(**kwargs), stop, progress=progress):
             answer.append(piece)
             yield piece
         self.messages.append({"role": "assistant", "content": "".join(p.text for p in answer)})

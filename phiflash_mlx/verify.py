@@ -550,7 +550,7 @@ class Variant:
     cause: str
     window: int = 0                   # added to the sliding window
     patch: object = None              # () -> context manager
-    quirk_flip: bool = False          # decode group with the off-by-one cache, quirk group without it
+    quirk_cache: bool | None = None   # every cache with (True) or without (False) the off-by-one
     other_dtype: bool = False
 
 
@@ -559,10 +559,12 @@ VARIANTS = [
             "(e.g. FlashAttention window_size=(W, 0), or a mask q - k <= W)", window=1),
     Variant("window-1", "sliding window one key too narrow: W-1 keys instead of W including the query itself",
             window=-1),
-    Variant("quirk", "sliding KV cache: the original's ring-buffer off-by-one (golden README quirk 2) is "
-            "reproduced where the clean cache is expected, or missing from quirk_step_logits, which hold the "
-            "original's values (decode them with the off-by-one, or leave the quirk_* keys out)",
-            quirk_flip=True),
+    Variant("quirk-missing", "quirk_* decode without the original's sliding-cache off-by-one: these keys hold "
+            "the original's (buggy) cached values (golden README quirk 2, SAMBAY.md 5.3); emulate its ring "
+            "buffer for them, or leave the quirk_* keys out if the port only does the clean cache",
+            quirk_cache=False),
+    Variant("quirk-in-decode", "sliding KV cache shifts one step early (the original's ring-buffer off-by-one) "
+            "where the clean cache of exactly the last W keys is expected", quirk_cache=True),
     Variant("memory-no-D", "GMU memory without the D*u skip term: the memory is the scan output y = C.h + D*u "
             "before the silu(z) gate", patch=_patch_memory_without_d),
     Variant("conv-state", "Mamba conv state of d_conv-1 inputs that loses the oldest tap in cached decode (the "
@@ -585,20 +587,20 @@ def run_variant(model, variant: Variant, inputs, wanted, model_dir=None, layers=
         if cfg.sliding_window < 1:
             return None
         model = reference.Model(cfg, model.w, model.bf16)
-    if variant.quirk_flip:
-        model = _QuirkFlipped(model)
+    if variant.quirk_cache is not None:
+        model = _FixedQuirk(model, variant.quirk_cache)
     with (variant.patch() if variant.patch else contextlib.nullcontext()):
         return run_reference(model, inputs, wanted, layers=layers)
 
 
-class _QuirkFlipped:
-    """A model whose caches use the off-by-one ring buffer exactly where the reference's do not."""
+class _FixedQuirk:
+    """A model whose caches all use (or all skip) the original's off-by-one ring buffer."""
 
-    def __init__(self, model):
-        self.m = model
+    def __init__(self, model, quirk):
+        self.m, self.quirk = model, quirk
 
     def new_cache(self, batch, hf_sliding_quirk=False, max_cache_len=None):
-        return self.m.new_cache(batch, not hf_sliding_quirk, max_cache_len)
+        return self.m.new_cache(batch, self.quirk, max_cache_len)
 
     def __getattr__(self, name):
         return getattr(self.m, name)
@@ -644,7 +646,7 @@ def _compare(name, key, got, ref, tol, axis_names=None):
     score = max_abs / tol.allowed(ref)
     scale = float(np.abs(ref).max()) if ref.size else 0.0
     where = ""
-    if axis_names and worst:
+    if axis_names and worst and max_abs > 0:
         where = ", ".join(f"{a} {i}" for a, i in zip(axis_names, worst) if a)
     return Row(name, key, max_abs, max_abs / scale if scale else 0.0, score, bool(score <= 1.0), where)
 
@@ -817,7 +819,7 @@ def _first_layer_changed(a, b, tol, cfg):
     return best
 
 
-def diagnose(model, port, ref, rows, inputs, wanted, tol, model_dir, layers_ref=None):
+def diagnose(model, port, ref, rows, inputs, tol, model_dir):
     """Rerun the reference with each deliberate mistake; return the variants that explain the failures,
     best first, as (variant, explained (bool), ratio, first layer the mistake changes)."""
     failing = {r.key for r in rows if not r.ok}
@@ -837,9 +839,11 @@ def diagnose(model, port, ref, rows, inputs, wanted, tol, model_dir, layers_ref=
         explained = all(r.ok for r in vrows if r.key in failing)
         ratio = base / score if score > 0 else float("inf")
         if explained or ratio >= 10:
-            first = _first_layer_changed(layers_ref, out, tol, model.cfg) if layers_ref is not None else None
+            first = _first_layer_changed(ref, out, tol, model.cfg)
             found.append((variant, explained, ratio, first))
     found.sort(key=lambda f: (not f[1], -f[2]))
+    if found and found[0][1]:
+        found = [f for f in found if f[1]]        # exact explanations make partial ones moot
     return found
 
 
@@ -878,7 +882,7 @@ def verify(model_dir: str, outputs: str, dtype: str = "float32", inputs_path: st
         report.first_layer = layer_rows[0].name if layer_rows else None
         report.first_key = bad[0].key
         if diagnose_causes:
-            report.causes = diagnose(model, port, ref, rows, inputs, wanted, tol, model_dir, layers_ref=ref)
+            report.causes = diagnose(model, port, ref, rows, inputs, tol, model_dir)
     return report
 
 
@@ -915,7 +919,11 @@ def format_report(report: Report) -> str:
             how = ("reproduces the outputs within tolerance" if explained else
                    f"explains them {ratio:.0f}x better than the reference")
             at = f"; it first changes layer {first}" if first is not None else ""
-            lines.append(f"likely cause [{variant.name}]: {variant.cause} ({how}{at})")
+            cause = variant.cause
+            if variant.other_dtype:
+                other = "float32" if report.dtype == "bfloat16" else "bfloat16"
+                cause = f"the outputs match the reference in {other} mode: rerun verify with --dtype {other}"
+            lines.append(f"likely cause [{variant.name}]: {cause} ({how}{at})")
     else:
         lines.append("likely cause: none of the known mistakes reproduces these outputs (tried: "
                      + ", ".join(v.name for v in VARIANTS) + ")")

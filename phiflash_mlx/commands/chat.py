@@ -7,6 +7,7 @@ import sys
 
 from ..errors import PhiflashError
 from ..generate import ChatSession
+from ..progress import PrefillProgress
 from ._common import add_model_option, add_sampling_options, load_model, sampling_from_args
 
 EXAMPLES = """\
@@ -120,8 +121,9 @@ def run(args) -> int:
             continue
         printer = Printer(out, hide_reasoning=args.hide_reasoning)
         last = None
+        bar = PrefillProgress()
         try:
-            for piece in session.send(text, max_tokens=args.max_tokens, temp=sampling.temp, top_p=sampling.top_p,
+            for piece in session.send(text, progress=bar, max_tokens=args.max_tokens, temp=sampling.temp, top_p=sampling.top_p,
                                       top_k=sampling.top_k, min_p=sampling.min_p, seed=sampling.seed):
                 printer.write(piece)
                 last = piece
@@ -133,6 +135,7 @@ def run(args) -> int:
             printer.end()
             print(f"[error: {exc}]", file=out, flush=True)
             continue
+        bar.close()
         printer.end()
         if last is not None:
             note = " (max tokens reached)" if last.finish_reason == "length" else ""

@@ -8,6 +8,7 @@ import sys
 
 from ..errors import PhiflashError
 from ..generate import Generator
+from ..progress import PrefillProgress
 from ._common import add_model_option, add_sampling_options, load_model, sampling_from_args
 from .chat import Printer
 
@@ -54,7 +55,7 @@ def run(args) -> int:
                    [{"role": "user", "content": prompt}]
         ids = tok.apply_chat_template(messages, add_generation_prompt=True)
     gen = Generator(model, tok, args.max_context, args.prefill_step_size)
-    stream = gen.stream(ids, args.max_tokens, sampling, args.stop)
+    stream = gen.stream(ids, args.max_tokens, sampling, args.stop, progress=PrefillProgress())
     if args.json:
         reasoning, answer, last = [], [], None
         for piece in stream:

@@ -1,0 +1,275 @@
+"""Train the demo model: a small SambaY (phi4flash) network that solves arithmetic word problems.
+
+    python -m phiflash_mlx.demo.train                       # writes phiflash_mlx/demo/model/
+    python -m phiflash_mlx.demo.train --out /tmp/demo --steps 200
+
+Everything is seeded: the tokenizer corpus, the training problems, the initial weights and the batch
+order, so the same command on the same software gives the same checkpoint. Training runs through
+``phiflash_mlx.models.phi4flash.Model`` itself (``nn.value_and_grad`` and AdamW inside one
+``mx.compile``d step over fixed-shape batches). The result is an ordinary Hugging Face-format
+checkpoint directory: config.json, model.safetensors (bf16), tokenizer.model (sentencepiece),
+tokenizer_config.json and generation_config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+import phiflash_mlx  # noqa: F401  (sets up the fast BLAS before mlx.core is imported)
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+
+from ..models.phi4flash import Model, ModelArgs
+from ..tokenizer import load_tokenizer
+from . import tasks
+
+CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"]
+SPECIAL_PIECES = CHAT_TOKENS + [tasks.THINK_OPEN, tasks.THINK_CLOSE]
+DEFAULT_OUT = Path(__file__).resolve().parent / "model"
+
+# 8 layers: Mamba, SWA, Mamba, SWA, Mamba (memory), global attention, GMU, cross attention.
+MODEL_CONFIG = {
+    "architectures": ["Phi4FlashForCausalLM"],
+    "model_type": "phi4flash",
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "sliding_window": 32,
+    "layer_norm_eps": 1e-5,
+    "mamba_d_state": 8,
+    "mamba_d_conv": 4,
+    "mamba_expand": 2,
+    "mb_per_layer": 2,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 512,
+    "torch_dtype": "bfloat16",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+
+def train_tokenizer(out: Path, seed: int, vocab_size: int = 640) -> None:
+    """A sentencepiece BPE model over the task's text: digits are single pieces, the chat tokens and
+    the think tags are user-defined pieces, and unseen characters fall back to bytes."""
+    import sentencepiece as spm
+
+    corpus = out / "tokenizer_corpus.txt"
+    lines = []
+    for p in tasks.problems(6000, seed=seed + 1):
+        lines += [p.question, p.trace, str(p.answer)]
+    corpus.write_text("\n".join(lines), encoding="utf-8")
+    try:
+        spm.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=str(out / "tokenizer"), vocab_size=vocab_size,
+            model_type="bpe", user_defined_symbols=SPECIAL_PIECES, split_digits=True,
+            byte_fallback=True, character_coverage=1.0, add_dummy_prefix=False,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+            hard_vocab_limit=False, seed_sentencepiece_size=100000, input_sentence_size=0,
+            shuffle_input_sentence=False)
+    finally:
+        corpus.unlink(missing_ok=True)
+    (out / "tokenizer.vocab").unlink(missing_ok=True)
+
+
+def write_tokenizer_files(out: Path) -> None:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    ids = {t: sp.piece_to_id(t) for t in SPECIAL_PIECES}
+    added = {str(ids[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": t in ("<|end|>",),
+                           "single_word": False, "special": t in CHAT_TOKENS}
+             for t in SPECIAL_PIECES}
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "added_tokens_decoder": added,
+        "bos_token": None,
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<unk>",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "model_max_length": 512,
+        "clean_up_tokenization_spaces": False,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"eos_token_id": [ids["<|end|>"], ids["<|endoftext|>"]], "pad_token_id": ids["<|endoftext|>"],
+                  "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+def encode_example(tokenizer, problem: tasks.Problem) -> tuple[list[int], int]:
+    """(ids, n_prompt): the prompt exactly as generation renders it, then the response and <|end|>."""
+    prompt = list(tokenizer.apply_chat_template(problem.messages, add_generation_prompt=True))
+    end = tokenizer.added_tokens["<|end|>"].id
+    response = tokenizer.encode(problem.response, allow_special=True) + [end]
+    return prompt + response, len(prompt)
+
+
+def make_batch(tokenizer, rng: random.Random, batch: int, length: int, max_digits: int = 3):
+    """Inputs, targets and loss mask (batch, length): right-padded; the loss covers the response."""
+    pad = tokenizer.added_tokens["<|endoftext|>"].id
+    x = np.full((batch, length), pad, np.int32)
+    y = np.full((batch, length), pad, np.int32)
+    m = np.zeros((batch, length), np.float32)
+    i = 0
+    while i < batch:
+        ids, n_prompt = encode_example(tokenizer, tasks.sample(rng, max_digits=max_digits))
+        if len(ids) > length + 1:
+            continue                                   # too long for the bucket: draw another
+        x[i, :len(ids) - 1] = ids[:-1]
+        y[i, :len(ids) - 1] = ids[1:]
+        m[i, n_prompt - 1:len(ids) - 1] = 1.0
+        i += 1
+    return mx.array(x), mx.array(y), mx.array(m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and checkpoint
+# ---------------------------------------------------------------------------------------------
+
+def init_model(config: dict, seed: int) -> Model:
+    """A freshly initialised model with SambaY-style Mamba initialisation (A = 1..n, dt bias so that
+    softplus(dt) lies in [1e-3, 1e-1]) and small embeddings."""
+    mx.random.seed(seed)
+    model = Model(ModelArgs.from_dict(config))
+    rng = np.random.default_rng(seed)
+    n = config["mamba_d_state"]
+    params = {}
+    for name, w in tree_flatten(model.parameters()):
+        if name.endswith("A_log"):
+            params[name] = mx.array(np.log(np.tile(np.arange(1, n + 1, dtype=np.float32), (w.shape[0], 1))))
+        elif name.endswith("dt_proj.bias"):
+            dt = np.exp(rng.uniform(math.log(1e-3), math.log(1e-1), w.shape)).astype(np.float32)
+            params[name] = mx.array(dt + np.log(-np.expm1(-dt)))           # inverse softplus
+        elif name.endswith("embed_tokens.weight"):
+            params[name] = mx.array(rng.normal(0, 0.02, w.shape).astype(np.float32))
+        elif "lambda_" in name:
+            params[name] = mx.array(rng.normal(0, 0.1, w.shape).astype(np.float32))
+    model.load_weights(list(params.items()), strict=False)
+    mx.eval(model.parameters())
+    return model
+
+
+def hf_tensors(model: Model) -> dict[str, np.ndarray]:
+    """The parameters under Hugging Face names and layouts (conv1d weight back to (Di, 1, K))."""
+    out = {}
+    for name, w in tree_flatten(model.parameters()):
+        a = np.array(w.astype(mx.float32))
+        if name.endswith("conv1d.weight"):
+            a = a.transpose(0, 2, 1)
+        out[name] = a
+    return out
+
+
+def save_checkpoint(model: Model, config: dict, out: Path, metadata: dict | None = None) -> None:
+    """config.json and model.safetensors; A_log, D and the λ vectors stay float32, the rest bf16."""
+    from reference import write_safetensors
+
+    tensors = hf_tensors(model)
+    bf16 = [k for k in tensors if not (k.endswith(("A_log", ".D")) or "lambda_" in k)]
+    full = dict(config, vocab_size=model.args.vocab_size)
+    special = json.loads((out / "generation_config.json").read_text())
+    full.update(eos_token_id=special["eos_token_id"][-1], pad_token_id=special["pad_token_id"], bos_token_id=None)
+    (out / "config.json").write_text(json.dumps(full, indent=2) + "\n")
+    write_safetensors(str(out / "model.safetensors"), tensors, bf16_names=bf16,
+                      metadata={"format": "pt", **(metadata or {})})
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def loss_fn(model, x, y, m):
+    logits = model(x)
+    ce = nn.losses.cross_entropy(logits, y, reduction="none")
+    return (ce * m).sum() / mx.maximum(m.sum(), 1.0)
+
+
+def train(out: Path, steps: int = 6000, batch: int = 32, length: int = 88, lr: float = 3e-3,
+          warmup: int = 200, seed: int = 0, log_every: int = 100, config: dict | None = None,
+          log=print) -> dict:
+    """Train and write the checkpoint to `out`; returns a summary (steps, time, final loss)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = dict(config or MODEL_CONFIG)
+    t_start = time.perf_counter()
+    train_tokenizer(out, seed)
+    write_tokenizer_files(out)
+    tokenizer = load_tokenizer(out)
+    config["vocab_size"] = tokenizer.vocab_size
+    model = init_model(config, seed)
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    log(f"model: {n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, "
+        f"layers {model.args.layer_kinds}")
+
+    schedule = optim.join_schedules(
+        [optim.linear_schedule(lr / 100, lr, max(warmup, 1)),
+         optim.cosine_decay(lr, max(steps - warmup, 1), lr / 50)], [max(warmup, 1)])
+    optimizer = optim.AdamW(learning_rate=schedule, betas=(0.9, 0.98), weight_decay=0.01)
+    state = [model.state, optimizer.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(x, y, m):
+        loss, grads = nn.value_and_grad(model, loss_fn)(model, x, y, m)
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        optimizer.update(model, grads)
+        return loss
+
+    rng = random.Random(seed + 2)
+    running, t0 = None, time.perf_counter()
+    for i in range(1, steps + 1):
+        x, y, m = make_batch(tokenizer, rng, batch, length)
+        loss = step(x, y, m)
+        mx.eval(state, loss)
+        loss = loss.item()
+        running = loss if running is None else 0.95 * running + 0.05 * loss
+        if i % log_every == 0 or i == steps:
+            dt = time.perf_counter() - t0
+            log(f"step {i}/{steps}  loss {running:.4f}  lr {schedule(optimizer.step).item():.2e}  "
+                f"{i / dt:.2f} steps/s  {dt / 60:.1f} min")
+    wall = time.perf_counter() - t_start
+    summary = {"steps": steps, "batch": batch, "length": length, "lr": lr, "seed": seed,
+               "final_loss": round(running, 5), "train_minutes": round(wall / 60, 1)}
+    save_checkpoint(model, config, out, {k: str(v) for k, v in summary.items()})
+    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"wrote {out} in {wall / 60:.1f} min")
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m phiflash_mlx.demo.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"checkpoint directory (default {DEFAULT_OUT})")
+    p.add_argument("--steps", type=int, default=6000, help="optimizer steps (default 6000)")
+    p.add_argument("--batch", type=int, default=32, help="sequences per step (default 32)")
+    p.add_argument("--length", type=int, default=88, help="padded sequence length (default 88)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
+    p.add_argument("--log-every", type=int, default=100, help="print the loss every N steps")
+    args = p.parse_args(argv)
+    train(args.out, args.steps, args.batch, args.length, args.lr, args.warmup, args.seed, args.log_every,
+          log=lambda s: print(s, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
