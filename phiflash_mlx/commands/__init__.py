@@ -7,6 +7,8 @@ Each module in ``COMMANDS`` defines ``register(subparsers)``, which adds its par
 COMMANDS = [
     "chat",
     "generate",
+    "convert",
+    "quality",
     "golden",
     "verify",
     "info",
