@@ -393,3 +393,38 @@ def test_auto_mode_uses_metal_kernels_on_gpu(restore_mode):
     status = kernels.kernel_status()
     assert status["metal_available"]
     assert status["active"] == ("metal" if mx.default_device().type == mx.gpu else "ops")
+
+
+def test_model_same_outputs_with_kernel_path_forced_and_ops_path():
+    """On Metal: the whole model with the kernels forced equals the plain-ops path. Elsewhere: forcing
+    the kernels warns that they are unavailable, falls back, and still gives the same outputs."""
+    import warnings
+
+    import numpy as np
+
+    import phiflash_mlx
+    from conftest import GOLDEN_MODELS, golden_path
+
+    model, _ = phiflash_mlx.load(str(golden_path(GOLDEN_MODELS[0])))
+    ids = mx.array(np.load(golden_path(GOLDEN_MODELS[0]) / "vectors.npz")["input_ids_long"])
+
+    def run():
+        cache = model.make_cache()
+        prefill = model(ids[:, :-1], cache=cache)
+        step = model(ids[:, -1:], cache=cache)
+        return np.array(prefill), np.array(step)
+
+    try:
+        kernels.set_kernel_mode("ops")
+        ops_prefill, ops_step = run()
+        kernels.set_kernel_mode("metal")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            k_prefill, k_step = run()
+        if not mx.metal.is_available():
+            assert kernels.kernel_status()["active"] == "ops"
+            assert any(issubclass(w.category, kernels.KernelUnavailableWarning) for w in caught)
+    finally:
+        kernels.set_kernel_mode("auto")
+    np.testing.assert_allclose(k_prefill, ops_prefill, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(k_step, ops_step, atol=1e-4, rtol=1e-4)
