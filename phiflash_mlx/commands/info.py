@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import sys
@@ -21,6 +22,13 @@ def register(subparsers) -> None:
             f"bundled with numpy; {ENV_SWITCH}=0 turns that off, {ENV_SWITCH}=1 warns "
             f"when it cannot be set up, and {ENV_LIBRARY}=PATH picks another BLAS."
         ),
+        epilog=(
+            "examples:\n"
+            "  phiflash info\n"
+            "  phiflash info --json\n"
+            f"  {ENV_SWITCH}=0 phiflash info      # MLX's own BLAS, for comparison\n"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object instead of text"
