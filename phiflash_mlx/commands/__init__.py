@@ -12,4 +12,5 @@ COMMANDS = [
     "golden",
     "verify",
     "info",
+    "serve",
 ]
