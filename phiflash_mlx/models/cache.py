@@ -10,21 +10,11 @@ from typing import Optional
 import mlx.core as mx
 
 
-class MambaCache:
-    """conv_state (b, K, Di): the last K raw (pre-conv) inputs, time on axis 1; ssm_state (b, Di, n)."""
+class _Cache:
+    """What every cache shares: the token count (`offset`) and mlx-lm's `meta_state` for saving."""
 
     def __init__(self):
-        self.conv_state: Optional[mx.array] = None
-        self.ssm_state: Optional[mx.array] = None
         self.offset = 0
-
-    @property
-    def state(self):
-        return [self.conv_state, self.ssm_state]
-
-    @state.setter
-    def state(self, value):
-        self.conv_state, self.ssm_state = value
 
     @property
     def meta_state(self):
@@ -41,30 +31,36 @@ class MambaCache:
     def nbytes(self) -> int:
         return sum(x.nbytes for x in self.state if x is not None)
 
+
+class MambaCache(_Cache):
+    """conv_state (b, K, Di): the last K raw (pre-conv) inputs, time on axis 1; ssm_state (b, Di, n)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_state: Optional[mx.array] = None
+        self.ssm_state: Optional[mx.array] = None
+
+    @property
+    def state(self):
+        return [self.conv_state, self.ssm_state]
+
+    @state.setter
+    def state(self, value):
+        self.conv_state, self.ssm_state = value
+
     def empty(self):
         return self.conv_state is None
 
 
-class _KVBase:
+class _KVBase(_Cache):
     """Shared by both attention caches: keys/values (b, nkv, s, hd) and, after a padded prefill,
     which stored keys are real tokens (b, s)."""
 
     def __init__(self):
+        super().__init__()
         self.keys: Optional[mx.array] = None
         self.values: Optional[mx.array] = None
         self.key_valid: Optional[mx.array] = None
-        self.offset = 0
-
-    @property
-    def meta_state(self):
-        return str(self.offset)
-
-    @meta_state.setter
-    def meta_state(self, value):
-        self.offset = int(value)
-
-    def is_trimmable(self):
-        return False
 
     def empty(self):
         return self.keys is None
@@ -107,9 +103,6 @@ class SlidingWindowCache(_KVBase):
         self.keys, self.values = value[0], value[1]
         self.key_valid = value[2] if len(value) > 2 else None
 
-    @property
-    def nbytes(self) -> int:
-        return sum(x.nbytes for x in self.state)
 
 
 class FullKVCache(_KVBase):
@@ -162,6 +155,3 @@ class FullKVCache(_KVBase):
         self.key_valid = value[2] if len(value) > 2 else None
         self.offset = self.keys.shape[2]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(x.nbytes for x in self.state)
