@@ -16,7 +16,9 @@ How requests are run
 
     MLX keeps its streams per thread, so :func:`serve` runs the engine on the calling (main) thread
     and uvicorn's event loop in a background thread. :func:`create_app` without an engine starts one
-    in a worker thread instead, for embedding the app in another ASGI server.
+    in a worker thread instead, for embedding the app in another ASGI server; that works, but with
+    MLX releases that do not yet join per-thread streams at exit (ml-explore/mlx#3126) the process
+    may abort as it exits.
 
 Reasoning
     The model writes its reasoning between ``<think>`` and ``</think>``. Chat completions return it
