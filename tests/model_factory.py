@@ -10,7 +10,6 @@ import numpy as np
 from hypothesis import strategies as st
 
 import reference
-from reference.checkpoint import expected_tensors
 
 
 @st.composite
@@ -39,36 +38,9 @@ def configs(draw, max_layers=8):
 
 
 def random_weights(config: dict, seed: int) -> dict[str, np.ndarray]:
-    """Weights of roughly the scales a trained model has (see the golden README), float32."""
-    cfg = reference.config_from_dict(config)
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in expected_tensors(cfg).items():
-        leaf = name.rsplit(".", 2)
-        if name.endswith("A_log"):
-            w = np.log(np.arange(1, shape[1] + 1, dtype=np.float32))[None].repeat(shape[0], 0)
-            w = w + rng.normal(0, 0.05, shape)
-        elif name.endswith("attn.D"):
-            w = 1 + rng.normal(0, 0.1, shape)
-        elif name.endswith("dt_proj.bias"):
-            dt = np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), shape))
-            w = dt + np.log(-np.expm1(-dt))                  # inverse softplus
-        elif "layernorm.weight" in name or "subln" in name:
-            w = 1 + rng.normal(0, 0.1, shape)
-        elif "layernorm.bias" in name:
-            w = rng.normal(0, 0.05, shape)
-        elif "lambda" in leaf[-1]:
-            w = rng.normal(0, 0.1, shape)
-        elif name.endswith("bias"):
-            w = rng.normal(0, 0.02, shape)
-        elif "embed_tokens" in name:
-            w = rng.normal(0, 0.5, shape)
-        elif "conv1d.weight" in name:
-            w = rng.uniform(-1, 1, shape) / np.sqrt(shape[-1])
-        else:                                                  # projections: N(0, 1/fan_in)
-            w = rng.normal(0, 1 / np.sqrt(shape[-1]), shape)
-        out[name] = np.asarray(w, dtype=np.float32)
-    return out
+    """float32 weights with the golden sets' scales (the same generator as `phiflash golden`)."""
+    from phiflash_mlx.verify import random_weights as golden_weights
+    return golden_weights(reference.config_from_dict(config), seed)
 
 
 class DictStore:

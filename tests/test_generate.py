@@ -1,8 +1,5 @@
 """Generation: sampling, stop strings, the <think> split, chunked prefill and multi-turn cache reuse."""
 
-import json
-import shutil
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -13,30 +10,13 @@ import reference
 from phiflash_mlx.errors import PhiflashError
 from phiflash_mlx.generate import (ChatSession, Generator, ReasoningSplitter, SamplingParams, Sampler,
                                    StopStringFilter, filter_logprobs, split_reasoning)
+from chat_fixture import build_chat_model_dir
 from conftest import GOLDEN_MODELS, golden_path
-
-CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"]
 
 
 @pytest.fixture(scope="module")
 def chat_model_dir(tmp_path_factory):
-    """The tiny golden model (vocab 256) with a sentencepiece tokenizer trained here (vocab 200),
-    whose chat tokens are single pieces, and <|end|> as eos."""
-    import sentencepiece as spm
-    d = tmp_path_factory.mktemp("chatmodel")
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(golden_path("tiny") / name, d / name)
-    corpus = d / "corpus.txt"
-    lines = [f"what is {a} plus {b}? the answer is {a + b}. <think> add the ones </think>"
-             for a in range(40) for b in range(0, 40, 3)]
-    corpus.write_text("\n".join(lines))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(d / "tokenizer"), vocab_size=200,
-                                   user_defined_symbols=CHAT_TOKENS, model_type="bpe", minloglevel=2,
-                                   character_coverage=1.0)
-    sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
-    end = sp.piece_to_id("<|end|>")
-    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [end]}))
-    return d
+    return build_chat_model_dir(tmp_path_factory.mktemp("chatmodel"))
 
 
 @pytest.fixture(scope="module")
