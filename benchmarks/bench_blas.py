@@ -214,7 +214,7 @@ def plot(report: dict, path: str) -> bool:
         return False
     variants = list(report["variants"])
     names = list(report["variants"][variants[0]]["results"])
-    fig, ax = plt.subplots(figsize=(10, 5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     width = 0.8 / len(variants)
     for i, v in enumerate(variants):
         res = report["variants"][v]["results"]
@@ -236,7 +236,7 @@ def plot(report: dict, path: str) -> bool:
     if loads:
         title += f" (1-min load average during the run {min(loads):.1f}-{max(loads):.1f})"
     ax.set_title(title, fontsize=10)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -251,15 +251,21 @@ def _attempt(state: dict, mode: str) -> dict:
         _log.debug("fast CPU BLAS %s", state["reason"])
         return state
 
+    shim_path = _shim_path()
     existing = provider("cblas_sgemm")
-    if existing is not None:
-        # LD_PRELOAD or an earlier RTLD_GLOBAL load already won the lookup.
+    # Already ours: the module was reloaded, or the shim was LD_PRELOADed.
+    ours = existing is not None and shim_path is not None and existing == os.path.realpath(shim_path)
+    if existing is not None and not ours:
+        # LD_PRELOAD (or an earlier RTLD_GLOBAL load) already chose a BLAS for MLX:
+        # respect that choice; it is not a slow fallback, so no warning.
         state["blas"] = os.path.basename(existing)
         state["library"] = existing
-        return _fallback(
-            state, f"cblas_sgemm is already provided by {existing}; leaving it in charge", mode
+        state["reason"] = (
+            f"cblas_sgemm is already provided by {existing} (LD_PRELOAD?); MLX will use that"
         )
-    if "mlx.core" in sys.modules:
+        _log.debug("fast CPU BLAS route not set up: %s", state["reason"])
+        return state
+    if "mlx.core" in sys.modules and not ours:
         return _fallback(
             state,
             "mlx.core was imported before phiflash_mlx, and MLX's BLAS is fixed when "
@@ -267,7 +273,6 @@ def _attempt(state: dict, mode: str) -> dict:
             mode,
         )
 
-    shim_path = _shim_path()
     if shim_path is None:
         return _fallback(
             state,

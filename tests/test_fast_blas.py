@@ -257,6 +257,27 @@ probe(ok=bool((mx.abs(out - 8.0) < 1e-6).all().item()))
     assert stderr.count("fast CPU BLAS not enabled") == 1
 
 
+def test_reload_and_preload_keep_the_route(tmp_path, shim_built):
+    # Reloading _blas after mlx.core loaded must see that the route is in place.
+    code = PROBE + """
+import importlib
+import phiflash_mlx
+import mlx.core as mx
+from phiflash_mlx import _blas
+importlib.reload(_blas)
+_blas.enable()
+mx.eval(mx.ones((8, 8)) @ mx.ones((8, 8)))
+probe()
+"""
+    out, _ = run_py(code, tmp_path)
+    assert out["info"]["active"], out["info"]["reason"]
+    assert out["info"]["calls"] >= 1
+    # LD_PRELOAD of the shim itself: it gets initialised before MLX calls it.
+    out, _ = run_py(code, tmp_path, LD_PRELOAD=shim_built)
+    assert out["info"]["active"], out["info"]["reason"]
+    assert out["providers"]["cblas_sgemm"] == os.path.realpath(shim_built)
+
+
 def test_unusable_library_falls_back(tmp_path, shim_built):
     code = PROBE + """
 import phiflash_mlx
