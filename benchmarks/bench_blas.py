@@ -134,15 +134,56 @@ def _matmul_benchmarks(variant: str, quick: bool) -> dict:
     return results
 
 
-def model_benchmarks(variant: str, quick: bool) -> dict:
-    """Hook for model-level timings (e.g. prefill of a scaled-down SambaY model).
+# A scaled-down SambaY with the released layer schedule (Mamba, SWA, memory Mamba, global, GMU, cross).
+SCALED_DOWN = {
+    "model_type": "phi4flash", "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 4096,
+    "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 8, "sliding_window": 512,
+    "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_expand": 2, "tie_word_embeddings": True,
+}
 
-    Called in each variant's worker after ``import phiflash_mlx``, so the BLAS
-    route is already fixed. Return ``{name: {"median_ms": ..., "min_ms": ...,
-    "repeats": ..., ...}}``; every entry ends up in the JSON next to the matmul
-    results and in the plot. Empty until the MLX model exists.
-    """
-    return {}
+
+def model_benchmarks(variant: str, quick: bool) -> dict:
+    """Model-level timings: float32 prefill of a scaled-down SambaY (256 tokens, one chunk) and 4-bit
+    decode (one token at a time from a 256-token cache). Called after ``import phiflash_mlx`` in each
+    variant's worker, so the BLAS route is already fixed."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from phiflash_mlx.models.phi4flash import Model, ModelArgs
+
+    slow = variant == BASELINE
+    mx.random.seed(0)
+    model = Model(ModelArgs.from_dict(SCALED_DOWN))
+    mx.eval(model.parameters())
+    params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    prompt = mx.array([[i % SCALED_DOWN["vocab_size"] for i in range(256)]])
+    results = {}
+
+    def prefill():
+        cache = model.make_cache()
+        model(prompt, cache=cache)
+        mx.eval([c.state for c in cache])
+        return cache
+
+    r = _timeit(prefill, repeats=1 if slow else 3, warmup=0 if slow else 1)
+    r["tokens_per_s"] = 256 / (r["min_ms"] * 1e-3)
+    r.update(shape=f"hidden 1024, 8 layers, {params / 1e6:.0f}M parameters, 256-token prompt", dtype="float32")
+    results["model_prefill256_fp32"] = r
+
+    nn.quantize(model, group_size=64, bits=4,
+                class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0)
+    mx.eval(model.parameters())
+    cache = prefill()
+    token = mx.array([[1]])
+
+    def decode():
+        mx.eval(model(token, cache=cache))
+
+    r = _timeit(decode, repeats=5 if quick else 10)
+    r["tokens_per_s"] = 1 / (r["min_ms"] * 1e-3)
+    r.update(shape=f"same model, 4-bit g64, one token after 256", dtype="4-bit weights, float32 activations")
+    results["model_decode_q4"] = r
+    return results
 
 
 def worker(variant: str, quick: bool) -> None:
