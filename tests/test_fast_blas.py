@@ -371,3 +371,32 @@ def test_blas_info_in_this_process_is_consistent():
     info = _blas.blas_info()
     assert set(info) >= {"active", "blas", "library", "shim", "reason", "threads", "calls"}
     assert info["active"] == (info["reason"] is None)
+
+
+MODEL_LOGITS = """
+import json, sys
+import numpy as np
+import phiflash_mlx
+import mlx.core as mx
+model, _ = phiflash_mlx.load(sys.argv[1], tokenizer=False)
+ids = np.load(sys.argv[1] + "/vectors.npz")["input_ids_long"]
+np.save("logits.npy", np.array(model(mx.array(ids))))
+from phiflash_mlx._blas import blas_info
+print(json.dumps({"active": blas_info()["active"]}))
+"""
+
+
+def test_model_logits_agree_with_and_without_fast_blas(tmp_path, shim_built):
+    """The golden models' logits with the routed BLAS equal those with MLX's own, within 1e-5 relative."""
+    from conftest import GOLDEN_MODELS, golden_path
+
+    for name in GOLDEN_MODELS:
+        out = {}
+        for variant, env in (("fast", {}), ("slow", {"PHIFLASH_CPU_BLAS": "0"})):
+            d = tmp_path / name / variant
+            d.mkdir(parents=True)
+            info, _ = run_py(MODEL_LOGITS.replace("sys.argv[1]", repr(str(golden_path(name)))), d, **env)
+            assert info["active"] == (variant == "fast")
+            out[variant] = np.load(d / "logits.npy")
+        assert _rel(out["fast"], out["slow"].astype(np.float64)) < REL_TOL, name
+        assert np.abs(out["fast"] - out["slow"]).max() <= REL_TOL * np.abs(out["slow"]).max(), name
