@@ -27,3 +27,11 @@ def golden_path(name: str) -> pathlib.Path:
 @pytest.fixture(params=GOLDEN_MODELS)
 def golden_name(request):
     return request.param
+
+
+def pytest_configure(config):
+    if not GOLDEN_MODELS:
+        raise pytest.UsageError(
+            f"no golden checkpoints in {GOLDEN_DIR}: the tests compare against them. Run the tests from a "
+            "checkout that has shared/golden beside it, or set PHIFLASH_GOLDEN=DIR (a folder of "
+            "<name>/{config.json, model.safetensors, vectors.npz})")
