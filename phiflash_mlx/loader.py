@@ -144,6 +144,9 @@ def build_model(config: dict, weights: dict, dtype=None) -> Model:
         items.append((name, w))
     model.load_weights(items, strict=True)
     mx.eval(model.parameters())
+    if quant and not mx.metal.is_available():
+        from .cpu_quant import use_prefill_dequant
+        use_prefill_dequant(model)
     return model
 
 

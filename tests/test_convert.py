@@ -111,3 +111,24 @@ def test_clear_errors(tmp_path):
         convert(str(q), str(tmp_path / "c"), quantize=True)
     with pytest.raises(PhiflashError, match="need -q"):
         convert(SRC, str(tmp_path / "d"), q_bits=4)
+
+
+def test_cpu_prefill_dequant_path_equals_quantized_matmul(tmp_path):
+    """Quantized layers dequantize for long blocks on CPUs; the logits equal the quantized_matmul path."""
+    from phiflash_mlx.cpu_quant import MIN_TOKENS, PrefillQuantizedLinear
+    out = convert(SRC, str(tmp_path / "q"), quantize=True, q_bits=4)
+    model, _ = phiflash_mlx.load(str(out))
+    layer = model.layers[0].mlp.fc1
+    if mx.metal.is_available():
+        pytest.skip("the dequantize path is used only without Metal")
+    assert isinstance(layer, PrefillQuantizedLinear)
+    x = mx.random.normal((1, MIN_TOKENS + 3, model.args.hidden_size))
+    fast = layer(x)
+    plain = nn.QuantizedLinear.__call__(layer, x)
+    np.testing.assert_allclose(np.array(fast), np.array(plain), atol=1e-4, rtol=1e-4)
+    ids = mx.array([list(range(MIN_TOKENS + 5))])
+    with_dequant = np.array(model(ids))
+    for _, m in model.named_modules():
+        if isinstance(m, PrefillQuantizedLinear):
+            m.__class__ = nn.QuantizedLinear
+    np.testing.assert_allclose(with_dequant, np.array(model(ids)), atol=1e-4, rtol=1e-4)
