@@ -12,5 +12,6 @@ COMMANDS = [
     "golden",
     "verify",
     "info",
+    "eval_demo",
     "serve",
 ]

@@ -16,13 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
+
+# One BLAS thread: with several, OpenBLAS threads spin against each other and against MLX's own
+# workers, and a training step on a 2-core machine runs several times slower.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import phiflash_mlx  # noqa: F401  (sets up the fast BLAS before mlx.core is imported)
 import mlx.core as mx
@@ -42,16 +46,16 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "model"
 MODEL_CONFIG = {
     "architectures": ["Phi4FlashForCausalLM"],
     "model_type": "phi4flash",
-    "hidden_size": 128,
-    "intermediate_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
     "num_hidden_layers": 8,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "sliding_window": 32,
     "layer_norm_eps": 1e-5,
-    "mamba_d_state": 8,
+    "mamba_d_state": 4,
     "mamba_d_conv": 4,
-    "mamba_expand": 2,
+    "mamba_expand": 1,
     "mb_per_layer": 2,
     "tie_word_embeddings": True,
     "max_position_embeddings": 512,
@@ -125,20 +129,22 @@ def encode_example(tokenizer, problem: tasks.Problem) -> tuple[list[int], int]:
 
 
 def make_batch(tokenizer, rng: random.Random, batch: int, length: int, max_digits: int = 3):
-    """Inputs, targets and loss mask (batch, length): right-padded; the loss covers the response."""
+    """Inputs, targets and loss mask (batch, l): right-padded to the longest example rounded up to a
+    multiple of 8 (at most `length`); the loss covers the response and its <|end|>."""
     pad = tokenizer.added_tokens["<|endoftext|>"].id
-    x = np.full((batch, length), pad, np.int32)
-    y = np.full((batch, length), pad, np.int32)
-    m = np.zeros((batch, length), np.float32)
-    i = 0
-    while i < batch:
+    examples = []
+    while len(examples) < batch:
         ids, n_prompt = encode_example(tokenizer, tasks.sample(rng, max_digits=max_digits))
-        if len(ids) > length + 1:
-            continue                                   # too long for the bucket: draw another
+        if len(ids) <= length + 1:                     # longer ones: draw another
+            examples.append((ids, n_prompt))
+    width = min(length, -(-max(len(ids) - 1 for ids, _ in examples) // 8) * 8)
+    x = np.full((batch, width), pad, np.int32)
+    y = np.full((batch, width), pad, np.int32)
+    m = np.zeros((batch, width), np.float32)
+    for i, (ids, n_prompt) in enumerate(examples):
         x[i, :len(ids) - 1] = ids[:-1]
         y[i, :len(ids) - 1] = ids[1:]
         m[i, n_prompt - 1:len(ids) - 1] = 1.0
-        i += 1
     return mx.array(x), mx.array(y), mx.array(m)
 
 
@@ -198,15 +204,24 @@ def save_checkpoint(model: Model, config: dict, out: Path, metadata: dict | None
 # Training
 # ---------------------------------------------------------------------------------------------
 
+def forward(model: Model, x: mx.array) -> mx.array:
+    """Logits of a training batch. Calls the network below ``Model.__call__``, whose check of the
+    prompt ids reads values back and so cannot run inside ``mx.compile``; the ids here are ours."""
+    h = model.model(x)
+    if model.args.tie_word_embeddings:
+        return model.model.embed_tokens.as_linear(h)
+    return model.lm_head(h)
+
+
 def loss_fn(model, x, y, m):
-    logits = model(x)
+    logits = forward(model, x)
     ce = nn.losses.cross_entropy(logits, y, reduction="none")
     return (ce * m).sum() / mx.maximum(m.sum(), 1.0)
 
 
-def train(out: Path, steps: int = 6000, batch: int = 32, length: int = 88, lr: float = 3e-3,
-          warmup: int = 200, seed: int = 0, log_every: int = 100, config: dict | None = None,
-          log=print) -> dict:
+def train(out: Path, steps: int = 900, batch: int = 32, length: int = 88, lr: float = 4e-3,
+          warmup: int = 60, seed: int = 0, log_every: int = 100, config: dict | None = None,
+          log=print, save_every: int = 0) -> dict:
     """Train and write the checkpoint to `out`; returns a summary (steps, time, final loss)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -226,10 +241,12 @@ def train(out: Path, steps: int = 6000, batch: int = 32, length: int = 88, lr: f
          optim.cosine_decay(lr, max(steps - warmup, 1), lr / 50)], [max(warmup, 1)])
     optimizer = optim.AdamW(learning_rate=schedule, betas=(0.9, 0.98), weight_decay=0.01)
     state = [model.state, optimizer.state]
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
 
-    @partial(mx.compile, inputs=state, outputs=state)
+    # Not mx.compile'd: on the CPU the compiled step (the scan unrolled into one graph) measured
+    # slower than eager evaluation, and it needs fixed shapes where eager steps can pad per batch.
     def step(x, y, m):
-        loss, grads = nn.value_and_grad(model, loss_fn)(model, x, y, m)
+        loss, grads = loss_and_grad(model, x, y, m)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(model, grads)
         return loss
@@ -246,6 +263,9 @@ def train(out: Path, steps: int = 6000, batch: int = 32, length: int = 88, lr: f
             dt = time.perf_counter() - t0
             log(f"step {i}/{steps}  loss {running:.4f}  lr {schedule(optimizer.step).item():.2e}  "
                 f"{i / dt:.2f} steps/s  {dt / 60:.1f} min")
+        if save_every and i % save_every == 0 and i < steps:
+            save_checkpoint(model, config, out, {"step": str(i)})
+            log(f"saved the step-{i} weights to {out}")
     wall = time.perf_counter() - t_start
     summary = {"steps": steps, "batch": batch, "length": length, "lr": lr, "seed": seed,
                "final_loss": round(running, 5), "train_minutes": round(wall / 60, 1)}
@@ -258,16 +278,18 @@ def train(out: Path, steps: int = 6000, batch: int = 32, length: int = 88, lr: f
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m phiflash_mlx.demo.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"checkpoint directory (default {DEFAULT_OUT})")
-    p.add_argument("--steps", type=int, default=6000, help="optimizer steps (default 6000)")
+    p.add_argument("--steps", type=int, default=900, help="optimizer steps (default 900)")
     p.add_argument("--batch", type=int, default=32, help="sequences per step (default 32)")
     p.add_argument("--length", type=int, default=88, help="padded sequence length (default 88)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps (default 200)")
+    p.add_argument("--lr", type=float, default=4e-3, help="peak learning rate (default 4e-3)")
+    p.add_argument("--warmup", type=int, default=60, help="linear warm-up steps (default 60)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
     p.add_argument("--log-every", type=int, default=100, help="print the loss every N steps")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="also write the checkpoint every N steps (default 0: only at the end)")
     args = p.parse_args(argv)
     train(args.out, args.steps, args.batch, args.length, args.lr, args.warmup, args.seed, args.log_every,
-          log=lambda s: print(s, flush=True))
+          log=lambda s: print(s, flush=True), save_every=args.save_every)
     return 0
 
 
