@@ -210,7 +210,7 @@ def plot(report: dict, path: str) -> bool:
         return False
     r = report["reference"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    names = ["16-token prompt\n(no cache)", "16-token prompt\n(cache API)", f"prefill {r['context']}",
+    names = ["prompt 16\n(no cache)", "prompt 16\n(cache API)", f"prefill {r['context']}",
              f"decode step\nat {r['context']}"]
     vals = [r["prompt16_no_cache_s"], r["prompt16_cache_api_s"], r["prefill_s"], r["decode"]["median_s"]]
     bars = axes[0].bar(names, vals, color="tab:green")
@@ -218,7 +218,7 @@ def plot(report: dict, path: str) -> bool:
         axes[0].annotate(f"{v:.1f} s", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
     axes[0].set_ylabel("seconds")
     axes[0].set_title("NumPy reference, released shape, bf16 checkpoint", fontsize=9)
-    mem_names, mem_vals = ["reference\npeak RSS", "reference\npeak anon"], [
+    mem_names, mem_vals = ["reference\npeak RSS", "reference anon\nat the end"], [
         r["process"]["max_rss_gib"], r["rss_end"].get("rss_anon_gib", float("nan"))]
     if report.get("convert"):
         mem_names.append("convert -q\npeak RSS")
@@ -230,7 +230,7 @@ def plot(report: dict, path: str) -> bool:
     axes[1].text(0, 24.3, "24 GiB machine", color="red", fontsize=8)
     axes[1].set_ylabel("GiB")
     axes[1].set_ylim(0, 27)
-    axes[1].set_title("memory (anon = without the memory-mapped checkpoint pages)", fontsize=9)
+    axes[1].set_title("memory (RSS includes the memory-mapped checkpoint's pages;\nanon excludes them)", fontsize=9)
     m = report["machine"]
     fig.suptitle(f"{m['cpu']} ({m['cpus']} cores, {m.get('memory_gib')} GiB)"
                  + ("; machine shared with other jobs" if report.get("shared_machine") else ""), fontsize=9)
