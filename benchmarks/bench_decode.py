@@ -159,7 +159,9 @@ def _profile(model, kind: str, repeats: int = 3) -> dict:
 
 
 def worker(args) -> dict:
+    import phiflash_mlx  # noqa: F401  (first: MLX's BLAS is fixed when mlx.core is first imported)
     import mlx.core as mx
+    from phiflash_mlx._blas import blas_info
 
     cfg = _config(args.model, args.layers)
     t0 = time.perf_counter()
@@ -171,7 +173,7 @@ def worker(args) -> dict:
     out = {
         "model": args.model, "quant": args.quant, "config": cfg, "build_s": round(build_s, 1),
         "params": common.param_count(model), "weight_bytes": common.param_bytes(model),
-        "rss_after_build": common.rss_now(), "points": {},
+        "rss_after_build": common.rss_now(), "blas": blas_info(), "points": {},
     }
     print(f"  [{args.model} {args.quant} {args.layers}L] built in {build_s:.0f} s, "
           f"{out['weight_bytes'] / 1e9:.2f} GB of weights", flush=True)

@@ -62,13 +62,15 @@ def _prefill_phi3(model, ids: list[int], cache, step: int):
     while len(ids) - done > 1:
         n = min(step, len(ids) - done - 1)
         model(mx.array([ids[done:done + n]]), cache=cache)
-        mx.eval([c.state for c in cache])
+        mx.eval([x for c in cache for x in c.state if isinstance(x, mx.array)])
         done += n
     return model(mx.array([ids[-1:]]), cache=cache)[:, -1]
 
 
 def worker(args) -> dict:
+    import phiflash_mlx  # noqa: F401  (first: MLX's BLAS is fixed when mlx.core is first imported)
     import mlx.core as mx
+    from phiflash_mlx._blas import blas_info
     import numpy as np
 
     cfg = configs(args.layers)[args.model]
@@ -86,7 +88,7 @@ def worker(args) -> dict:
         make_cache = lambda: make_prompt_cache(model)  # noqa: E731
     out = {"model": args.model, "quant": args.quant, "config": cfg, "build_s": round(time.perf_counter() - t0, 1),
            "params": common.param_count(model), "non_embedding_params": _non_embedding(model, cfg),
-           "weight_bytes": common.param_bytes(model), "points": {}}
+           "weight_bytes": common.param_bytes(model), "blas": blas_info(), "points": {}}
     rng = np.random.default_rng(0)
     V = cfg["vocab_size"]
     mx.eval(run_prefill(model, rng.integers(0, V, 128).tolist(), make_cache(), args.step))   # warm-up
@@ -99,7 +101,7 @@ def worker(args) -> dict:
         logits = run_prefill(model, ids, cache, args.step)
         mx.eval(logits)
         dt = time.perf_counter() - t0
-        cache_bytes = sum(x.nbytes for c in cache for x in c.state if x is not None)
+        cache_bytes = sum(x.nbytes for c in cache for x in c.state if hasattr(x, "nbytes"))
         out["points"][str(T)] = {"seconds": round(dt, 3), "tokens_per_s": round(T / dt, 1),
                                  "cache_bytes": cache_bytes,
                                  "mlx_peak_memory_gib": round(mx.get_peak_memory() / common.GiB, 3),
