@@ -80,11 +80,12 @@ def _fill_sambay(model, ctx: int, key):
         elif isinstance(c, SlidingWindowCache):
             s = min(ctx, c.window)
             c.keys = mx.random.uniform(-1, 1, (1, nkv, s, hd), key=k1)
-            c.values = mx.random.uniform(-1, 1, (1, nkv, s, hd), key=k2)
+            c.values = mx.random.uniform(-1, 1, (1, nkv // 2, s, 2 * hd), key=k2)    # [v1 | v2] layout
         elif isinstance(c, FullKVCache):
-            room = mx.zeros((1, nkv, FullKVCache.step, hd))
-            c.keys = mx.concatenate([mx.random.uniform(-1, 1, (1, nkv, ctx, hd), key=k1), room], axis=2)
-            c.values = mx.concatenate([mx.random.uniform(-1, 1, (1, nkv, ctx, hd), key=k2), room], axis=2)
+            c.keys = mx.concatenate([mx.random.uniform(-1, 1, (1, nkv, ctx, hd), key=k1),
+                                     mx.zeros((1, nkv, FullKVCache.step, hd))], axis=2)
+            c.values = mx.concatenate([mx.random.uniform(-1, 1, (1, nkv // 2, ctx, 2 * hd), key=k2),
+                                       mx.zeros((1, nkv // 2, FullKVCache.step, 2 * hd))], axis=2)
         c.offset = ctx
         mx.eval([x for x in (getattr(c, "keys", None), getattr(c, "values", None),
                              getattr(c, "conv_state", None), getattr(c, "ssm_state", None)) if x is not None])

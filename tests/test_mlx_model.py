@@ -70,7 +70,8 @@ def test_each_component_matches_reference(case):
                 q = qkv.reshape(2, length, cfg.num_attention_heads, cfg.head_dim)
                 k, v = kv
                 mask = ops.attention_mask(q_pos, q_pos)
-                shared = (mx.array(k).transpose(0, 2, 1, 3), mx.array(v).transpose(0, 2, 1, 3), 0, None)
+                shared = (*layer.attn.stripe(mx.array(k).transpose(0, 2, 1, 3), mx.array(v).transpose(0, 2, 1, 3)),
+                          0, None)
             else:
                 q, k, v = ops.split_qkv(qkv, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
                 mask = ops.attention_mask(q_pos, q_pos, cfg.sliding_window if kind == reference.SWA else None)

@@ -53,8 +53,9 @@ class MambaCache(_Cache):
 
 
 class _KVBase(_Cache):
-    """Shared by both attention caches: keys/values (b, nkv, s, hd) and, after a padded prefill,
-    which stored keys are real tokens (b, s)."""
+    """Shared by both attention caches: keys (b, nkv, s, hd) and values (b, nkv/2, s, 2hd), in the
+    striped layout of `DiffAttention.stripe`, and, after a padded prefill, which stored keys are real
+    tokens (b, s)."""
 
     def __init__(self):
         super().__init__()
@@ -116,12 +117,12 @@ class FullKVCache(_KVBase):
         self._valid_buf: Optional[mx.array] = None
 
     def update_and_fetch(self, k, v, valid=None):
-        b, nkv, l, hd = k.shape
+        b, _, l, _ = k.shape
         end = self.offset + l
         if self.keys is None or end > self.keys.shape[2]:
             grow = ((end + self.step - 1) // self.step) * self.step - (0 if self.keys is None else self.keys.shape[2])
-            new_k = mx.zeros((b, nkv, grow, hd), dtype=k.dtype)
-            new_v = mx.zeros((b, nkv, grow, v.shape[-1]), dtype=v.dtype)
+            new_k = mx.zeros((b, k.shape[1], grow, k.shape[3]), dtype=k.dtype)
+            new_v = mx.zeros((b, v.shape[1], grow, v.shape[3]), dtype=v.dtype)
             if self.keys is None:
                 self.keys, self.values = new_k, new_v
             else:

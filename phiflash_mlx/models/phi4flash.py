@@ -223,11 +223,21 @@ class DiffAttention(nn.Module):
         self.lambda_init = 0.8 - 0.6 * math.exp(-0.3 * layer_idx)          # by absolute layer index
         self.scale = self.hd ** -0.5
 
-    def _core(self, q, k, v, bias):
-        """q (b, nh, l, hd); k, v (b, nkv, s, hd), un-striped head order. Returns (b, l, nh*hd)."""
+    @staticmethod
+    def stripe(k, v):
+        """Cache layout of new keys/values (b, nkv, l, hd): keys with the heads regrouped by stripe
+        ([even heads | odd heads], so each stripe is one contiguous block) and values as [v1 | v2]
+        per KV pair, (b, nkv/2, l, 2hd), the operand both attention calls of a pair multiply by.
+        Done once per token here, so attention never copies the (long) cache."""
+        k = mx.concatenate([k[:, 0::2], k[:, 1::2]], axis=1)
+        v = mx.concatenate([v[:, 0::2], v[:, 1::2]], axis=-1)
+        return k, v
+
+    def _core(self, q, k, vv, bias):
+        """q (b, nh, l, hd); k (b, nkv, s, hd) striped; vv (b, nkv/2, s, 2hd). Returns (b, l, nh*hd)."""
         q1, q2 = q[:, 0::2], q[:, 1::2]                                    # even heads: stripe 1
-        k1, k2 = k[:, 0::2], k[:, 1::2]
-        vv = mx.concatenate([v[:, 0::2], v[:, 1::2]], axis=-1)              # (b, nkv/2, s, 2hd) = [v1 | v2]
+        half = k.shape[1] // 2
+        k1, k2 = k[:, :half], k[:, half:]
         attn1 = mx.fast.scaled_dot_product_attention(q1, k1, vv, scale=self.scale, mask=bias)
         attn2 = mx.fast.scaled_dot_product_attention(q2, k2, vv, scale=self.scale, mask=bias)
         p = self.inner_cross_attn
@@ -240,7 +250,8 @@ class DiffAttention(nn.Module):
         return d.transpose(0, 2, 1, 3).reshape(b, l, pairs * two_hd)
 
     def __call__(self, a, cache=None, shared=None, offset=0, valid=None):
-        """Returns (output, (k, v, key_start, key_valid) for the cross layers when kind is GLOBAL)."""
+        """Returns (output, (k, v, key_start, key_valid) for the cross layers when kind is GLOBAL);
+        k and v are in the striped layout of `stripe`."""
         b, l, _ = a.shape
         qkv = self.Wqkv(a)
         q = qkv[..., :self.nh * self.hd].reshape(b, l, self.nh, self.hd).transpose(0, 2, 1, 3)
@@ -251,6 +262,7 @@ class DiffAttention(nn.Module):
             v = qkv[..., (self.nh + self.nkv) * self.hd:]
             k = k.reshape(b, l, self.nkv, self.hd).transpose(0, 2, 1, 3)
             v = v.reshape(b, l, self.nkv, self.hd).transpose(0, 2, 1, 3)
+            k, v = self.stripe(k, v)
             if cache is not None:
                 k, v, key_start, key_valid = cache.update_and_fetch(k, v, valid)
             else:
