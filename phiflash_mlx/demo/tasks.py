@@ -142,8 +142,8 @@ def make_problem(kind: str, a: int, b: int, rng: random.Random) -> Problem:
     return Problem(kind, a, b, question, TRACES[kind](a, b), RESULTS[kind](a, b))
 
 
-def sample(rng: random.Random, kinds=KINDS, max_digits: int = 3) -> Problem:
-    kind = rng.choice(list(kinds))
+def sample(rng: random.Random, kinds=KINDS, max_digits: int = 3, weights=None) -> Problem:
+    kind = rng.choice(list(kinds)) if weights is None else rng.choices(list(kinds), weights)[0]
     a, b = operands(kind, rng, max_digits)
     return make_problem(kind, a, b, rng)
 

@@ -128,13 +128,13 @@ def encode_example(tokenizer, problem: tasks.Problem) -> tuple[list[int], int]:
     return prompt + response, len(prompt)
 
 
-def make_batch(tokenizer, rng: random.Random, batch: int, length: int, max_digits: int = 3):
+def make_batch(tokenizer, rng: random.Random, batch: int, length: int, max_digits: int = 3, weights=None):
     """Inputs, targets and loss mask (batch, l): right-padded to the longest example rounded up to a
     multiple of 8 (at most `length`); the loss covers the response and its <|end|>."""
     pad = tokenizer.added_tokens["<|endoftext|>"].id
     examples = []
     while len(examples) < batch:
-        ids, n_prompt = encode_example(tokenizer, tasks.sample(rng, max_digits=max_digits))
+        ids, n_prompt = encode_example(tokenizer, tasks.sample(rng, max_digits=max_digits, weights=weights))
         if len(ids) <= length + 1:                     # longer ones: draw another
             examples.append((ids, n_prompt))
     width = min(length, -(-max(len(ids) - 1 for ids, _ in examples) // 8) * 8)
@@ -221,17 +221,26 @@ def loss_fn(model, x, y, m):
 
 def train(out: Path, steps: int = 900, batch: int = 32, length: int = 88, lr: float = 4e-3,
           warmup: int = 60, seed: int = 0, log_every: int = 100, config: dict | None = None,
-          log=print, save_every: int = 0) -> dict:
+          log=print, save_every: int = 0, init: Path | None = None, weights=None) -> dict:
     """Train and write the checkpoint to `out`; returns a summary (steps, time, final loss)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = dict(config or MODEL_CONFIG)
     t_start = time.perf_counter()
-    train_tokenizer(out, seed)
+    if init is not None and Path(init).resolve() != out.resolve():
+        import shutil                                  # keep the ids the weights were trained with
+        shutil.copy(Path(init) / "tokenizer.model", out / "tokenizer.model")
+    elif init is None:
+        train_tokenizer(out, seed)
     write_tokenizer_files(out)
     tokenizer = load_tokenizer(out)
     config["vocab_size"] = tokenizer.vocab_size
     model = init_model(config, seed)
+    if init is not None:                               # continue from a checkpoint of the same shape
+        from ..loader import load_weights
+        model.load_weights(list(model.sanitize(load_weights(Path(init))).items()), strict=True)
+        model.set_dtype(mx.float32)
+        mx.eval(model.parameters())
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     log(f"model: {n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, "
         f"layers {model.args.layer_kinds}")
@@ -254,7 +263,7 @@ def train(out: Path, steps: int = 900, batch: int = 32, length: int = 88, lr: fl
     rng = random.Random(seed + 2)
     running, t0 = None, time.perf_counter()
     for i in range(1, steps + 1):
-        x, y, m = make_batch(tokenizer, rng, batch, length)
+        x, y, m = make_batch(tokenizer, rng, batch, length, weights=weights)
         loss = step(x, y, m)
         mx.eval(state, loss)
         loss = loss.item()
@@ -267,7 +276,8 @@ def train(out: Path, steps: int = 900, batch: int = 32, length: int = 88, lr: fl
             save_checkpoint(model, config, out, {"step": str(i)})
             log(f"saved the step-{i} weights to {out}")
     wall = time.perf_counter() - t_start
-    summary = {"steps": steps, "batch": batch, "length": length, "lr": lr, "seed": seed,
+    summary = {"steps": steps, "batch": batch, "length": length, "lr": lr, "warmup": warmup, "seed": seed,
+               **({"init": str(init), "weights": list(weights)} if init is not None else {}),
                "final_loss": round(running, 5), "train_minutes": round(wall / 60, 1)}
     save_checkpoint(model, config, out, {k: str(v) for k, v in summary.items()})
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -287,9 +297,16 @@ def main(argv=None) -> int:
     p.add_argument("--log-every", type=int, default=100, help="print the loss every N steps")
     p.add_argument("--save-every", type=int, default=0,
                    help="also write the checkpoint every N steps (default 0: only at the end)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from this checkpoint's weights instead of a fresh initialisation")
+    p.add_argument("--weights", default=None,
+                   help="relative frequency of add,sub,mul problems, e.g. 1,1,3 (default: equal)")
     args = p.parse_args(argv)
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    if weights is not None and len(weights) != len(tasks.KINDS):
+        p.error(f"--weights needs {len(tasks.KINDS)} numbers (add,sub,mul)")
     train(args.out, args.steps, args.batch, args.length, args.lr, args.warmup, args.seed, args.log_every,
-          log=lambda s: print(s, flush=True), save_every=args.save_every)
+          log=lambda s: print(s, flush=True), save_every=args.save_every, init=args.init, weights=weights)
     return 0
 
 
