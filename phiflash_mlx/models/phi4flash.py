@@ -184,7 +184,7 @@ class Mamba(nn.Module):
         return self.out_proj(y), memory
 
 
-class GMU(nn.Module):
+class GatedMemoryUnit(nn.Module):
     """Gated Memory Unit (4.7): out_proj(SiLU(in_proj a) ⊙ memory)."""
 
     def __init__(self, args: ModelArgs):
@@ -284,7 +284,7 @@ class DecoderLayer(nn.Module):
         if kind in (MAMBA, MAMBA_MEM):
             self.attn = Mamba(args, produces_memory=kind == MAMBA_MEM)
         elif kind == GMU:
-            self.attn = GMU(args)
+            self.attn = GatedMemoryUnit(args)
         else:
             self.attn = DiffAttention(args, layer_idx, kind)
 
