@@ -26,11 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (machine description shared with the other benchmarks)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -199,31 +201,6 @@ def worker(variant: str, quick: bool) -> None:
 # --------------------------------------------------------------------------- driver side
 
 
-def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("model name", "Model")):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    versions = {}
-    for mod in ("mlx.core", "numpy"):
-        try:
-            versions[mod.split(".")[0]] = __import__(mod, fromlist=["_"]).__version__
-        except Exception as exc:  # pragma: no cover
-            versions[mod.split(".")[0]] = f"unavailable: {exc}"
-    return {
-        "platform": f"{platform.system()} {platform.release()} {platform.machine()}",
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        **versions,
-    }
-
-
 def run_variant(variant: str, quick: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PHIFLASH_", "OPENBLAS_"))}
     env.update(VARIANTS[variant])
@@ -299,7 +276,7 @@ def main(argv=None) -> int:
         return 0
 
     report = {
-        "machine": _machine(),
+        "machine": common.machine(),
         "quick": args.quick,
         "note": "speed-ups compare best-of-N times (min_ms, best round), which are the least "
         "affected by other load on a shared machine; medians are listed too",
