@@ -55,6 +55,8 @@ def model_id_for(given: str | None, path: Path) -> str:
     """The id clients see: the hub id when one was given, else the checkpoint directory's name."""
     if given is not None and not Path(given).expanduser().exists():
         return given
+    if given is None:
+        return "phiflash-demo"                      # the bundled demo model
     return Path(path).resolve().name
 
 
