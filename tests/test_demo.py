@@ -187,3 +187,23 @@ def test_shipped_model_accuracy_add_sub(kind):
 @pytest.mark.xfail(reason="the shipped model answers 68.5% of the multiplications; 90% needs longer training")
 def test_shipped_model_accuracy_mul():
     assert _accuracy("mul") >= 0.90
+
+
+def test_quantization_aware_training_sees_the_rounding_with_identity_gradient():
+    import mlx.core as mx
+    import mlx.nn as nn
+    from phiflash_mlx.demo.train import fake_quantize, quantization_aware
+
+    w = mx.random.normal((8, 64), key=mx.random.key(0))
+    q = fake_quantize(w, 4, 64)
+    ref = mx.dequantize(*mx.quantize(w, group_size=64, bits=4), group_size=64, bits=4)
+    assert mx.allclose(q, ref).item() and not mx.allclose(q, w).item()
+    grad = mx.grad(lambda v: (fake_quantize(v, 4, 64) * 3.0).sum())(w)
+    assert mx.allclose(grad, mx.full(w.shape, 3.0)).item()           # straight-through
+    layer = nn.Linear(64, 8, bias=False)
+    layer.weight = w
+    x = mx.random.normal((2, 64), key=mx.random.key(1))
+    with quantization_aware(4):
+        inside = layer(x)
+    assert mx.allclose(inside, x @ ref.T, atol=1e-5).item()
+    assert mx.allclose(layer(x), x @ w.T, atol=1e-5).item()          # restored afterwards

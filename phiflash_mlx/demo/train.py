@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import contextmanager
 import math
 import os
 import random
@@ -213,6 +214,41 @@ def forward(model: Model, x: mx.array) -> mx.array:
     return model.lm_head(h)
 
 
+def fake_quantize(w: mx.array, bits: int, group_size: int) -> mx.array:
+    """w as `bits`-bit affine quantization in groups would give it back, with the gradient of the
+    identity (straight-through): training sees the rounding, the optimizer still moves w smoothly."""
+    if w.shape[-1] % group_size:
+        return w
+    q = mx.dequantize(*mx.quantize(w, group_size=group_size, bits=bits), group_size=group_size, bits=bits)
+    return w + mx.stop_gradient(q - w)
+
+
+@contextmanager
+def quantization_aware(bits: int | None, group_size: int = 64):
+    """Within the block, linear and embedding layers compute with fake-quantized weights (the layers
+    `phiflash convert -q` quantizes), so training makes the model robust to that quantization."""
+    if not bits:
+        yield
+        return
+    originals = (nn.Linear.__call__, nn.Embedding.__call__, nn.Embedding.as_linear)
+
+    def linear(self, x):
+        y = x @ fake_quantize(self["weight"], bits, group_size).T
+        return y + self["bias"] if "bias" in self else y
+
+    def embed(self, x):
+        return fake_quantize(self["weight"], bits, group_size)[x]
+
+    def as_linear(self, x):
+        return x @ fake_quantize(self["weight"], bits, group_size).T
+
+    nn.Linear.__call__, nn.Embedding.__call__, nn.Embedding.as_linear = linear, embed, as_linear
+    try:
+        yield
+    finally:
+        nn.Linear.__call__, nn.Embedding.__call__, nn.Embedding.as_linear = originals
+
+
 def loss_fn(model, x, y, m):
     logits = forward(model, x)
     ce = nn.losses.cross_entropy(logits, y, reduction="none")
@@ -221,7 +257,7 @@ def loss_fn(model, x, y, m):
 
 def train(out: Path, steps: int = 900, batch: int = 32, length: int = 88, lr: float = 4e-3,
           warmup: int = 60, seed: int = 0, log_every: int = 100, config: dict | None = None,
-          log=print, save_every: int = 0, init: Path | None = None, weights=None) -> dict:
+          log=print, save_every: int = 0, init: Path | None = None, weights=None, qat_bits: int | None = None) -> dict:
     """Train and write the checkpoint to `out`; returns a summary (steps, time, final loss)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -255,7 +291,8 @@ def train(out: Path, steps: int = 900, batch: int = 32, length: int = 88, lr: fl
     # Not mx.compile'd: on the CPU the compiled step (the scan unrolled into one graph) measured
     # slower than eager evaluation, and it needs fixed shapes where eager steps can pad per batch.
     def step(x, y, m):
-        loss, grads = loss_and_grad(model, x, y, m)
+        with quantization_aware(qat_bits):
+            loss, grads = loss_and_grad(model, x, y, m)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(model, grads)
         return loss
@@ -277,7 +314,8 @@ def train(out: Path, steps: int = 900, batch: int = 32, length: int = 88, lr: fl
             log(f"saved the step-{i} weights to {out}")
     wall = time.perf_counter() - t_start
     summary = {"steps": steps, "batch": batch, "length": length, "lr": lr, "warmup": warmup, "seed": seed,
-               **({"init": str(init), "weights": list(weights)} if init is not None else {}),
+               **({"init": str(init), "weights": list(weights) if weights else None} if init is not None else {}),
+               **({"qat_bits": qat_bits} if qat_bits else {}),
                "final_loss": round(running, 5), "train_minutes": round(wall / 60, 1)}
     save_checkpoint(model, config, out, {k: str(v) for k, v in summary.items()})
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -301,12 +339,15 @@ def main(argv=None) -> int:
                    help="start from this checkpoint's weights instead of a fresh initialisation")
     p.add_argument("--weights", default=None,
                    help="relative frequency of add,sub,mul problems, e.g. 1,1,3 (default: equal)")
+    p.add_argument("--qat-bits", type=int, default=None,
+                   help="train with weights fake-quantized to this many bits (groups of 64), so the "
+                        "`phiflash convert -q` copy loses little")
     args = p.parse_args(argv)
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     if weights is not None and len(weights) != len(tasks.KINDS):
         p.error(f"--weights needs {len(tasks.KINDS)} numbers (add,sub,mul)")
     train(args.out, args.steps, args.batch, args.length, args.lr, args.warmup, args.seed, args.log_every,
-          log=lambda s: print(s, flush=True), save_every=args.save_every, init=args.init, weights=weights)
+          log=lambda s: print(s, flush=True), save_every=args.save_every, init=args.init, weights=weights, qat_bits=args.qat_bits)
     return 0
 
 
