@@ -314,13 +314,10 @@ def plot(report: dict, path: str) -> bool:
     axes[2].set_ylabel("roofline ratio (bytes/bandwidth ÷ measured time)")
     axes[2].set_yscale("log")
     m = report["machine"]
-    fig.suptitle(f"Decode vs context, random weights — {m['cpu']} ({m['cpus']} cores), MLX {m.get('mlx')}, "
-                 f"bandwidth {report['bandwidth_gbps_used']} GB/s" + (" — quick run" if report["quick"] else "")
-                 + ("; machine shared with other jobs" if report.get("shared_machine") else ""), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return common.save_figure(fig, path, report,
+                              f"Decode vs context, random weights — {m['cpu']} ({m['cpus']} cores), MLX {m.get('mlx')}, "
+                              f"bandwidth {report['bandwidth_gbps_used']} GB/s" + (" — quick run" if report["quick"] else ""),
+                              fontsize=10)
 
 
 def main(argv=None) -> int:

@@ -157,13 +157,9 @@ def plot(report: dict, path: str) -> bool:
     axes[1].set_ylabel("prefill seconds")
     axes[1].set_yscale("log")
     m, s = report["machine"], report["settings"]
-    fig.suptitle(f"Prefill, {s['layers']} layers, hidden 768, {s['quant']} weights, chunks of {s['step']} — "
-                 f"{m['cpu']} ({m['cpus']} cores)" + (" — quick run" if report["quick"] else "")
-                 + ("; machine shared with other jobs" if report.get("shared_machine") else ""), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return common.save_figure(fig, path, report,
+                              f"Prefill, {s['layers']} layers, hidden 768, {s['quant']} weights, chunks of {s['step']} — "
+                              f"{m['cpu']} ({m['cpus']} cores)" + (" — quick run" if report["quick"] else ""))
 
 
 def main(argv=None) -> int:

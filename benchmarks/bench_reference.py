@@ -232,12 +232,7 @@ def plot(report: dict, path: str) -> bool:
     axes[1].set_ylim(0, 27)
     axes[1].set_title("memory (RSS includes the memory-mapped checkpoint's pages;\nanon excludes them)", fontsize=9)
     m = report["machine"]
-    fig.suptitle(f"{m['cpu']} ({m['cpus']} cores, {m.get('memory_gib')} GiB)"
-                 + ("; machine shared with other jobs" if report.get("shared_machine") else ""), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return common.save_figure(fig, path, report, f"{m['cpu']} ({m['cpus']} cores, {m.get('memory_gib')} GiB)")
 
 
 def main(argv=None) -> int:

@@ -294,3 +294,15 @@ def plt():
     except ImportError:
         print("matplotlib not installed (pip install -e '.[bench]'); skipping the plot")
         return None
+
+
+def save_figure(fig, path: str, report: dict, title: str, fontsize: int = 9) -> bool:
+    """Title the figure (noting a shared machine), write it as PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    shared = "; machine shared with other jobs" if report.get("shared_machine") else ""
+    fig.suptitle(title + shared, fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
