@@ -5,8 +5,6 @@ from __future__ import annotations
 import glob
 import json
 import logging
-import os
-import struct
 from pathlib import Path
 
 import mlx.core as mx
@@ -58,24 +56,14 @@ def load_config(path: Path) -> dict:
 
 
 def _check_safetensors(file: str) -> None:
-    """mx.load on a truncated file fails obscurely; check the header against the file size first."""
-    size = os.path.getsize(file)
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise PhiflashError(f"{file} is truncated (shorter than a safetensors header); download it again")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise PhiflashError(f"{file} is truncated or not a safetensors file; download it again")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise PhiflashError(f"{file} is not a valid safetensors file (bad header); download it again") from None
-    header.pop("__metadata__", None)
-    end = max((e["data_offsets"][1] for e in header.values()), default=0)
-    if 8 + n + end > size:
-        raise PhiflashError(f"{file} is truncated: it should hold {8 + n + end} bytes but has {size}; "
-                            "the download or copy did not finish, fetch it again")
+    """mx.load on a truncated file fails obscurely; the reference's reader checks the header against
+    the file size (and maps nothing into memory until a tensor is read)."""
+    from reference.errors import CheckpointError
+    from reference.weights import SafetensorsFile
+    try:
+        SafetensorsFile(file)
+    except CheckpointError as exc:
+        raise PhiflashError(str(exc)) from None
 
 
 def load_weights(path: Path) -> dict:

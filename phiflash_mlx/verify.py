@@ -202,10 +202,9 @@ def preset_config(name_or_path: str, layers: int | None = None) -> dict:
             raise PhiflashError(f"--config {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a "
                                 "config.json file or a directory holding one")
         try:
-            with open(file, encoding="utf-8") as f:
-                raw = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise PhiflashError(f"cannot read {file}: {exc}") from None
+            raw = reference.read_config_json(file)
+        except reference.CheckpointError as exc:
+            raise PhiflashError(str(exc)) from None
     if layers is not None:
         if layers < 4 or layers % 4:
             raise PhiflashError(f"--layers {layers}: the layer count must be a multiple of 4 (at least 4)")

@@ -159,6 +159,11 @@ def config_from_dict(raw: dict) -> Config:
 
 def load_config(path: str) -> Config:
     """Read ``config.json`` from a checkpoint directory (or the file itself)."""
+    return config_from_dict(read_config_json(path))
+
+
+def read_config_json(path: str) -> dict:
+    """The raw ``config.json`` of a checkpoint directory (or the file itself), unchecked."""
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.exists(file):
         raise CheckpointError(
@@ -169,4 +174,4 @@ def load_config(path: str) -> Config:
             raw = json.load(f)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {file}: {exc}") from None
-    return config_from_dict(raw)
+    return raw
