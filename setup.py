@@ -1,11 +1,14 @@
-"""Build configuration beyond pyproject.toml: the Linux BLAS shim.
+"""Build configuration beyond pyproject.toml: two small C libraries for Linux CPUs.
 
-On Linux the package carries a tiny C library, ``phiflash_mlx/_blas_shim*.so``,
-that lets MLX's CPU back-end use numpy's OpenBLAS (see ``phiflash_mlx/_blas.py``).
-It is compiled by ``pip install .`` and ``pip install -e .``. It is not a Python
-extension module (it is loaded with ctypes), it needs no BLAS headers, and if it
-cannot be compiled the install still succeeds and MLX keeps its own BLAS.
-Nothing is compiled on other platforms.
+* ``phiflash_mlx/_blas_shim*.so`` lets MLX's CPU back-end use numpy's OpenBLAS
+  (see ``phiflash_mlx/_blas.py``).
+* ``phiflash_mlx/_qmatvec*.so`` is the multi-threaded quantized matrix-vector
+  kernel that quantized models decode with on CPUs (see ``phiflash_mlx/cpu_quant.py``).
+
+Both are compiled by ``pip install .`` and ``pip install -e .``. Neither is a
+Python extension module (they are loaded with ctypes) and neither needs headers
+beyond libc's. If one cannot be compiled the install still succeeds and MLX's own
+routines are used instead. Nothing is compiled on other platforms.
 """
 
 import sys
@@ -20,6 +23,15 @@ if sys.platform.startswith("linux"):
             sources=["phiflash_mlx/csrc/blas_shim.c"],
             libraries=["dl"],
             extra_compile_args=["-O2", "-fvisibility=hidden"],
+            optional=True,
+        )
+    )
+    ext_modules.append(
+        Extension(
+            "phiflash_mlx._qmatvec",
+            sources=["phiflash_mlx/csrc/qmatvec.c"],
+            libraries=["pthread"],
+            extra_compile_args=["-O3", "-fvisibility=hidden"],
             optional=True,
         )
     )

@@ -8,11 +8,17 @@ Models (random weights, same quantization for both, built in the same run):
 * ``phi3``: ``mlx_lm.models.phi3.Model`` at Phi-4-mini's shape (hidden 3072, 32 layers, 24/8 heads,
   intermediate 8192, vocab 200064, tied embeddings, LongRoPE, partial rotary 0.75).
 
-Quantizations: ``q4`` (4-bit affine, group 64, via ``mlx.nn.quantize``; ``quantized_matmul`` does not
-use BLAS) and ``fp32`` (float32 weights; on Linux ``import phiflash_mlx`` routes MLX's fp32 GEMMs to
+Quantizations: ``q4`` (4-bit affine, group 64, via ``mlx.nn.quantize``) and ``fp32`` (float32 weights; on Linux ``import phiflash_mlx`` routes MLX's fp32 GEMMs to
 OpenBLAS). A float32 3.8B model takes ~15 GB, so ``--fp32-layers`` (default 16, ``--quick`` 8) cuts
 the depth of both models for fp32 (SambaY keeps its schedule: h = layers/2); pass 32 where the memory
 allows.
+
+Quantized matrix-vector products: on a CPU, ``phiflash_mlx.load`` gives quantized models our
+multi-threaded C kernel (``phiflash_mlx/cpu_quant.py``) instead of MLX's single-threaded
+``quantized_matmul``. Each q4 model therefore runs twice: with MLX's ``quantized_matmul`` (``mlx``,
+what mlx-lm uses) and with our kernel (``ck``). "ours as shipped vs phi3 in mlx-lm" compares
+``sambay-q4-ck`` with ``phi3-q4-mlx``; "same kernels" compares like with like and isolates the
+architecture. With Metal (a Mac) both run MLX's GPU kernels and only ``mlx`` runs.
 
 Caches are filled with synthetic data of the right size instead of running a real prefill (which would
 take hours per point on a small CPU): for ours the shared full-attention K/V (layer h+1) holds `ctx`
@@ -168,15 +174,21 @@ def worker(args) -> dict:
     t0 = time.perf_counter()
     build = common.build_sambay if args.model == "sambay" else common.build_phi3
     model = build(cfg, args.quant)
+    if args.cpu_kernels:
+        from phiflash_mlx.cpu_quant import kernel_info, use_cpu_kernels
+        use_cpu_kernels(model)
     build_s = time.perf_counter() - t0
     fill = _fill_sambay if args.model == "sambay" else _fill_phi3
     count = _sambay_bytes if args.model == "sambay" else _phi3_bytes
     out = {
-        "model": args.model, "quant": args.quant, "config": cfg, "build_s": round(build_s, 1),
+        "model": args.model, "quant": args.quant, "cpu_kernels": bool(args.cpu_kernels),
+        **({"kernel": kernel_info()} if args.cpu_kernels else {}),
+        "config": cfg, "build_s": round(build_s, 1),
         "params": common.param_count(model), "weight_bytes": common.param_bytes(model),
         "rss_after_build": common.rss_now(), "blas": blas_info(), "points": {},
     }
-    print(f"  [{args.model} {args.quant} {args.layers}L] built in {build_s:.0f} s, "
+    tag = f"{args.model} {args.quant}{' ck' if args.cpu_kernels else ''}"
+    print(f"  [{tag} {args.layers}L] built in {build_s:.0f} s, "
           f"{out['weight_bytes'] / 1e9:.2f} GB of weights", flush=True)
     vocab = cfg["vocab_size"]
     for ctx in args.contexts:
@@ -203,7 +215,7 @@ def worker(args) -> dict:
             **common.rss_now(),
         }
         out["points"][str(ctx)] = point
-        print(f"  [{args.model} {args.quant}] ctx {ctx:6d}: {statistics.median(times):.3f} s/token, cache "
+        print(f"  [{tag}] ctx {ctx:6d}: {statistics.median(times):.3f} s/token, cache "
               f"{held / 2**20:.0f} MiB, peak {point['mlx_peak_memory_gib']:.2f} GiB", flush=True)
         del caches, logits
     if args.profile:
@@ -214,14 +226,22 @@ def worker(args) -> dict:
 # --------------------------------------------------------------------------- driver
 
 
+def run_key(model: str, quant: str, cpu_kernels: bool) -> str:
+    """sambay-q4-ck / sambay-q4-mlx / phi3-q4-mlx / ... / sambay-fp32 (kernels only matter for q4)."""
+    if quant != "q4":
+        return f"{model}-{quant}"
+    return f"{model}-{quant}-{'ck' if cpu_kernels else 'mlx'}"
+
+
 def aggregate(runs: list[dict], bandwidth_gbps: float) -> dict:
-    """Per (model, quant): per context, median/range over all rounds' step times, and the roofline."""
+    """Per (model, quant, kernels): per context, median/range over all rounds' step times, and the roofline."""
     table = {}
     for r in runs:
         if "points" not in r:
             continue
-        entry = table.setdefault(f"{r['model']}-{r['quant']}", {
-            "model": r["model"], "quant": r["quant"], "layers": r["config"]["num_hidden_layers"],
+        entry = table.setdefault(run_key(r["model"], r["quant"], r.get("cpu_kernels", False)), {
+            "model": r["model"], "quant": r["quant"], "cpu_kernels": r.get("cpu_kernels", False),
+            "layers": r["config"]["num_hidden_layers"],
             "params": r["params"], "weight_bytes": r["weight_bytes"], "points": {},
             "max_rss_gib": [], "profile": [],
         })
@@ -252,14 +272,27 @@ def aggregate(runs: list[dict], bandwidth_gbps: float) -> dict:
     return table
 
 
+COMPARISONS = {
+    # name: (ours, theirs)
+    "q4": ("sambay-q4-ck", "phi3-q4-mlx"),             # ours as phiflash_mlx.load runs it vs mlx-lm as is
+    "q4_same_kernels": ("sambay-q4-ck", "phi3-q4-ck"),  # architecture only: both with our CPU kernel
+    "q4_mlx_kernels": ("sambay-q4-mlx", "phi3-q4-mlx"),  # architecture only: both with MLX's kernel
+    "fp32": ("sambay-fp32", "phi3-fp32"),
+}
+
+
 def headline(table: dict) -> dict:
     out = {}
-    for quant in ("q4", "fp32"):
-        ours, theirs = table.get(f"sambay-{quant}"), table.get(f"phi3-{quant}")
+    for name, (ours_key, theirs_key) in COMPARISONS.items():
+        ours, theirs = table.get(ours_key), table.get(theirs_key)
+        if name == "q4" and not ours:                   # no CPU kernel (Metal, or not built)
+            ours = table.get("sambay-q4-mlx")
+            ours_key = "sambay-q4-mlx"
         if not ours:
             continue
         ctxs = sorted(ours["points"], key=int)
-        h = {"layers": ours["layers"], "tokens_per_s": {}, "speedup_vs_phi3": {}, "cache_ratio_phi3_over_ours": {},
+        h = {"ours": ours_key, "theirs": theirs_key if theirs else None, "layers": ours["layers"],
+             "tokens_per_s": {}, "speedup_vs_phi3": {}, "cache_ratio_phi3_over_ours": {},
              "roofline_ratio_ours": {}, "roofline_ratio_phi3": {}}
         for c in ctxs:
             o = ours["points"][c]
@@ -276,7 +309,7 @@ def headline(table: dict) -> dict:
         if theirs and hi in theirs["points"] and lo in theirs["points"]:
             h[f"phi3_slowdown_{hi}_vs_{lo}"] = round(
                 theirs["points"][hi]["median_s"] / theirs["points"][lo]["median_s"], 3)
-        out[quant] = h
+        out[name] = h
     return out
 
 
@@ -288,8 +321,10 @@ def plot(report: dict, path: str) -> bool:
     styles = {"sambay": ("tab:blue", "SambaY (ours)"), "phi3": ("tab:orange", "Phi-4-mini (mlx-lm phi3)")}
     for key, e in report["results"].items():
         color, name = styles[e["model"]]
-        ls = "-" if e["quant"] == "q4" else "--"
-        label = f"{name}, {e['quant']}, {e['layers']} layers"
+        ck = e.get("cpu_kernels", False)
+        ls = "--" if e["quant"] != "q4" else ("-" if ck else ":")
+        kern = "" if e["quant"] != "q4" else (", our CPU kernel" if ck else ", MLX kernel")
+        label = f"{name}, {e['quant']}{kern}, {e['layers']} layers"
         ctxs = sorted(e["points"], key=int)
         xs = [int(c) for c in ctxs]
         med = [e["points"][c]["tokens_per_s"] for c in ctxs]
@@ -297,8 +332,8 @@ def plot(report: dict, path: str) -> bool:
         hi = [1 / e["points"][c]["min_s"] for c in ctxs]
         axes[0].plot(xs, med, ls, marker="o", color=color, label=label)
         axes[0].fill_between(xs, lo, hi, color=color, alpha=0.15)
-        if e["quant"] == "q4" or not any(v["quant"] == "q4" and v["model"] == e["model"]
-                                         for v in report["results"].values()):
+        if (e["quant"] == "q4" and not ck) or not any(v["quant"] == "q4" and v["model"] == e["model"]
+                                                      for v in report["results"].values()):
             axes[1].plot(xs, [e["points"][c]["cache_bytes"] / 2**20 for c in ctxs], "-", marker="o", color=color,
                          label=f"{name}, {e['layers']} layers")
         axes[2].plot(xs, [e["points"][c]["roofline_ratio"] for c in ctxs], ls, marker="o", color=color, label=label)
@@ -330,6 +365,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, help="how many times to repeat every run (default 2, quick 1)")
     p.add_argument("--q4-layers", type=int, default=32)
+    p.add_argument("--q4-kernels", nargs="+", default=["ck", "mlx"], choices=["ck", "mlx"],
+                   help="q4 runs with our CPU kernel (ck) and/or MLX's quantized_matmul (mlx); default both")
     p.add_argument("--fp32-layers", type=int, help="depth for fp32 runs (default 16, quick 8)")
     p.add_argument("--shared-machine", action="store_true",
                    help="record that other jobs were running (timings are noisier)")
@@ -342,6 +379,7 @@ def main(argv=None) -> int:
     p.add_argument("--quant", choices=["q4", "fp32"], help=argparse.SUPPRESS)
     p.add_argument("--layers", type=int, help=argparse.SUPPRESS)
     p.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cpu-kernels", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -370,23 +408,29 @@ def main(argv=None) -> int:
                    "(model, quantization), alternating ours/theirs, repeated per round"),
         "load_before": common.load_snapshot(), "bandwidth": [common.memory_bandwidth()], "runs": [],
     }
+    kernels = [False]
+    if "q4" in args.quants and common.cpu_kernel_available():
+        kernels = [k == "ck" for k in args.q4_kernels]
+    report["settings"]["q4_kernels"] = ["ck" if k else "mlx" for k in kernels]
     t_start = time.perf_counter()
+    plan = [(quant, kern) for quant in args.quants for kern in (kernels if quant == "q4" else [False])]
     for rnd in range(rounds):
-        for quant in args.quants:
-            order = list(args.models) if rnd % 2 == 0 else list(reversed(args.models))
-            for model in order:
-                layers = args.q4_layers if quant == "q4" else fp32_layers
-                print(f"round {rnd + 1}/{rounds}: {model} {quant} {layers} layers", flush=True)
-                wargs = ["--model", model, "--quant", quant, "--layers", str(layers), "--steps", str(steps),
-                         "--warmup", str(args.warmup), "--contexts", *map(str, args.contexts)]
-                if rnd == 0:
-                    wargs.append("--profile")
-                r = common.run_worker(os.path.abspath(__file__), wargs)
-                r["round"] = rnd
-                r["load"] = common.load_snapshot()
-                report["runs"].append(r)
-                if "error" in r:
-                    print(f"  failed: {r['error']}", flush=True)
+        order = list(args.models) if rnd % 2 == 0 else list(reversed(args.models))
+        for (quant, kern), model in [(qk, m) for qk in plan for m in order]:
+            layers = args.q4_layers if quant == "q4" else fp32_layers
+            print(f"round {rnd + 1}/{rounds}: {run_key(model, quant, kern)} {layers} layers", flush=True)
+            wargs = ["--model", model, "--quant", quant, "--layers", str(layers), "--steps", str(steps),
+                     "--warmup", str(args.warmup), "--contexts", *map(str, args.contexts)]
+            if kern:
+                wargs.append("--cpu-kernels")
+            if rnd == 0:
+                wargs.append("--profile")
+            r = common.run_worker(os.path.abspath(__file__), wargs)
+            r["round"] = rnd
+            r["load"] = common.load_snapshot()
+            report["runs"].append(r)
+            if "error" in r:
+                print(f"  failed: {r['error']}", flush=True)
     report["bandwidth"].append(common.memory_bandwidth())
     report["total_wall_s"] = round(time.perf_counter() - t_start, 1)
     bw = statistics.median([b["read_gbps_median"] for b in report["bandwidth"]])

@@ -266,6 +266,15 @@ def param_count(model) -> int:
     return n or sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
+def cpu_kernel_available() -> bool:
+    """True where quantized models get our C decode kernel (CPU-only MLX with the library built)."""
+    import phiflash_mlx  # noqa: F401
+    import mlx.core as mx
+    from phiflash_mlx.cpu_quant import kernel_info
+
+    return not mx.metal.is_available() and kernel_info()["active"]
+
+
 def build_sambay(cfg: dict, quant: str, seed: int = 0):
     import phiflash_mlx  # noqa: F401  (routes fp32 GEMMs to OpenBLAS before mlx.core is used)
     from phiflash_mlx.models.phi4flash import Model, ModelArgs

@@ -75,15 +75,20 @@ def _mode() -> str:
     return "auto"
 
 
-def _shim_path() -> str | None:
-    """The compiled shim next to this file, or None if it was not built."""
+def library_path(stem: str) -> str | None:
+    """The C library `stem` (compiled by setup.py) next to this file, or None if it was not built."""
     here = os.path.dirname(os.path.abspath(__file__))
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = os.path.join(here, "_blas_shim" + suffix)
+        path = os.path.join(here, stem + suffix)
         if os.path.isfile(path):
             return path
-    found = sorted(glob.glob(os.path.join(here, "_blas_shim*.so")))
+    found = sorted(glob.glob(os.path.join(here, stem + "*.so")))
     return found[0] if found else None
+
+
+def _shim_path() -> str | None:
+    """The compiled shim next to this file, or None if it was not built."""
+    return library_path("_blas_shim")
 
 
 def _package_dir(name: str) -> str | None:

@@ -1,42 +1,193 @@
-"""Quantized linear layers that prefill faster on CPUs.
+"""Quantized layers that run faster on CPUs, for prefill and for decoding.
 
-MLX's CPU `quantized_matmul` is single-threaded and compute-bound (about 1.2 GFLOP/s here), while a
-float32 GEMM goes through BLAS (the routed OpenBLAS on Linux, Accelerate on macOS). For a block of
-many tokens it is far cheaper to dequantize the weight once and do one float32 GEMM: measured on the
-2-core build machine, 128 x 3072 @ 3072 x 8192 took 5.1 s with `quantized_matmul` and 0.6 s with
-dequantize + GEMM. For one token (decode) `quantized_matmul` reads 8x fewer bytes and stays faster.
-The results are the same math (the dequantized weight is exactly what `quantized_matmul` multiplies).
+MLX's CPU `quantized_matmul` is single-threaded and compute-bound (about 0.9 G weights/s on the
+2-core x86 build machine), so with a CPU a quantized model is slower than its memory allows both
+when it reads a prompt and when it decodes:
+
+* **Blocks of many tokens** (prefill): dequantize the weight once and do one float32 GEMM through
+  BLAS (the routed OpenBLAS on Linux, Accelerate on macOS). Measured: 128 x 3072 @ 3072 x 8192 took
+  5.1 s with `quantized_matmul` and 0.6 s with dequantize + GEMM.
+* **A few tokens** (decode, rows < MIN_TOKENS): our C kernel `csrc/qmatvec.c` (compiled by setup.py
+  into `_qmatvec*.so`, loaded with ctypes) reads the packed 2/4/8-bit weight directly, with AVX2+FMA
+  where the CPU has it, on every core. Input and output cross to NumPy without a copy of the weight.
+
+Both compute the same math as `quantized_matmul` (dequantized weight times input, float32
+accumulation); tests compare them against `mx.quantized_matmul` and `mx.dequantize`.
+`PHIFLASH_CPU_QMATVEC=0` turns the decode kernel off; `PHIFLASH_CPU_THREADS=N` sets its threads
+(default: the CPUs this process may use).
 """
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
-# Crossover measured between 8 (289 vs 205 ms) and 32 tokens (264 vs 821 ms) at 3072 x 8192.
+from ._blas import library_path  # noqa: F401  (re-exported for tests)
+
+# Prefill crossover measured between 8 (289 vs 205 ms) and 32 tokens (264 vs 821 ms) at 3072 x 8192.
 MIN_TOKENS = 16
 
+ENV_SWITCH = "PHIFLASH_CPU_QMATVEC"
+ENV_THREADS = "PHIFLASH_CPU_THREADS"
+KERNEL_BITS = (2, 4, 8)
 
-class PrefillQuantizedLinear(nn.QuantizedLinear):
-    """nn.QuantizedLinear that dequantizes for blocks of at least MIN_TOKENS rows."""
+_log = logging.getLogger("phiflash_mlx.cpu_quant")
+_lib: ctypes.CDLL | None = None
+_lib_tried = False
+
+
+def _library() -> ctypes.CDLL | None:
+    """The decode kernel's library, or None where it was not built or is switched off."""
+    global _lib, _lib_tried
+    if _lib_tried:
+        return _lib
+    _lib_tried = True
+    if os.environ.get(ENV_SWITCH, "").strip().lower() in {"0", "off", "false", "no"}:
+        return None
+    path = library_path("_qmatvec")
+    if path is None:
+        _log.debug("the quantized decode kernel was not built; using mx.quantized_matmul")
+        return None
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as exc:
+        _log.debug("cannot load %s (%s); using mx.quantized_matmul", path, exc)
+        return None
+    ptr, lng, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    lib.phf_qmatvec.argtypes = [ptr, lng, lng, ptr, ptr, ptr, lng, i32, i32, ptr, i32, i32]
+    lib.phf_qmatvec.restype = i32
+    lib.phf_qmatvec_simd.restype = i32
+    _lib = lib
+    return lib
+
+
+def threads() -> int:
+    """Threads the decode kernel uses: PHIFLASH_CPU_THREADS, else the CPUs this process may run on."""
+    raw = os.environ.get(ENV_THREADS, "").strip()
+    if raw:
+        try:
+            return max(1, int(raw))
+        except ValueError:
+            _log.warning("%s=%r is not a whole number; using all CPUs", ENV_THREADS, raw)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def kernel_info() -> dict:
+    """What the decode kernel does in this process (for `phiflash info` and benchmarks)."""
+    lib = _library()
+    if lib is None:
+        return {"active": False}
+    return {"active": True, "simd": "avx2+fma" if lib.phf_qmatvec_simd() else "portable C", "threads": threads()}
+
+
+def _as_float32(a: mx.array) -> np.ndarray:
+    if a.dtype != mx.float32:
+        a = a.astype(mx.float32)
+    mx.eval(a)
+    return np.ascontiguousarray(np.asarray(a))
+
+
+class _Packed:
+    """NumPy views of one quantized weight, made once (the uint32 codes are not copied)."""
+
+    def __init__(self, weight: mx.array, scales: mx.array, biases: mx.array):
+        mx.eval(weight, scales, biases)
+        self.source = weight                    # identity check: the views follow the module's arrays
+        self.w = np.asarray(weight)
+        if not self.w.flags["C_CONTIGUOUS"]:
+            self.w = np.ascontiguousarray(self.w)
+        self.scales = _as_float32(scales)
+        self.biases = _as_float32(biases)
+
+
+def qmatvec(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
+            packed: _Packed | None = None, simd: bool = True, n_threads: int | None = None) -> mx.array:
+    """x @ dequantize(weight, scales, biases).T with the C kernel (MLX affine layout), float32.
+
+    Falls back to `mx.quantized_matmul` where the kernel is unavailable or does not cover the case."""
+    lib = _library()
+    if lib is None or bits not in KERNEL_BITS or group_size % 32:
+        return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    if packed is None or packed.source is not weight:
+        packed = _Packed(weight, scales, biases)
+    k = x.shape[-1]
+    n = packed.w.shape[0]
+    xs = _as_float32(x.reshape(-1, k))
+    m = xs.shape[0]
+    y = np.empty((m, n), dtype=np.float32)
+    rc = lib.phf_qmatvec(xs.ctypes.data, m, k, packed.w.ctypes.data, packed.scales.ctypes.data,
+                         packed.biases.ctypes.data, n, bits, group_size, y.ctypes.data,
+                         n_threads or threads(), int(simd))
+    if rc != 0:
+        return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    out = mx.array(y).reshape(*x.shape[:-1], n)
+    return out if x.dtype == mx.float32 else out.astype(x.dtype)
+
+
+def _kernel_applies(module) -> bool:
+    return getattr(module, "mode", "affine") == "affine" and module.bits in KERNEL_BITS and "biases" in module
+
+
+def _packed(module) -> _Packed:
+    cached = module.__dict__.get("_phf_packed")
+    if cached is None or cached.source is not module["weight"]:
+        cached = _Packed(module["weight"], module["scales"], module["biases"])
+        module.__dict__["_phf_packed"] = cached
+    return cached
+
+
+class CPUQuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear for CPUs: dequantize + GEMM for blocks of at least MIN_TOKENS rows, the C
+    kernel for fewer, mx.quantized_matmul where neither applies."""
 
     def __call__(self, x):
         rows = x.size // x.shape[-1]
-        if rows < MIN_TOKENS:
+        if rows >= MIN_TOKENS:
+            w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
+                              bits=self.bits, mode=self.mode)
+            y = x @ w.astype(x.dtype).T
+        elif _library() is not None and _kernel_applies(self):
+            y = qmatvec(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits,
+                        packed=_packed(self))
+        else:
             return super().__call__(x)
-        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
-                          bits=self.bits, mode=self.mode)
-        y = x @ w.astype(x.dtype).T
         if "bias" in self:
             y = y + self["bias"]
         return y
 
 
-def use_prefill_dequant(model: nn.Module) -> int:
-    """Switch every QuantizedLinear of `model` to the prefill-friendly version; returns how many."""
+class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
+    """nn.QuantizedEmbedding whose tied output projection (`as_linear`) uses the same CPU paths."""
+
+    def as_linear(self, x):
+        rows = x.size // x.shape[-1]
+        if rows >= MIN_TOKENS:
+            w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
+                              bits=self.bits, mode=self.mode)
+            return x @ w.astype(x.dtype).T
+        if _library() is not None and _kernel_applies(self):
+            return qmatvec(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits,
+                           packed=_packed(self))
+        return super().as_linear(x)
+
+
+def use_cpu_kernels(model: nn.Module) -> int:
+    """Switch every QuantizedLinear / QuantizedEmbedding of `model` (ours or any mlx-lm model) to the
+    CPU versions above; returns how many modules changed."""
     count = 0
     for _, module in model.named_modules():
         if type(module) is nn.QuantizedLinear:
-            module.__class__ = PrefillQuantizedLinear
+            module.__class__ = CPUQuantizedLinear
+            count += 1
+        elif type(module) is nn.QuantizedEmbedding:
+            module.__class__ = CPUQuantizedEmbedding
             count += 1
     return count

@@ -133,8 +133,8 @@ def build_model(config: dict, weights: dict, dtype=None) -> Model:
     model.load_weights(items, strict=True)
     mx.eval(model.parameters())
     if quant and not mx.metal.is_available():
-        from .cpu_quant import use_prefill_dequant
-        use_prefill_dequant(model)
+        from .cpu_quant import use_cpu_kernels
+        use_cpu_kernels(model)
     return model
 
 

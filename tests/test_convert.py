@@ -113,22 +113,34 @@ def test_clear_errors(tmp_path):
         convert(SRC, str(tmp_path / "d"), q_bits=4)
 
 
-def test_cpu_prefill_dequant_path_equals_quantized_matmul(tmp_path):
-    """Quantized layers dequantize for long blocks on CPUs; the logits equal the quantized_matmul path."""
-    from phiflash_mlx.cpu_quant import MIN_TOKENS, PrefillQuantizedLinear
+def test_cpu_quantized_paths_equal_quantized_matmul(tmp_path):
+    """On CPUs quantized layers dequantize for long blocks and use the C kernel for decode steps; the
+    logits of a prompt and of cached decode steps equal those of plain mx.quantized_matmul layers."""
+    from phiflash_mlx.cpu_quant import MIN_TOKENS, CPUQuantizedEmbedding, CPUQuantizedLinear
     out = convert(SRC, str(tmp_path / "q"), quantize=True, q_bits=4)
     model, _ = phiflash_mlx.load(str(out))
     layer = model.layers[0].mlp.fc1
     if mx.metal.is_available():
-        pytest.skip("the dequantize path is used only without Metal")
-    assert isinstance(layer, PrefillQuantizedLinear)
+        pytest.skip("the CPU paths are used only without Metal")
+    assert isinstance(layer, CPUQuantizedLinear)
+    assert isinstance(model.model.embed_tokens, CPUQuantizedEmbedding)
     x = mx.random.normal((1, MIN_TOKENS + 3, model.args.hidden_size))
-    fast = layer(x)
-    plain = nn.QuantizedLinear.__call__(layer, x)
-    np.testing.assert_allclose(np.array(fast), np.array(plain), atol=1e-4, rtol=1e-4)
-    ids = mx.array([list(range(MIN_TOKENS + 5))])
-    with_dequant = np.array(model(ids))
+    np.testing.assert_allclose(np.array(layer(x)), np.array(nn.QuantizedLinear.__call__(layer, x)),
+                               atol=1e-4, rtol=1e-4)
+
+    def run():
+        ids = mx.array([list(range(MIN_TOKENS + 5))])
+        cache = model.make_cache()
+        logits = [np.array(model(ids, cache=cache))]
+        for t in (7, 3, 11):                                   # one-token steps: the decode kernel
+            logits.append(np.array(model(mx.array([[t]]), cache=cache)))
+        return logits
+
+    fast = run()
     for _, m in model.named_modules():
-        if isinstance(m, PrefillQuantizedLinear):
+        if isinstance(m, CPUQuantizedLinear):
             m.__class__ = nn.QuantizedLinear
-    np.testing.assert_allclose(with_dequant, np.array(model(ids)), atol=1e-4, rtol=1e-4)
+        elif isinstance(m, CPUQuantizedEmbedding):
+            m.__class__ = nn.QuantizedEmbedding
+    for got, want in zip(fast, run()):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)

@@ -59,6 +59,12 @@ def _collect() -> dict:
     except Exception as exc:
         info["numpy"] = f"not importable ({exc})"
     info["blas"] = blas_info()
+    try:
+        from ..cpu_quant import kernel_info
+
+        info["cpu_quant_kernel"] = kernel_info()
+    except Exception as exc:
+        info["cpu_quant_kernel"] = {"active": False, "reason": str(exc)}
     return info
 
 
@@ -89,6 +95,11 @@ def run(args) -> int:
             rows.append(("  build", blas["config"]))
     elif blas["reason"]:
         rows.append(("  why", blas["reason"]))
+    kern = info["cpu_quant_kernel"]
+    if kern["active"]:
+        rows.append(("cpu quantized decode", f"phiflash C kernel ({kern['simd']}, {kern['threads']} threads)"))
+    else:
+        rows.append(("cpu quantized decode", "mx.quantized_matmul" + (f" ({kern['reason']})" if kern.get("reason") else "")))
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         print(f"{key + ':':<{width + 1}} {value}")

@@ -33,7 +33,7 @@ import phiflash_mlx  # noqa: F401  (sets up the fast BLAS before mlx.core is imp
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from ..models.phi4flash import Model, ModelArgs
 from ..tokenizer import load_tokenizer
@@ -257,7 +257,8 @@ def loss_fn(model, x, y, m):
 
 def train(out: Path, steps: int = 900, batch: int = 32, length: int = 88, lr: float = 4e-3,
           warmup: int = 60, seed: int = 0, log_every: int = 100, config: dict | None = None,
-          log=print, save_every: int = 0, init: Path | None = None, weights=None, qat_bits: int | None = None) -> dict:
+          log=print, save_every: int = 0, init: Path | None = None, weights=None, qat_bits: int | None = None,
+          qat_mix: float = 0.0) -> dict:
     """Train and write the checkpoint to `out`; returns a summary (steps, time, final loss)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -290,9 +291,15 @@ def train(out: Path, steps: int = 900, batch: int = 32, length: int = 88, lr: fl
 
     # Not mx.compile'd: on the CPU the compiled step (the scan unrolled into one graph) measured
     # slower than eager evaluation, and it needs fixed shapes where eager steps can pad per batch.
+    # With qat_mix > 0 the objective is qat_mix * (loss of the float weights) + (1 - qat_mix) * (loss
+    # of their fake-quantized copy): one set of weights that works both unquantized and quantized.
     def step(x, y, m):
         with quantization_aware(qat_bits):
             loss, grads = loss_and_grad(model, x, y, m)
+        if qat_bits and qat_mix > 0:
+            loss_f, grads_f = loss_and_grad(model, x, y, m)
+            loss = qat_mix * loss_f + (1 - qat_mix) * loss
+            grads = tree_map(lambda gf, gq: qat_mix * gf + (1 - qat_mix) * gq, grads_f, grads)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(model, grads)
         return loss
@@ -315,7 +322,7 @@ def train(out: Path, steps: int = 900, batch: int = 32, length: int = 88, lr: fl
     wall = time.perf_counter() - t_start
     summary = {"steps": steps, "batch": batch, "length": length, "lr": lr, "warmup": warmup, "seed": seed,
                **({"init": str(init), "weights": list(weights) if weights else None} if init is not None else {}),
-               **({"qat_bits": qat_bits} if qat_bits else {}),
+               **({"qat_bits": qat_bits, "qat_mix": qat_mix} if qat_bits else {}),
                "final_loss": round(running, 5), "train_minutes": round(wall / 60, 1)}
     save_checkpoint(model, config, out, {k: str(v) for k, v in summary.items()})
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -342,12 +349,20 @@ def main(argv=None) -> int:
     p.add_argument("--qat-bits", type=int, default=None,
                    help="train with weights fake-quantized to this many bits (groups of 64), so the "
                         "`phiflash convert -q` copy loses little")
+    p.add_argument("--qat-mix", type=float, default=0.0,
+                   help="with --qat-bits: weight of the unquantized model's loss in the objective, 0-1 "
+                        "(default 0: only the quantized copy's loss); 0.5 keeps both accurate")
     args = p.parse_args(argv)
+    if not 0.0 <= args.qat_mix <= 1.0:
+        p.error("--qat-mix must be between 0 and 1")
+    if args.qat_mix and not args.qat_bits:
+        p.error("--qat-mix needs --qat-bits")
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     if weights is not None and len(weights) != len(tasks.KINDS):
         p.error(f"--weights needs {len(tasks.KINDS)} numbers (add,sub,mul)")
     train(args.out, args.steps, args.batch, args.length, args.lr, args.warmup, args.seed, args.log_every,
-          log=lambda s: print(s, flush=True), save_every=args.save_every, init=args.init, weights=weights, qat_bits=args.qat_bits)
+          log=lambda s: print(s, flush=True), save_every=args.save_every, init=args.init, weights=weights,
+          qat_bits=args.qat_bits, qat_mix=args.qat_mix)
     return 0
 
 
