@@ -60,9 +60,13 @@ def test_bf16_scales_and_batch_shape():
 
 
 @needs_kernel
-def test_layers_follow_weight_updates_and_fall_back():
+def test_layers_follow_weight_updates_and_fall_back(monkeypatch):
+    real = cpu_quant.qmatvec
     layer = nn.QuantizedLinear(128, 64, bias=True, group_size=64, bits=4)
     cpu_quant.use_cpu_kernels(layer)
+    monkeypatch.setattr(cpu_quant, "KERNEL_MIN_WEIGHTS", 0)          # small layers normally skip it
+    calls = []
+    monkeypatch.setattr(cpu_quant, "qmatvec", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     assert isinstance(layer, cpu_quant.CPUQuantizedLinear)
     x = mx.random.normal((1, 128))
     np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(nn.QuantizedLinear.__call__(layer, x)),
@@ -71,6 +75,7 @@ def test_layers_follow_weight_updates_and_fall_back():
     layer.update(new.parameters())
     np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(nn.QuantizedLinear.__call__(new, x)),
                                rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2                                              # both went through the kernel
     odd = nn.QuantizedLinear(128, 64, group_size=64, bits=3)                 # not covered: MLX's path
     cpu_quant.use_cpu_kernels(odd)
     np.testing.assert_allclose(np.asarray(odd(x)), np.asarray(nn.QuantizedLinear.__call__(odd, x)),
@@ -79,7 +84,7 @@ def test_layers_follow_weight_updates_and_fall_back():
 
 @needs_kernel
 def test_tied_embedding_projection():
-    emb = nn.QuantizedEmbedding(300, 128, group_size=64, bits=4)
+    emb = nn.QuantizedEmbedding(2048, 128, group_size=64, bits=4)      # 256K weights: the kernel's path
     cpu_quant.use_cpu_kernels(emb)
     assert isinstance(emb, cpu_quant.CPUQuantizedEmbedding)
     h = mx.random.normal((1, 1, 128))

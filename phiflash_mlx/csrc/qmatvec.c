@@ -85,6 +85,54 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
+/* One input row (decoding one sequence): four independent accumulators per group keep the FMA
+ * pipeline full instead of waiting on one dependency chain. */
+__attribute__((target("avx2,fma"))) static void rows_avx2_single(const job_t *j) {
+    const long groups = j->k / j->group_size;
+    const long words_per_row = j->k * j->bits / 32;
+    const long steps = j->group_size / 8; /* 8 codes per step; 4, 8 or 16: a multiple of 4 */
+    const __m256i shifts4 = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    const __m256i mask4 = _mm256_set1_epi32(15);
+    const float *x = j->x;
+    for (long row = j->n0; row < j->n1; row++) {
+        const uint32_t *wr = j->w + row * words_per_row;
+        const float *sr = j->scales + row * groups;
+        const float *br = j->biases + row * groups;
+        __m256 total = _mm256_setzero_ps();
+        float bias_part = 0.0f;
+        for (long g = 0; g < groups; g++) {
+            const float *xg = x + g * j->group_size;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+            if (j->bits == 4) {
+                const uint32_t *wg = wr + g * steps;
+#define PHF_Q4(i) _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)wg[i]), shifts4), mask4))
+                for (long i = 0; i < steps; i += 4) {
+                    a0 = _mm256_fmadd_ps(PHF_Q4(i), _mm256_loadu_ps(xg + 8 * i), a0);
+                    a1 = _mm256_fmadd_ps(PHF_Q4(i + 1), _mm256_loadu_ps(xg + 8 * i + 8), a1);
+                    a2 = _mm256_fmadd_ps(PHF_Q4(i + 2), _mm256_loadu_ps(xg + 8 * i + 16), a2);
+                    a3 = _mm256_fmadd_ps(PHF_Q4(i + 3), _mm256_loadu_ps(xg + 8 * i + 24), a3);
+                }
+#undef PHF_Q4
+            } else {
+                const uint8_t *bg = (const uint8_t *)wr + g * j->group_size;
+#define PHF_Q8(i) _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(bg + 8 * (i)))))
+                for (long i = 0; i < steps; i += 4) {
+                    a0 = _mm256_fmadd_ps(PHF_Q8(i), _mm256_loadu_ps(xg + 8 * i), a0);
+                    a1 = _mm256_fmadd_ps(PHF_Q8(i + 1), _mm256_loadu_ps(xg + 8 * i + 8), a1);
+                    a2 = _mm256_fmadd_ps(PHF_Q8(i + 2), _mm256_loadu_ps(xg + 8 * i + 16), a2);
+                    a3 = _mm256_fmadd_ps(PHF_Q8(i + 3), _mm256_loadu_ps(xg + 8 * i + 24), a3);
+                }
+#undef PHF_Q8
+            }
+            __m256 acc = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+            total = _mm256_fmadd_ps(acc, _mm256_set1_ps(sr[g]), total);
+            bias_part += br[g] * j->xsum[g];
+        }
+        j->y[row] = hsum256(total) + bias_part;
+    }
+}
+
 __attribute__((target("avx2,fma"))) static void rows_avx2(const job_t *j) {
     const long groups = j->k / j->group_size;
     const long words_per_row = j->k * j->bits / 32;
@@ -140,16 +188,120 @@ __attribute__((target("avx2,fma"))) static void rows_avx2(const job_t *j) {
 }
 #endif
 
-static void *run_job(void *arg) {
-    const job_t *j = (const job_t *)arg;
+static void run_job(const job_t *j) {
 #ifdef PHF_X86
     if (j->use_avx2) {
-        rows_avx2(j);
-        return NULL;
+        if (j->m == 1) rows_avx2_single(j);
+        else rows_avx2(j);
+        return;
     }
 #endif
     rows_portable(j);
+}
+
+/* ---- a persistent pool of worker threads ----------------------------------------------------
+ * Creating threads per call costs more than a small product (measured ~130 us per call here), so
+ * workers are created once and wait for the next call: they spin briefly (decoding calls this
+ * hundreds of times per token, back to back) and then sleep on a condition variable. One call at a
+ * time (call_lock); the calling thread does the first share itself. */
+
+#define MAX_THREADS 64
+#define SPIN_ROUNDS 20000
+
+static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_start = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;
+static int pool_size = 0;                  /* workers running (the caller is not counted) */
+static const job_t *pool_jobs = NULL;      /* pool_jobs[1 + worker index] */
+static int pool_active = 0;                /* jobs in the current call, caller's included */
+static volatile long pool_generation = 0;  /* bumped once per call */
+static volatile int pool_pending = 0;      /* workers that have not finished the current call */
+static long pool_born[MAX_THREADS];        /* the generation current when each worker was created */
+
+static inline void cpu_relax(void) {
+#ifdef PHF_X86
+    __builtin_ia32_pause();
+#endif
+}
+
+static void *pool_worker(void *arg) {
+    const int idx = (int)(long)arg;
+    long seen = pool_born[idx]; /* not the current value: the first call may already have begun */
+    for (;;) {
+        long gen = seen;
+        for (int i = 0; i < SPIN_ROUNDS; i++) {
+            gen = __atomic_load_n(&pool_generation, __ATOMIC_ACQUIRE);
+            if (gen != seen) break;
+            cpu_relax();
+        }
+        if (gen == seen) {
+            pthread_mutex_lock(&pool_mu);
+            while ((gen = __atomic_load_n(&pool_generation, __ATOMIC_ACQUIRE)) == seen)
+                pthread_cond_wait(&pool_start, &pool_mu);
+            pthread_mutex_unlock(&pool_mu);
+        }
+        seen = gen;
+        if (idx + 1 < pool_active) run_job(&pool_jobs[idx + 1]);
+        if (__atomic_sub_fetch(&pool_pending, 1, __ATOMIC_ACQ_REL) == 0) {
+            pthread_mutex_lock(&pool_mu);
+            pthread_cond_signal(&pool_done);
+            pthread_mutex_unlock(&pool_mu);
+        }
+    }
     return NULL;
+}
+
+/* After fork() only the forking thread exists in the child: forget the workers. */
+static void pool_after_fork_child(void) {
+    pthread_mutex_init(&call_lock, NULL);
+    pthread_mutex_init(&pool_mu, NULL);
+    pthread_cond_init(&pool_start, NULL);
+    pthread_cond_init(&pool_done, NULL);
+    pool_size = 0;
+}
+
+static void pool_grow(int workers) {
+    static int registered = 0;
+    if (!registered) {
+        pthread_atfork(NULL, NULL, pool_after_fork_child);
+        registered = 1;
+    }
+    while (pool_size < workers) {
+        pthread_t tid;
+        pthread_attr_t attr;
+        pool_born[pool_size] = __atomic_load_n(&pool_generation, __ATOMIC_ACQUIRE);
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&tid, &attr, pool_worker, (void *)(long)pool_size);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break; /* run with the workers we have */
+        pool_size++;
+    }
+}
+
+static void run_jobs(const job_t *jobs, int count) {
+    pthread_mutex_lock(&call_lock);
+    pool_grow(count - 1);
+    int active = count <= pool_size + 1 ? count : pool_size + 1;
+    if (active > 1) {
+        pool_jobs = jobs;
+        pool_active = active;
+        __atomic_store_n(&pool_pending, pool_size, __ATOMIC_RELEASE);
+        pthread_mutex_lock(&pool_mu);
+        __atomic_add_fetch(&pool_generation, 1, __ATOMIC_ACQ_REL);
+        pthread_cond_broadcast(&pool_start);
+        pthread_mutex_unlock(&pool_mu);
+    }
+    run_job(&jobs[0]);
+    for (int t = active; t < count; t++) run_job(&jobs[t]); /* shares no worker could take */
+    if (active > 1) {
+        for (int i = 0; i < SPIN_ROUNDS && __atomic_load_n(&pool_pending, __ATOMIC_ACQUIRE) > 0; i++) cpu_relax();
+        pthread_mutex_lock(&pool_mu);
+        while (__atomic_load_n(&pool_pending, __ATOMIC_ACQUIRE) > 0) pthread_cond_wait(&pool_done, &pool_mu);
+        pthread_mutex_unlock(&pool_mu);
+    }
+    pthread_mutex_unlock(&call_lock);
 }
 
 /* 1 if this CPU runs the AVX2+FMA path. */
@@ -184,34 +336,22 @@ PHF_EXPORT int phf_qmatvec(const float *x, long m, long k, const uint32_t *w, co
         }
     }
     int use_avx2 = simd && (bits == 4 || bits == 8) && phf_qmatvec_simd();
-    if (threads < 1) threads = 1;
-    if (threads > 64) threads = 64;
-    if (n < 64L * threads) threads = (int)(n / 64) > 0 ? (int)(n / 64) : 1;
+    /* below about a million weights a second thread costs more than it saves */
+    if (threads < 1 || n * k < (1L << 20)) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (n < 8L * threads) threads = (int)(n / 8) > 0 ? (int)(n / 8) : 1;
 
-    job_t jobs[64];
-    pthread_t tids[64];
+    job_t jobs[MAX_THREADS];
     long chunk = (n + threads - 1) / threads;
     for (int t = 0; t < threads; t++) {
         job_t *jb = &jobs[t];
         jb->x = x; jb->xsum = xsum; jb->w = w; jb->scales = scales; jb->biases = biases; jb->y = y;
         jb->m = m; jb->k = k; jb->n = n; jb->bits = bits; jb->group_size = group_size;
         jb->use_avx2 = use_avx2;
-        jb->n0 = t * chunk;
+        jb->n0 = t * chunk < n ? t * chunk : n;
         jb->n1 = (t + 1) * chunk < n ? (t + 1) * chunk : n;
     }
-    /* thread 0's share runs on the calling thread; a thread that cannot be created runs here too */
-    int spawned[64] = {0};
-    for (int t = 1; t < threads; t++) {
-        if (jobs[t].n0 >= jobs[t].n1) continue;
-        if (pthread_create(&tids[t], NULL, run_job, &jobs[t]) == 0) {
-            spawned[t] = 1;
-        }
-    }
-    run_job(&jobs[0]);
-    for (int t = 1; t < threads; t++) {
-        if (spawned[t]) pthread_join(tids[t], NULL);
-        else if (jobs[t].n0 < jobs[t].n1) run_job(&jobs[t]);
-    }
+    run_jobs(jobs, threads);
     free(xsum);
     return 0;
 }
