@@ -266,9 +266,12 @@ def quality_report(ref_model, quant_model, sequences: list[list[int]]) -> dict:
 def quality_sequences(tokenizer, vocab_size: int, texts: list[str] | None = None, n_random: int = 4,
                       length: int = 64, seed: int = 0) -> list[list[int]]:
     """Token sequences for the report: the given texts (or built-in samples) when there is a tokenizer,
-    else random token sequences (a checkpoint without a tokenizer, such as a random test model)."""
+    else random token sequences (a checkpoint without a tokenizer, such as a random test model).
+    Special tokens written in a text (``<|user|>``, ``<|end|>``, ...) are read as those tokens, as
+    Hugging Face tokenizers do, so a file can hold whole chat transcripts."""
     if tokenizer is not None:
-        seqs = [[t for t in tokenizer.encode(text) if t < vocab_size] for text in (texts or SAMPLE_TEXTS)]
+        seqs = [[t for t in tokenizer.encode(text, allow_special=True) if t < vocab_size]
+                for text in (texts or SAMPLE_TEXTS)]
         return [s for s in seqs if len(s) >= 2]
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab_size, length).tolist() for _ in range(n_random)]
