@@ -2,8 +2,8 @@
 
 * ``phiflash_mlx/_blas_shim*.so`` lets MLX's CPU back-end use numpy's OpenBLAS
   (see ``phiflash_mlx/_blas.py``).
-* ``phiflash_mlx/_qmatvec*.so`` is the multi-threaded quantized matrix-vector
-  kernel that quantized models decode with on CPUs (see ``phiflash_mlx/cpu_quant.py``).
+* ``phiflash_mlx/_cpu_kernels*.so`` is the multi-threaded quantized matrix-vector
+  kernel that quantized models decode with on CPUs (see ``phiflash_mlx/cpu_kernels.py``).
 
 Both are compiled by ``pip install .`` and ``pip install -e .``. Neither is a
 Python extension module (they are loaded with ctypes) and neither needs headers
@@ -28,9 +28,9 @@ if sys.platform.startswith("linux"):
     )
     ext_modules.append(
         Extension(
-            "phiflash_mlx._qmatvec",
-            sources=["phiflash_mlx/csrc/qmatvec.c"],
-            libraries=["pthread"],
+            "phiflash_mlx._cpu_kernels",
+            sources=["phiflash_mlx/csrc/cpu_kernels.c"],
+            libraries=["pthread", "m"],
             extra_compile_args=["-O3", "-fvisibility=hidden"],
             optional=True,
         )

@@ -14,7 +14,7 @@ the depth of both models for fp32 (SambaY keeps its schedule: h = layers/2); pas
 allows.
 
 Quantized matrix-vector products: on a CPU, ``phiflash_mlx.load`` gives quantized models our
-multi-threaded C kernel (``phiflash_mlx/cpu_quant.py``) instead of MLX's single-threaded
+multi-threaded C kernel (``phiflash_mlx/cpu_kernels.py``) instead of MLX's single-threaded
 ``quantized_matmul``. Each q4 model therefore runs twice: with MLX's ``quantized_matmul`` (``mlx``,
 what mlx-lm uses) and with our kernel (``ck``). "ours as shipped vs phi3 in mlx-lm" compares
 ``sambay-q4-ck`` with ``phi3-q4-mlx``; "same kernels" compares like with like and isolates the
@@ -175,7 +175,7 @@ def worker(args) -> dict:
     build = common.build_sambay if args.model == "sambay" else common.build_phi3
     model = build(cfg, args.quant)
     if args.cpu_kernels:
-        from phiflash_mlx.cpu_quant import kernel_info, use_cpu_kernels
+        from phiflash_mlx.cpu_kernels import kernel_info, use_cpu_kernels
         use_cpu_kernels(model)
     build_s = time.perf_counter() - t0
     fill = _fill_sambay if args.model == "sambay" else _fill_phi3

@@ -132,8 +132,8 @@ def build_model(config: dict, weights: dict, dtype=None) -> Model:
         items.append((name, w))
     model.load_weights(items, strict=True)
     mx.eval(model.parameters())
-    if quant and not mx.metal.is_available():
-        from .cpu_quant import use_cpu_kernels
+    if not mx.metal.is_available():
+        from .cpu_kernels import use_cpu_kernels
         use_cpu_kernels(model)
     return model
 

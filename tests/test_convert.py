@@ -113,12 +113,12 @@ def test_clear_errors(tmp_path):
         convert(SRC, str(tmp_path / "d"), q_bits=4)
 
 
-def test_cpu_quantized_paths_equal_quantized_matmul(tmp_path, monkeypatch):
+def test_cpu_kernelsized_paths_equal_quantized_matmul(tmp_path, monkeypatch):
     """On CPUs quantized layers dequantize for long blocks and use the C kernel for decode steps; the
     logits of a prompt and of cached decode steps equal those of plain mx.quantized_matmul layers."""
-    from phiflash_mlx import cpu_quant
-    from phiflash_mlx.cpu_quant import MIN_TOKENS, CPUQuantizedEmbedding, CPUQuantizedLinear
-    monkeypatch.setattr(cpu_quant, "KERNEL_MIN_WEIGHTS", 0)       # the golden matrices are small
+    from phiflash_mlx import cpu_kernels
+    from phiflash_mlx.cpu_kernels import MIN_TOKENS, CPUQuantizedEmbedding, CPUQuantizedLinear
+    monkeypatch.setattr(cpu_kernels, "KERNEL_MIN_WEIGHTS", 0)       # the golden matrices are small
     out = convert(SRC, str(tmp_path / "q"), quantize=True, q_bits=4)
     model, _ = phiflash_mlx.load(str(out))
     layer = model.layers[0].mlp.fc1

@@ -60,11 +60,11 @@ def _collect() -> dict:
         info["numpy"] = f"not importable ({exc})"
     info["blas"] = blas_info()
     try:
-        from ..cpu_quant import kernel_info
+        from ..cpu_kernels import kernel_info
 
-        info["cpu_quant_kernel"] = kernel_info()
+        info["cpu_kernels"] = kernel_info()
     except Exception as exc:
-        info["cpu_quant_kernel"] = {"active": False, "reason": str(exc)}
+        info["cpu_kernels"] = {"active": False, "reason": str(exc)}
     return info
 
 
@@ -95,7 +95,7 @@ def run(args) -> int:
             rows.append(("  build", blas["config"]))
     elif blas["reason"]:
         rows.append(("  why", blas["reason"]))
-    kern = info["cpu_quant_kernel"]
+    kern = info["cpu_kernels"]
     if kern["active"]:
         rows.append(("cpu quantized decode", f"phiflash C kernel ({kern['simd']}, {kern['threads']} threads)"))
     else:

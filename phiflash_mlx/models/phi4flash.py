@@ -95,6 +95,11 @@ class ModelArgs:
 # Masks
 # ---------------------------------------------------------------------------------------------
 
+# Without Metal, attention over at most this many queries (decode steps, short turns) uses
+# DiffAttention._attend_few.
+FEW_QUERIES = 16
+
+
 def attention_bias(offset: int, length: int, key_start: int, num_keys: int, window: Optional[int],
                    key_valid: Optional[mx.array]) -> mx.array:
     """Additive mask (l, s) or (b, 1, l, s): query at offset+i sees key key_start+j when causal, within
@@ -211,6 +216,10 @@ class DiffLambdas(nn.Module):
 class DiffAttention(nn.Module):
     """Differential attention (4.8-4.11) in its three kinds: SWA, GLOBAL and CROSS (queries only)."""
 
+    # Optional replacement of _attend_few with the same signature (plus the scale) that may return
+    # None to decline; phiflash_mlx.cpu_kernels.use_cpu_kernels sets its C kernel here on CPUs.
+    few_query_kernel = None
+
     def __init__(self, args: ModelArgs, layer_idx: int, kind: str):
         super().__init__()
         self.kind = kind
@@ -233,13 +242,36 @@ class DiffAttention(nn.Module):
         v = mx.concatenate([v[:, 0::2], v[:, 1::2]], axis=-1)
         return k, v
 
+    def _attend_few(self, q1, q2, k, vv, bias):
+        """Both stripes' attention for a few queries as two batched matmuls that read the cache once
+        (CPU decode). Without Metal, scaled_dot_product_attention makes contiguous copies of the
+        sliced cache for each of the two calls; here the keys are read once for all heads and the
+        values once for both stripes. Same math: softmax(q k^T * scale + bias) v per head."""
+        b, hs, l, hd = q1.shape                                            # hs = nh / 2
+        nkv, s = k.shape[1], k.shape[2]
+        half, g = nkv // 2, hs // (nkv // 2)                               # g query heads per KV head
+        qa = mx.concatenate([q1.reshape(b, half, g * l, hd), q2.reshape(b, half, g * l, hd)], axis=1)
+        scores = (qa * self.scale) @ k.swapaxes(-1, -2)                    # (b, nkv, g*l, s)
+        if bias is not None:
+            bias = bias[:, :, None] if bias.ndim == 4 else bias            # over the g query heads
+            scores = (scores.reshape(b, nkv, g, l, s) + bias).reshape(b, nkv, g * l, s)
+        probs = mx.softmax(scores, axis=-1, precise=True)
+        both = mx.concatenate([probs[:, :half], probs[:, half:]], axis=2) @ vv  # (b, half, 2*g*l, 2hd)
+        attn1 = both[:, :, :g * l].reshape(b, hs, l, 2 * hd)
+        attn2 = both[:, :, g * l:].reshape(b, hs, l, 2 * hd)
+        return attn1, attn2
+
     def _core(self, q, k, vv, bias):
         """q (b, nh, l, hd); k (b, nkv, s, hd) striped; vv (b, nkv/2, s, 2hd). Returns (b, l, nh*hd)."""
         q1, q2 = q[:, 0::2], q[:, 1::2]                                    # even heads: stripe 1
-        half = k.shape[1] // 2
-        k1, k2 = k[:, :half], k[:, half:]
-        attn1 = mx.fast.scaled_dot_product_attention(q1, k1, vv, scale=self.scale, mask=bias)
-        attn2 = mx.fast.scaled_dot_product_attention(q2, k2, vv, scale=self.scale, mask=bias)
+        if q.shape[2] <= FEW_QUERIES and not mx.metal.is_available():
+            few = self.few_query_kernel and self.few_query_kernel(q1, q2, k, vv, bias, self.scale)
+            attn1, attn2 = few or self._attend_few(q1, q2, k, vv, bias)
+        else:
+            half = k.shape[1] // 2
+            k1, k2 = k[:, :half], k[:, half:]
+            attn1 = mx.fast.scaled_dot_product_attention(q1, k1, vv, scale=self.scale, mask=bias)
+            attn2 = mx.fast.scaled_dot_product_attention(q2, k2, vv, scale=self.scale, mask=bias)
         p = self.inner_cross_attn
         lam1 = mx.exp(mx.sum(p.lambda_q1 * p.lambda_k1))
         lam2 = mx.exp(mx.sum(p.lambda_q2 * p.lambda_k2))

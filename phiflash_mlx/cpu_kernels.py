@@ -7,8 +7,8 @@ when it reads a prompt and when it decodes:
 * **Blocks of many tokens** (prefill): dequantize the weight once and do one float32 GEMM through
   BLAS (the routed OpenBLAS on Linux, Accelerate on macOS). Measured: 128 x 3072 @ 3072 x 8192 took
   5.1 s with `quantized_matmul` and 0.6 s with dequantize + GEMM.
-* **A few tokens** (decode, rows < MIN_TOKENS): our C kernel `csrc/qmatvec.c` (compiled by setup.py
-  into `_qmatvec*.so`, loaded with ctypes) reads the packed 2/4/8-bit weight directly, with AVX2+FMA
+* **A few tokens** (decode, rows < MIN_TOKENS): our C kernel `csrc/cpu_kernels.c` (compiled by setup.py
+  into `_cpu_kernels*.so`, loaded with ctypes) reads the packed 2/4/8-bit weight directly, with AVX2+FMA
   where the CPU has it, on every core. Input and output cross to NumPy without a copy of the weight.
 
 Both compute the same math as `quantized_matmul` (dequantized weight times input, float32
@@ -40,7 +40,7 @@ KERNEL_BITS = (2, 4, 8)
 # 512 x 512: 0.31 ms MLX vs 0.23 ms ours; 1024 x 1024: 1.14 vs 0.18; 4096 x 4096: 20.8 vs 1.35.
 KERNEL_MIN_WEIGHTS = 1 << 17
 
-_log = logging.getLogger("phiflash_mlx.cpu_quant")
+_log = logging.getLogger("phiflash_mlx.cpu_kernels")
 _lib: ctypes.CDLL | None = None
 _lib_tried = False
 
@@ -53,7 +53,7 @@ def _library() -> ctypes.CDLL | None:
     _lib_tried = True
     if os.environ.get(ENV_SWITCH, "").strip().lower() in {"0", "off", "false", "no"}:
         return None
-    path = library_path("_qmatvec")
+    path = library_path("_cpu_kernels")
     if path is None:
         _log.debug("the quantized decode kernel was not built; using mx.quantized_matmul")
         return None
@@ -65,7 +65,10 @@ def _library() -> ctypes.CDLL | None:
     ptr, lng, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.phf_qmatvec.argtypes = [ptr, lng, lng, ptr, ptr, ptr, lng, i32, i32, ptr, i32, i32]
     lib.phf_qmatvec.restype = i32
-    lib.phf_qmatvec_simd.restype = i32
+    lib.phf_attend.argtypes = [ptr, lng, lng, ptr, lng, lng, lng, ptr, lng, lng, lng, ptr, lng, lng, ptr,
+                               lng, lng, lng, lng, lng, lng, lng, i32, i32]
+    lib.phf_attend.restype = i32
+    lib.phf_simd.restype = i32
     _lib = lib
     return lib
 
@@ -89,7 +92,7 @@ def kernel_info() -> dict:
     lib = _library()
     if lib is None:
         return {"active": False}
-    return {"active": True, "simd": "avx2+fma" if lib.phf_qmatvec_simd() else "portable C", "threads": threads()}
+    return {"active": True, "simd": "avx2+fma" if lib.phf_simd() else "portable C", "threads": threads()}
 
 
 def _as_float32(a: mx.array) -> np.ndarray:
@@ -185,11 +188,59 @@ class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
         return super().as_linear(x)
 
 
+def _strides(a: np.ndarray) -> tuple[int, ...]:
+    return tuple(st // a.itemsize for st in a.strides)
+
+
+def attend_few(q1: mx.array, q2: mx.array, k: mx.array, vv: mx.array, bias: mx.array | None,
+               scale: float, simd: bool = True, n_threads: int | None = None):
+    """Both stripes of differential attention for a few queries, with the C kernel: the same result
+    as ``DiffAttention._attend_few`` (see there for the layout), reading the cache where it lies.
+
+    q1, q2 (b, nh/2, l, hd); k (b, nkv, s, hd) striped; vv (b, nkv/2, s, 2hd); bias (l, s), (b, 1, l, s)
+    or None. Returns (attn1, attn2), each (b, nh/2, l, 2hd), or None where the kernel does not apply
+    (not built, not float32, unexpected strides): the caller then computes it with MLX ops."""
+    lib = _library()
+    if lib is None or k.dtype != mx.float32 or vv.dtype != mx.float32 or q1.dtype != mx.float32:
+        return None
+    b, hs, l, hd = q1.shape
+    nkv, s = k.shape[1], k.shape[2]
+    half = nkv // 2
+    if nkv % 2 or hs % half or vv.shape[1] != half:
+        return None
+    r = hs // half * l
+    qa = mx.concatenate([q1.reshape(b, half, r, hd), q2.reshape(b, half, r, hd)], axis=1) * scale
+    arrays = [qa, k, vv] + ([bias.astype(mx.float32)] if bias is not None else [])
+    mx.eval(*arrays)
+    qn, kn, vn = np.ascontiguousarray(np.asarray(qa)), np.asarray(k), np.asarray(vv)
+    if kn.strides[-1] != kn.itemsize or vn.strides[-1] != vn.itemsize:
+        return None
+    bias_ptr, bias_bs = None, 0
+    if bias is not None:                                   # (l, s), or (b or 1, 1, l, s)
+        bn = np.ascontiguousarray(np.asarray(arrays[3]))
+        bias_ptr = bn.ctypes.data
+        bias_bs = l * s if bn.ndim == 4 and bn.shape[0] > 1 else 0
+    ks, vs = _strides(kn), _strides(vn)
+    out = np.empty((b, half, 2 * r, vv.shape[-1]), dtype=np.float32)
+    rc = lib.phf_attend(qn.ctypes.data, nkv * r * hd, r * hd, kn.ctypes.data, ks[0], ks[1], ks[2],
+                        vn.ctypes.data, vs[0], vs[1], vs[2], bias_ptr, bias_bs, s, out.ctypes.data,
+                        b, nkv, r, l, hd, vv.shape[-1], s, n_threads or threads(), int(simd))
+    if rc != 0:
+        return None
+    both = mx.array(out)
+    dv = vv.shape[-1]
+    return both[:, :, :r].reshape(b, hs, l, dv), both[:, :, r:].reshape(b, hs, l, dv)
+
+
 def use_cpu_kernels(model: nn.Module) -> int:
     """Switch every QuantizedLinear / QuantizedEmbedding of `model` (ours or any mlx-lm model) to the
-    CPU versions above; returns how many modules changed."""
+    CPU versions above, and give our differential-attention layers the few-query attention kernel;
+    returns how many modules changed."""
     count = 0
     for _, module in model.named_modules():
+        if hasattr(module, "few_query_kernel") and _library() is not None:
+            module.few_query_kernel = attend_few
+            count += 1
         if type(module) is nn.QuantizedLinear:
             module.__class__ = CPUQuantizedLinear
             count += 1

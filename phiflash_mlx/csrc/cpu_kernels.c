@@ -14,9 +14,10 @@
  * Used for the few-token products of decoding, where MLX's CPU quantized_matmul runs on one thread
  * and is compute-bound; the output rows are split over `threads` POSIX threads. An AVX2+FMA path is
  * chosen at run time on x86-64 CPUs that have it; every other CPU runs the portable C loop.
- * Loaded with ctypes (phiflash_mlx/cpu_quant.py); not a Python extension module.
+ * Loaded with ctypes (phiflash_mlx/cpu_kernels.py); not a Python extension module.
  */
 
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -199,6 +200,8 @@ static void run_job(const job_t *j) {
     rows_portable(j);
 }
 
+static void qmatvec_share(void *arg, int share) { run_job(&((const job_t *)arg)[share]); }
+
 /* ---- a persistent pool of worker threads ----------------------------------------------------
  * Creating threads per call costs more than a small product (measured ~130 us per call here), so
  * workers are created once and wait for the next call: they spin briefly (decoding calls this
@@ -213,8 +216,10 @@ static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t pool_start = PTHREAD_COND_INITIALIZER;
 static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;
 static int pool_size = 0;                  /* workers running (the caller is not counted) */
-static const job_t *pool_jobs = NULL;      /* pool_jobs[1 + worker index] */
-static int pool_active = 0;                /* jobs in the current call, caller's included */
+typedef void (*task_fn)(void *arg, int share);
+static task_fn pool_task = NULL;           /* worker w runs pool_task(pool_arg, w + 1) */
+static void *pool_arg = NULL;
+static int pool_active = 0;                /* shares in the current call, caller's included */
 static volatile long pool_generation = 0;  /* bumped once per call */
 static volatile int pool_pending = 0;      /* workers that have not finished the current call */
 static long pool_born[MAX_THREADS];        /* the generation current when each worker was created */
@@ -242,7 +247,7 @@ static void *pool_worker(void *arg) {
             pthread_mutex_unlock(&pool_mu);
         }
         seen = gen;
-        if (idx + 1 < pool_active) run_job(&pool_jobs[idx + 1]);
+        if (idx + 1 < pool_active) pool_task(pool_arg, idx + 1);
         if (__atomic_sub_fetch(&pool_pending, 1, __ATOMIC_ACQ_REL) == 0) {
             pthread_mutex_lock(&pool_mu);
             pthread_cond_signal(&pool_done);
@@ -280,12 +285,14 @@ static void pool_grow(int workers) {
     }
 }
 
-static void run_jobs(const job_t *jobs, int count) {
+/* Run task(arg, 0 .. count-1), share 0 on the calling thread, the others on the pool. */
+static void run_shares(task_fn task, void *arg, int count) {
     pthread_mutex_lock(&call_lock);
     pool_grow(count - 1);
     int active = count <= pool_size + 1 ? count : pool_size + 1;
     if (active > 1) {
-        pool_jobs = jobs;
+        pool_task = task;
+        pool_arg = arg;
         pool_active = active;
         __atomic_store_n(&pool_pending, pool_size, __ATOMIC_RELEASE);
         pthread_mutex_lock(&pool_mu);
@@ -293,8 +300,8 @@ static void run_jobs(const job_t *jobs, int count) {
         pthread_cond_broadcast(&pool_start);
         pthread_mutex_unlock(&pool_mu);
     }
-    run_job(&jobs[0]);
-    for (int t = active; t < count; t++) run_job(&jobs[t]); /* shares no worker could take */
+    task(arg, 0);
+    for (int t = active; t < count; t++) task(arg, t); /* shares no worker could take */
     if (active > 1) {
         for (int i = 0; i < SPIN_ROUNDS && __atomic_load_n(&pool_pending, __ATOMIC_ACQUIRE) > 0; i++) cpu_relax();
         pthread_mutex_lock(&pool_mu);
@@ -305,7 +312,7 @@ static void run_jobs(const job_t *jobs, int count) {
 }
 
 /* 1 if this CPU runs the AVX2+FMA path. */
-PHF_EXPORT int phf_qmatvec_simd(void) {
+PHF_EXPORT int phf_simd(void) {
 #ifdef PHF_X86
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -335,7 +342,7 @@ PHF_EXPORT int phf_qmatvec(const float *x, long m, long k, const uint32_t *w, co
             xsum[r * groups + g] = s;
         }
     }
-    int use_avx2 = simd && (bits == 4 || bits == 8) && phf_qmatvec_simd();
+    int use_avx2 = simd && (bits == 4 || bits == 8) && phf_simd();
     /* below about a million weights a second thread costs more than it saves */
     if (threads < 1 || n * k < (1L << 20)) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
@@ -351,7 +358,152 @@ PHF_EXPORT int phf_qmatvec(const float *x, long m, long k, const uint32_t *w, co
         jb->n0 = t * chunk < n ? t * chunk : n;
         jb->n1 = (t + 1) * chunk < n ? (t + 1) * chunk : n;
     }
-    run_jobs(jobs, threads);
+    run_shares(qmatvec_share, jobs, threads);
     free(xsum);
     return 0;
+}
+
+/* ---- attention of a few queries over a long cache (CPU decode) ------------------------------
+ *
+ * The differential-attention layout of phiflash_mlx.models.phi4flash: nkv key heads, the first half
+ * for stripe 1 and the second for stripe 2; value head h (of nkv / 2, width DV = 2 * head size)
+ * serves key heads h and h + nkv / 2. Each key head has R query rows (query heads x positions,
+ * already scaled); row r is query position r % L. For value head h the result rows are key head h's
+ * R rows, then key head h + nkv / 2's:
+ *
+ *   out[b][h][part * R + r] = softmax_t(q[b][j][r] . k[b][j][t] + bias[b][r % L][t]) @ v[b][h],
+ *   j = h + part * nkv / 2
+ *
+ * One unit of work is one (b, h): it reads both key heads once and the value head once, which is
+ * what makes the step memory-bound instead of copy-bound. Units are spread over the pool. */
+
+typedef struct {
+    const float *q;
+    long q_bs, q_hs;           /* q[b][j][r][0..D), rows contiguous (stride D) */
+    const float *k;
+    long k_bs, k_hs, k_ts;     /* k[b][j][t][0..D) */
+    const float *v;
+    long v_bs, v_hs, v_ts;     /* v[b][h][t][0..DV) */
+    const float *bias;         /* bias[b][l][t], or NULL */
+    long bias_bs, bias_ls;
+    float *out;                /* [B][nkv / 2][2R][DV], contiguous */
+    long B, nkv, R, L, D, DV, T;
+    int shares, use_avx2;
+    int failed;                /* set by a share that could not allocate its scratch */
+} attend_t;
+
+static float dot_portable(const float *a, const float *b, long n) {
+    float s = 0.0f;
+    for (long i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static void axpy_portable(float *y, float a, const float *x, long n) {
+    for (long i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+#ifdef PHF_X86
+__attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const float *b, long n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    long i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float s = hsum256(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+__attribute__((target("avx2,fma"))) static void axpy_avx2(float *y, float a, const float *x, long n) {
+    const __m256 av = _mm256_set1_ps(a);
+    long i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+#endif
+
+static void attend_share(void *arg, int share) {
+    attend_t *a = (attend_t *)arg;
+    const long half = a->nkv / 2, rows = 2 * a->R, units = a->B * half;
+    const long u0 = units * share / a->shares, u1 = units * (share + 1) / a->shares;
+    if (u0 >= u1) return;
+    float *scores = (float *)malloc(sizeof(float) * (size_t)(rows * a->T));
+    float *acc = (float *)malloc(sizeof(float) * (size_t)(rows * a->DV));
+    if (!scores || !acc) {
+        free(scores);
+        free(acc);
+        __atomic_store_n(&a->failed, 1, __ATOMIC_RELEASE);
+        return;
+    }
+    float (*dot)(const float *, const float *, long) = dot_portable;
+    void (*axpy)(float *, float, const float *, long) = axpy_portable;
+#ifdef PHF_X86
+    if (a->use_avx2) {
+        dot = dot_avx2;
+        axpy = axpy_avx2;
+    }
+#endif
+    for (long u = u0; u < u1; u++) {
+        const long b = u / half, h = u % half;
+        for (int part = 0; part < 2; part++) {                     /* scores, key head j */
+            const long j = h + part * half;
+            const float *qj = a->q + b * a->q_bs + j * a->q_hs;
+            const float *kj = a->k + b * a->k_bs + j * a->k_hs;
+            for (long t = 0; t < a->T; t++) {
+                const float *kt = kj + t * a->k_ts;
+                for (long r = 0; r < a->R; r++) {
+                    float sc = dot(qj + r * a->D, kt, a->D);
+                    if (a->bias) sc += a->bias[b * a->bias_bs + (r % a->L) * a->bias_ls + t];
+                    scores[(part * a->R + r) * a->T + t] = sc;
+                }
+            }
+        }
+        for (long row = 0; row < rows; row++) {                    /* softmax, unnormalised */
+            float *sr = scores + row * a->T;
+            float m = sr[0];
+            for (long t = 1; t < a->T; t++) m = sr[t] > m ? sr[t] : m;
+            float sum = 0.0f;
+            for (long t = 0; t < a->T; t++) {
+                sr[t] = expf(sr[t] - m);
+                sum += sr[t];
+            }
+            float *o = acc + row * a->DV;
+            for (long d = 0; d < a->DV; d++) o[d] = 0.0f;
+            /* normalise the probabilities now: the value pass then only accumulates */
+            const float inv = 1.0f / sum;
+            for (long t = 0; t < a->T; t++) sr[t] *= inv;
+        }
+        const float *vh = a->v + b * a->v_bs + h * a->v_hs;      /* values: read once for all rows */
+        for (long t = 0; t < a->T; t++) {
+            const float *vt = vh + t * a->v_ts;
+            for (long row = 0; row < rows; row++) axpy(acc + row * a->DV, scores[row * a->T + t], vt, a->DV);
+        }
+        float *out = a->out + u * rows * a->DV;
+        memcpy(out, acc, sizeof(float) * (size_t)(rows * a->DV));
+    }
+    free(scores);
+    free(acc);
+}
+
+/*
+ * See the block comment above. Strides are in floats. Returns 0, or -1 when scratch memory could
+ * not be had (the output is then incomplete).
+ */
+PHF_EXPORT int phf_attend(const float *q, long q_bs, long q_hs, const float *k, long k_bs, long k_hs,
+                          long k_ts, const float *v, long v_bs, long v_hs, long v_ts, const float *bias,
+                          long bias_bs, long bias_ls, float *out, long B, long nkv, long R, long L, long D,
+                          long DV, long T, int threads, int simd) {
+    if (B <= 0 || nkv < 2 || nkv % 2 || R <= 0 || L <= 0 || D <= 0 || DV <= 0 || T <= 0) return -1;
+    attend_t a = {q, q_bs, q_hs, k, k_bs, k_hs, k_ts, v, v_bs, v_hs, v_ts, bias, bias_bs, bias_ls, out,
+                  B, nkv, R, L, D, DV, T, 1, simd && phf_simd(), 0};
+    long units = B * (nkv / 2);
+    if (threads < 1 || T * nkv * D < (1L << 16)) threads = 1;   /* short caches: not worth waking */
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > units) threads = (int)units;
+    a.shares = threads;
+    run_shares(attend_share, &a, threads);
+    return a.failed ? -1 : 0;
 }

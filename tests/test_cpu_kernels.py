@@ -1,0 +1,177 @@
+"""The CPU quantized decode kernel (csrc/cpu_kernels.c) against MLX's own quantized_matmul and dequantize."""
+
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from phiflash_mlx import cpu_kernels
+
+needs_kernel = pytest.mark.skipif(
+    cpu_kernels._library() is None,
+    reason="the C kernel is built on Linux only" if not sys.platform.startswith("linux")
+    else "phiflash_mlx/_cpu_kernels*.so was not built (see setup.py)")
+
+
+def test_kernel_is_built_on_linux():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("compiled on Linux only")
+    assert cpu_kernels.library_path("_cpu_kernels") is not None, "pip install -e . should have compiled it"
+    assert cpu_kernels.kernel_info()["active"]
+
+
+@needs_kernel
+@settings(max_examples=40)
+@given(bits=st.sampled_from([2, 4, 8]), group_size=st.sampled_from([32, 64, 128]),
+       rows=st.integers(1, 20), out=st.integers(1, 300), groups=st.integers(1, 4),
+       simd=st.booleans(), threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**16))
+def test_cpu_kernels_equals_quantized_matmul(bits, group_size, rows, out, groups, simd, threads, seed):
+    key = mx.random.key(seed)
+    k1, k2, k3 = mx.random.split(key, 3)
+    k = group_size * groups
+    w = mx.random.normal((out, k), key=k1) * mx.exp(mx.random.normal((out, 1), key=k2))
+    x = mx.random.normal((rows, k), key=k3)
+    wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+    want = mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    got = cpu_kernels.qmatvec(x, wq, scales, biases, group_size, bits, simd=simd, n_threads=threads)
+    # independent of both: the dequantized matrix times x in float64; float32 rounding error is bounded
+    # by the sum of the terms' magnitudes, so that is the scale of the tolerance
+    xd = np.asarray(x, dtype=np.float64)
+    wd = np.asarray(mx.dequantize(wq, scales, biases, group_size=group_size, bits=bits), dtype=np.float64)
+    exact, magnitude = xd @ wd.T, np.abs(xd) @ np.abs(wd).T
+    assert got.shape == (rows, out)
+    assert (np.abs(np.asarray(got) - exact) <= 1e-5 * magnitude + 1e-6).all()
+    assert (np.abs(np.asarray(got) - np.asarray(want)) <= 2e-5 * magnitude + 1e-6).all()
+
+
+@needs_kernel
+def test_bf16_scales_and_batch_shape():
+    w = mx.random.normal((96, 128))
+    wq, scales, biases = mx.quantize(w.astype(mx.bfloat16), group_size=64, bits=4)
+    x = mx.random.normal((2, 3, 128))
+    want = mx.quantized_matmul(x, wq, scales.astype(mx.float32), biases.astype(mx.float32),
+                               transpose=True, group_size=64, bits=4)
+    got = cpu_kernels.qmatvec(x, wq, scales, biases, 64, 4)
+    assert got.shape == (2, 3, 96) and got.dtype == mx.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_layers_follow_weight_updates_and_fall_back(monkeypatch):
+    real = cpu_kernels.qmatvec
+    layer = nn.QuantizedLinear(128, 64, bias=True, group_size=64, bits=4)
+    cpu_kernels.use_cpu_kernels(layer)
+    monkeypatch.setattr(cpu_kernels, "KERNEL_MIN_WEIGHTS", 0)          # small layers normally skip it
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "qmatvec", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    assert isinstance(layer, cpu_kernels.CPUQuantizedLinear)
+    x = mx.random.normal((1, 128))
+    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(nn.QuantizedLinear.__call__(layer, x)),
+                               rtol=1e-5, atol=1e-5)
+    new = nn.QuantizedLinear(128, 64, bias=True, group_size=64, bits=4)     # replaced weights are seen
+    layer.update(new.parameters())
+    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(nn.QuantizedLinear.__call__(new, x)),
+                               rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2                                              # both went through the kernel
+    odd = nn.QuantizedLinear(128, 64, group_size=64, bits=3)                 # not covered: MLX's path
+    cpu_kernels.use_cpu_kernels(odd)
+    np.testing.assert_allclose(np.asarray(odd(x)), np.asarray(nn.QuantizedLinear.__call__(odd, x)),
+                               rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_tied_embedding_projection():
+    emb = nn.QuantizedEmbedding(2048, 128, group_size=64, bits=4)      # 256K weights: the kernel's path
+    cpu_kernels.use_cpu_kernels(emb)
+    assert isinstance(emb, cpu_kernels.CPUQuantizedEmbedding)
+    h = mx.random.normal((1, 1, 128))
+    np.testing.assert_allclose(np.asarray(emb.as_linear(h)),
+                               np.asarray(nn.QuantizedEmbedding.as_linear(emb, h)), rtol=1e-5, atol=1e-5)
+
+
+def _striped_cache(key, b, nkv, s, hd, spare):
+    """K and [v1|v2] as the caches hold them: a prefix of a longer buffer (strided, not copied)."""
+    k1, k2 = mx.random.split(key)
+    kbuf = mx.random.normal((b, nkv, s + spare, hd), key=k1)
+    vbuf = mx.random.normal((b, nkv // 2, s + spare, 2 * hd), key=k2)
+    return kbuf[:, :, :s], vbuf[:, :, :s]
+
+
+@needs_kernel
+@settings(max_examples=40)
+@given(b=st.integers(1, 2), pairs=st.integers(1, 3), g=st.integers(1, 3), l=st.integers(1, 4),
+       s=st.integers(1, 300), hd=st.sampled_from([8, 16, 20, 64]), spare=st.integers(0, 5),
+       mask=st.sampled_from(["none", "causal", "padded"]), simd=st.booleans(),
+       threads=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16))
+def test_attend_few_equals_mlx(b, pairs, g, l, s, hd, spare, mask, simd, threads, seed):
+    """The C few-query attention against the model's MLX-op version and against MLX's
+    scaled_dot_product_attention per stripe."""
+    from phiflash_mlx.models.phi4flash import DiffAttention, attention_bias
+
+    nkv = 2 * pairs
+    hs = g * pairs                                            # query heads per stripe
+    key = mx.random.key(seed)
+    kq1, kq2, kc, kv = mx.random.split(key, 4)
+    q1 = mx.random.normal((b, hs, l, hd), key=kq1)
+    q2 = mx.random.normal((b, hs, l, hd), key=kq2)
+    k, vv = _striped_cache(kc, b, nkv, s, hd, spare)
+    if mask == "none":
+        bias = None
+    elif mask == "causal":
+        bias = attention_bias(max(s - l, 0), l, 0, s, None, None)
+    else:
+        valid = mx.random.uniform(shape=(b, s), key=kv) > 0.3
+        valid[:, -1] = True
+        bias = attention_bias(max(s - l, 0), l, 0, s, 4, valid)
+    scale = hd ** -0.5
+
+    class Layer:
+        pass
+    layer = Layer()
+    layer.scale = scale
+    want = DiffAttention._attend_few(layer, q1, q2, k, vv, bias)
+    got = cpu_kernels.attend_few(q1, q2, k, vv, bias, scale, simd=simd, n_threads=threads)
+    assert got is not None
+    for w, o in zip(want, got):
+        assert o.shape == w.shape == (b, hs, l, 2 * hd)
+        np.testing.assert_allclose(np.asarray(o), np.asarray(w), rtol=1e-4, atol=1e-5)
+    # and MLX's fused attention, stripe by stripe (GQA: g query heads per key head)
+    sd1 = mx.fast.scaled_dot_product_attention(q1, k[:, :pairs], vv, scale=scale, mask=bias)
+    sd2 = mx.fast.scaled_dot_product_attention(q2, k[:, pairs:], vv, scale=scale, mask=bias)
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(sd1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(sd2), rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+def test_attend_few_declines_what_it_does_not_cover():
+    q = mx.random.normal((1, 2, 1, 16)).astype(mx.bfloat16)
+    k = mx.random.normal((1, 2, 5, 16)).astype(mx.bfloat16)
+    vv = mx.random.normal((1, 1, 5, 32)).astype(mx.bfloat16)
+    assert cpu_kernels.attend_few(q, q, k, vv, None, 0.25) is None          # not float32: MLX ops
+
+
+@needs_kernel
+def test_loaded_models_use_the_attention_kernel_and_match_without_it():
+    """phiflash_mlx.load gives CPU models the kernel; prompt and decode logits equal the MLX-op path."""
+    import phiflash_mlx
+    from conftest import GOLDEN_MODELS, golden_path
+
+    model, _ = phiflash_mlx.load(str(golden_path(GOLDEN_MODELS[-1])))
+    layers = [m for _, m in model.named_modules() if hasattr(m, "few_query_kernel")]
+    assert layers and all(m.few_query_kernel is cpu_kernels.attend_few for m in layers)
+
+    def run():
+        cache = model.make_cache()
+        out = [np.asarray(model(mx.array([[5, 9, 2, 7, 1, 3]]), cache=cache))]
+        for t in (4, 8, 15, 16, 23, 42):
+            out.append(np.asarray(model(mx.array([[t]]), cache=cache)))
+        return out
+
+    fast = run()
+    for m in layers:
+        m.few_query_kernel = None
+    for a, b in zip(fast, run()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
