@@ -18,7 +18,9 @@ multi-threaded C kernel (``phiflash_mlx/cpu_kernels.py``) instead of MLX's singl
 ``quantized_matmul``. Each q4 model therefore runs twice: with MLX's ``quantized_matmul`` (``mlx``,
 what mlx-lm uses) and with our kernel (``ck``). "ours as shipped vs phi3 in mlx-lm" compares
 ``sambay-q4-ck`` with ``phi3-q4-mlx``; "same kernels" compares like with like and isolates the
-architecture. With Metal (a Mac) both run MLX's GPU kernels and only ``mlx`` runs.
+architecture. The ``ck`` runs of ours also use the C attention kernel for decode steps
+(``cpu_kernels.attend_few``), as ``phiflash_mlx.load`` does on every CPU, fp32 runs included; phi3
+has no layer it applies to. With Metal (a Mac) both run MLX's GPU kernels and only ``mlx`` runs.
 
 Caches are filled with synthetic data of the right size instead of running a real prefill (which would
 take hours per point on a small CPU): for ours the shared full-attention K/V (layer h+1) holds `ctx`
@@ -413,7 +415,10 @@ def main(argv=None) -> int:
         kernels = [k == "ck" for k in args.q4_kernels]
     report["settings"]["q4_kernels"] = ["ck" if k else "mlx" for k in kernels]
     t_start = time.perf_counter()
-    plan = [(quant, kern) for quant in args.quants for kern in (kernels if quant == "q4" else [False])]
+    # fp32: ours as phiflash_mlx.load runs it (the attention kernel where available); phi3 has nothing
+    # for the kernels to replace, so the flag changes nothing for it
+    fp32_kern = common.cpu_kernel_available()
+    plan = [(quant, kern) for quant in args.quants for kern in (kernels if quant == "q4" else [fp32_kern])]
     for rnd in range(rounds):
         order = list(args.models) if rnd % 2 == 0 else list(reversed(args.models))
         for (quant, kern), model in [(qk, m) for qk in plan for m in order]:
