@@ -1,20 +1,22 @@
-"""Quantized layers that run faster on CPUs, for prefill and for decoding.
+"""CPU kernels for decoding (and the prefill path of quantized layers).
 
-MLX's CPU `quantized_matmul` is single-threaded and compute-bound (about 0.9 G weights/s on the
-2-core x86 build machine), so with a CPU a quantized model is slower than its memory allows both
-when it reads a prompt and when it decodes:
+Without Metal, MLX is slow at the two things a decode step does: its CPU `quantized_matmul` is
+single-threaded and compute-bound (about 0.9 G weights/s on the 2-core x86 build machine), and its
+`scaled_dot_product_attention` copies the sliced K/V cache on every call. So on CPUs:
 
-* **Blocks of many tokens** (prefill): dequantize the weight once and do one float32 GEMM through
-  BLAS (the routed OpenBLAS on Linux, Accelerate on macOS). Measured: 128 x 3072 @ 3072 x 8192 took
-  5.1 s with `quantized_matmul` and 0.6 s with dequantize + GEMM.
-* **A few tokens** (decode, rows < MIN_TOKENS): our C kernel `csrc/cpu_kernels.c` (compiled by setup.py
-  into `_cpu_kernels*.so`, loaded with ctypes) reads the packed 2/4/8-bit weight directly, with AVX2+FMA
-  where the CPU has it, on every core. Input and output cross to NumPy without a copy of the weight.
+* **Quantized layers, blocks of many tokens** (prefill): dequantize the weight once and do one
+  float32 GEMM through BLAS (the routed OpenBLAS on Linux, Accelerate on macOS). Measured:
+  128 x 3072 @ 3072 x 8192 took 5.1 s with `quantized_matmul` and 0.6 s with dequantize + GEMM.
+* **Quantized layers, a few tokens** (decode, rows < MIN_TOKENS): `phf_qmatvec` of our C library
+  `csrc/cpu_kernels.c` reads the packed 2/4/8-bit codes directly.
+* **Differential attention, a few queries**: `phf_attend` computes both stripes' attention reading
+  the shared K/V cache once, in place (`attend_few`, installed on the model's attention layers).
 
-Both compute the same math as `quantized_matmul` (dequantized weight times input, float32
-accumulation); tests compare them against `mx.quantized_matmul` and `mx.dequantize`.
-`PHIFLASH_CPU_QMATVEC=0` turns the decode kernel off; `PHIFLASH_CPU_THREADS=N` sets its threads
-(default: the CPUs this process may use).
+The library is compiled by setup.py into `_cpu_kernels*.so` (Linux), loaded with ctypes, uses
+AVX2+FMA where the CPU has it and portable C elsewhere, and runs on a persistent pool of threads.
+Arrays cross to NumPy without copies of weights or caches. Everything computes the same math as
+the MLX ops it replaces; tests compare them. `PHIFLASH_CPU_KERNELS=0` turns the C kernels off;
+`PHIFLASH_CPU_THREADS=N` sets their threads (default: the CPUs this process may use).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ._blas import library_path  # noqa: F401  (re-exported for tests)
 # Prefill crossover measured between 8 (289 vs 205 ms) and 32 tokens (264 vs 821 ms) at 3072 x 8192.
 MIN_TOKENS = 16
 
-ENV_SWITCH = "PHIFLASH_CPU_QMATVEC"
+ENV_SWITCH = "PHIFLASH_CPU_KERNELS"
 ENV_THREADS = "PHIFLASH_CPU_THREADS"
 KERNEL_BITS = (2, 4, 8)
 # Each kernel call first evaluates its (lazy) input, a round trip to MLX's scheduler of ~0.15 ms here,
@@ -46,7 +48,7 @@ _lib_tried = False
 
 
 def _library() -> ctypes.CDLL | None:
-    """The decode kernel's library, or None where it was not built or is switched off."""
+    """The C kernels' library, or None where it was not built or is switched off."""
     global _lib, _lib_tried
     if _lib_tried:
         return _lib
@@ -55,12 +57,12 @@ def _library() -> ctypes.CDLL | None:
         return None
     path = library_path("_cpu_kernels")
     if path is None:
-        _log.debug("the quantized decode kernel was not built; using mx.quantized_matmul")
+        _log.debug("the CPU kernels were not built; using MLX's own ops")
         return None
     try:
         lib = ctypes.CDLL(path)
     except OSError as exc:
-        _log.debug("cannot load %s (%s); using mx.quantized_matmul", path, exc)
+        _log.debug("cannot load %s (%s); using MLX's own ops", path, exc)
         return None
     ptr, lng, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.phf_qmatvec.argtypes = [ptr, lng, lng, ptr, ptr, ptr, lng, i32, i32, ptr, i32, i32]
@@ -74,7 +76,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 def threads() -> int:
-    """Threads the decode kernel uses: PHIFLASH_CPU_THREADS, else the CPUs this process may run on."""
+    """Threads the C kernels use: PHIFLASH_CPU_THREADS, else the CPUs this process may run on."""
     raw = os.environ.get(ENV_THREADS, "").strip()
     if raw:
         try:
@@ -88,10 +90,12 @@ def threads() -> int:
 
 
 def kernel_info() -> dict:
-    """What the decode kernel does in this process (for `phiflash info` and benchmarks)."""
+    """What the C kernels do in this process (for `phiflash info` and benchmarks)."""
     lib = _library()
     if lib is None:
-        return {"active": False}
+        if os.environ.get(ENV_SWITCH, "").strip().lower() in {"0", "off", "false", "no"}:
+            return {"active": False, "reason": f"{ENV_SWITCH}={os.environ[ENV_SWITCH]}"}
+        return {"active": False, "reason": "not built (Linux only; compiled by pip install)"}
     return {"active": True, "simd": "avx2+fma" if lib.phf_simd() else "portable C", "threads": threads()}
 
 

@@ -97,9 +97,9 @@ def run(args) -> int:
         rows.append(("  why", blas["reason"]))
     kern = info["cpu_kernels"]
     if kern["active"]:
-        rows.append(("cpu quantized decode", f"phiflash C kernel ({kern['simd']}, {kern['threads']} threads)"))
+        rows.append(("cpu decode kernels", f"phiflash C kernels ({kern['simd']}, {kern['threads']} threads)"))
     else:
-        rows.append(("cpu quantized decode", "mx.quantized_matmul" + (f" ({kern['reason']})" if kern.get("reason") else "")))
+        rows.append(("cpu decode kernels", "off: MLX's own ops" + (f" ({kern['reason']})" if kern.get("reason") else "")))
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         print(f"{key + ':':<{width + 1}} {value}")
