@@ -47,13 +47,17 @@ _lib: ctypes.CDLL | None = None
 _lib_tried = False
 
 
+def _switched_off() -> bool:
+    return os.environ.get(ENV_SWITCH, "").strip().lower() in {"0", "off", "false", "no"}
+
+
 def _library() -> ctypes.CDLL | None:
     """The C kernels' library, or None where it was not built or is switched off."""
     global _lib, _lib_tried
     if _lib_tried:
         return _lib
     _lib_tried = True
-    if os.environ.get(ENV_SWITCH, "").strip().lower() in {"0", "off", "false", "no"}:
+    if _switched_off():
         return None
     path = library_path("_cpu_kernels")
     if path is None:
@@ -93,7 +97,7 @@ def kernel_info() -> dict:
     """What the C kernels do in this process (for `phiflash info` and benchmarks)."""
     lib = _library()
     if lib is None:
-        if os.environ.get(ENV_SWITCH, "").strip().lower() in {"0", "off", "false", "no"}:
+        if _switched_off():
             return {"active": False, "reason": f"{ENV_SWITCH}={os.environ[ENV_SWITCH]}"}
         return {"active": False, "reason": "not built (Linux only; compiled by pip install)"}
     return {"active": True, "simd": "avx2+fma" if lib.phf_simd() else "portable C", "threads": threads()}

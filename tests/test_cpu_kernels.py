@@ -175,3 +175,20 @@ def test_loaded_models_use_the_attention_kernel_and_match_without_it():
         m.few_query_kernel = None
     for a, b in zip(fast, run()):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_switch_off_by_environment():
+    """PHIFLASH_CPU_KERNELS=0: nothing is loaded, `phiflash info` says why, models still run."""
+    import os
+    import subprocess
+
+    code = ("import phiflash_mlx, mlx.core as mx\n"
+            "from phiflash_mlx import cpu_kernels\n"
+            "from phiflash_mlx.demo import demo_model_path\n"
+            "m, _ = phiflash_mlx.load(str(demo_model_path()))\n"
+            "mx.eval(m(mx.array([[1, 2, 3]])))\n"
+            "print(cpu_kernels.kernel_info())\n")
+    env = dict(os.environ, PHIFLASH_CPU_KERNELS="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "'active': False" in out.stdout and "PHIFLASH_CPU_KERNELS=0" in out.stdout
