@@ -1,5 +1,14 @@
 /*
- * Multi-threaded affine-quantized matrix-vector products for CPUs.
+ * CPU kernels for decoding, loaded with ctypes by phiflash_mlx/cpu_kernels.py (not a Python
+ * extension module):
+ *
+ *   phf_qmatvec  multi-threaded affine-quantized matrix x few vectors (below)
+ *   phf_attend   differential attention of a few queries over a long K/V cache (further down)
+ *
+ * Both run on a persistent pool of POSIX threads, with an AVX2+FMA path chosen at run time on x86-64
+ * CPUs that have it and portable C everywhere else.
+ *
+ * Quantized products:
  *
  * y[m, n] = sum_k x[m, k] * (scales[n, g(k)] * q[n, k] + biases[n, g(k)])
  *
@@ -12,9 +21,7 @@
  * codes with x and the bias needs only the per-group sums of x, computed once per call.
  *
  * Used for the few-token products of decoding, where MLX's CPU quantized_matmul runs on one thread
- * and is compute-bound; the output rows are split over `threads` POSIX threads. An AVX2+FMA path is
- * chosen at run time on x86-64 CPUs that have it; every other CPU runs the portable C loop.
- * Loaded with ctypes (phiflash_mlx/cpu_kernels.py); not a Python extension module.
+ * and is compute-bound; the output rows are split over the threads.
  */
 
 #include <math.h>
@@ -86,14 +93,25 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
+/* Codes 8i .. 8i+7 of a group starting at byte `base`, as floats: 4 bits (one uint32 word) or 8
+ * bits (eight bytes). */
+__attribute__((target("avx2,fma"))) static inline __m256 codes8_avx2(const uint8_t *base, long i, int bits) {
+    if (bits == 4) {
+        uint32_t word;
+        memcpy(&word, base + 4 * i, sizeof word);
+        const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+        return _mm256_cvtepi32_ps(
+            _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), shifts), _mm256_set1_epi32(15)));
+    }
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(base + 8 * i))));
+}
+
 /* One input row (decoding one sequence): four independent accumulators per group keep the FMA
  * pipeline full instead of waiting on one dependency chain. */
 __attribute__((target("avx2,fma"))) static void rows_avx2_single(const job_t *j) {
     const long groups = j->k / j->group_size;
     const long words_per_row = j->k * j->bits / 32;
     const long steps = j->group_size / 8; /* 8 codes per step; 4, 8 or 16: a multiple of 4 */
-    const __m256i shifts4 = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-    const __m256i mask4 = _mm256_set1_epi32(15);
     const float *x = j->x;
     for (long row = j->n0; row < j->n1; row++) {
         const uint32_t *wr = j->w + row * words_per_row;
@@ -103,28 +121,14 @@ __attribute__((target("avx2,fma"))) static void rows_avx2_single(const job_t *j)
         float bias_part = 0.0f;
         for (long g = 0; g < groups; g++) {
             const float *xg = x + g * j->group_size;
+            const uint8_t *bg = (const uint8_t *)wr + g * j->group_size * j->bits / 8;
             __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
             __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-            if (j->bits == 4) {
-                const uint32_t *wg = wr + g * steps;
-#define PHF_Q4(i) _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)wg[i]), shifts4), mask4))
-                for (long i = 0; i < steps; i += 4) {
-                    a0 = _mm256_fmadd_ps(PHF_Q4(i), _mm256_loadu_ps(xg + 8 * i), a0);
-                    a1 = _mm256_fmadd_ps(PHF_Q4(i + 1), _mm256_loadu_ps(xg + 8 * i + 8), a1);
-                    a2 = _mm256_fmadd_ps(PHF_Q4(i + 2), _mm256_loadu_ps(xg + 8 * i + 16), a2);
-                    a3 = _mm256_fmadd_ps(PHF_Q4(i + 3), _mm256_loadu_ps(xg + 8 * i + 24), a3);
-                }
-#undef PHF_Q4
-            } else {
-                const uint8_t *bg = (const uint8_t *)wr + g * j->group_size;
-#define PHF_Q8(i) _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(bg + 8 * (i)))))
-                for (long i = 0; i < steps; i += 4) {
-                    a0 = _mm256_fmadd_ps(PHF_Q8(i), _mm256_loadu_ps(xg + 8 * i), a0);
-                    a1 = _mm256_fmadd_ps(PHF_Q8(i + 1), _mm256_loadu_ps(xg + 8 * i + 8), a1);
-                    a2 = _mm256_fmadd_ps(PHF_Q8(i + 2), _mm256_loadu_ps(xg + 8 * i + 16), a2);
-                    a3 = _mm256_fmadd_ps(PHF_Q8(i + 3), _mm256_loadu_ps(xg + 8 * i + 24), a3);
-                }
-#undef PHF_Q8
+            for (long i = 0; i < steps; i += 4) {
+                a0 = _mm256_fmadd_ps(codes8_avx2(bg, i, j->bits), _mm256_loadu_ps(xg + 8 * i), a0);
+                a1 = _mm256_fmadd_ps(codes8_avx2(bg, i + 1, j->bits), _mm256_loadu_ps(xg + 8 * i + 8), a1);
+                a2 = _mm256_fmadd_ps(codes8_avx2(bg, i + 2, j->bits), _mm256_loadu_ps(xg + 8 * i + 16), a2);
+                a3 = _mm256_fmadd_ps(codes8_avx2(bg, i + 3, j->bits), _mm256_loadu_ps(xg + 8 * i + 24), a3);
             }
             __m256 acc = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
             total = _mm256_fmadd_ps(acc, _mm256_set1_ps(sr[g]), total);
@@ -137,8 +141,6 @@ __attribute__((target("avx2,fma"))) static void rows_avx2_single(const job_t *j)
 __attribute__((target("avx2,fma"))) static void rows_avx2(const job_t *j) {
     const long groups = j->k / j->group_size;
     const long words_per_row = j->k * j->bits / 32;
-    const __m256i shifts4 = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-    const __m256i mask4 = _mm256_set1_epi32(15);
     for (long m0 = 0; m0 < j->m; m0 += MAX_ROWS) {
         const long mm = (j->m - m0 < MAX_ROWS) ? j->m - m0 : MAX_ROWS;
         for (long row = j->n0; row < j->n1; row++) {
@@ -155,26 +157,11 @@ __attribute__((target("avx2,fma"))) static void rows_avx2(const job_t *j) {
                 const long base = g * j->group_size;
                 __m256 acc[MAX_ROWS];
                 for (long m = 0; m < mm; m++) acc[m] = _mm256_setzero_ps();
-                if (j->bits == 4) {
-                    const uint32_t *wg = wr + base / 8;
-                    for (long i = 0; i < j->group_size / 8; i++) {
-                        __m256i q = _mm256_and_si256(
-                            _mm256_srlv_epi32(_mm256_set1_epi32((int)wg[i]), shifts4), mask4);
-                        __m256 qf = _mm256_cvtepi32_ps(q);
-                        for (long m = 0; m < mm; m++) {
-                            acc[m] = _mm256_fmadd_ps(qf, _mm256_loadu_ps(j->x + (m0 + m) * j->k + base + i * 8),
-                                                     acc[m]);
-                        }
-                    }
-                } else { /* 8 bits: one code per byte */
-                    const uint8_t *bg = (const uint8_t *)wr + base;
-                    for (long i = 0; i < j->group_size / 8; i++) {
-                        __m128i b = _mm_loadl_epi64((const __m128i *)(bg + i * 8));
-                        __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
-                        for (long m = 0; m < mm; m++) {
-                            acc[m] = _mm256_fmadd_ps(qf, _mm256_loadu_ps(j->x + (m0 + m) * j->k + base + i * 8),
-                                                     acc[m]);
-                        }
+                const uint8_t *bg = (const uint8_t *)wr + base * j->bits / 8;
+                for (long i = 0; i < j->group_size / 8; i++) {
+                    const __m256 qf = codes8_avx2(bg, i, j->bits);
+                    for (long m = 0; m < mm; m++) {
+                        acc[m] = _mm256_fmadd_ps(qf, _mm256_loadu_ps(j->x + (m0 + m) * j->k + base + i * 8), acc[m]);
                     }
                 }
                 const __m256 s = _mm256_set1_ps(sr[g]);
