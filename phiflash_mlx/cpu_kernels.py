@@ -16,7 +16,7 @@ The library is compiled by setup.py into `_cpu_kernels*.so` (Linux), loaded with
 AVX2+FMA where the CPU has it and portable C elsewhere, and runs on a persistent pool of threads.
 Arrays cross to NumPy without copies of weights or caches. Everything computes the same math as
 the MLX ops it replaces; tests compare them. `PHIFLASH_CPU_KERNELS=0` turns the C kernels off;
-`PHIFLASH_CPU_THREADS=N` sets their threads (default: the CPUs this process may use).
+`PHIFLASH_CPU_THREADS=N` sets their threads (default: the CPUs this process may use, at most 8).
 """
 
 from __future__ import annotations
@@ -79,18 +79,26 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+# Default ceiling on threads: the decode products are bound by memory bandwidth, which a few cores
+# saturate, and idle workers spin briefly between calls. (Measured only on 2 cores; raise it with
+# PHIFLASH_CPU_THREADS on a bigger machine and compare.)
+DEFAULT_MAX_THREADS = 8
+
+
 def threads() -> int:
-    """Threads the C kernels use: PHIFLASH_CPU_THREADS, else the CPUs this process may run on."""
+    """Threads the C kernels use: PHIFLASH_CPU_THREADS, else the CPUs this process may run on (at most
+    DEFAULT_MAX_THREADS)."""
     raw = os.environ.get(ENV_THREADS, "").strip()
     if raw:
         try:
             return max(1, int(raw))
         except ValueError:
-            _log.warning("%s=%r is not a whole number; using all CPUs", ENV_THREADS, raw)
+            _log.warning("%s=%r is not a whole number; using the default", ENV_THREADS, raw)
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, DEFAULT_MAX_THREADS))
 
 
 def kernel_info() -> dict:
