@@ -169,39 +169,36 @@ def _packed(module) -> _Packed:
     return cached
 
 
+def _cpu_product(module, x: mx.array) -> mx.array | None:
+    """x @ W.T for a quantized module's W (no bias): dequantize + GEMM for blocks of at least
+    MIN_TOKENS rows, the C kernel for fewer; None where neither applies (use mx.quantized_matmul)."""
+    rows = x.size // x.shape[-1]
+    if rows >= MIN_TOKENS:
+        w = mx.dequantize(module["weight"], module["scales"], module.get("biases"), group_size=module.group_size,
+                          bits=module.bits, mode=module.mode)
+        return x @ w.astype(x.dtype).T
+    if _library() is not None and _kernel_applies(module):
+        return qmatvec(x, module["weight"], module["scales"], module["biases"], module.group_size, module.bits,
+                       packed=_packed(module))
+    return None
+
+
 class CPUQuantizedLinear(nn.QuantizedLinear):
-    """nn.QuantizedLinear for CPUs: dequantize + GEMM for blocks of at least MIN_TOKENS rows, the C
-    kernel for fewer, mx.quantized_matmul where neither applies."""
+    """nn.QuantizedLinear for CPUs: the paths of `_cpu_product`, mx.quantized_matmul where neither applies."""
 
     def __call__(self, x):
-        rows = x.size // x.shape[-1]
-        if rows >= MIN_TOKENS:
-            w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
-                              bits=self.bits, mode=self.mode)
-            y = x @ w.astype(x.dtype).T
-        elif _library() is not None and _kernel_applies(self):
-            y = qmatvec(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits,
-                        packed=_packed(self))
-        else:
+        y = _cpu_product(self, x)
+        if y is None:
             return super().__call__(x)
-        if "bias" in self:
-            y = y + self["bias"]
-        return y
+        return y + self["bias"] if "bias" in self else y
 
 
 class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
     """nn.QuantizedEmbedding whose tied output projection (`as_linear`) uses the same CPU paths."""
 
     def as_linear(self, x):
-        rows = x.size // x.shape[-1]
-        if rows >= MIN_TOKENS:
-            w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
-                              bits=self.bits, mode=self.mode)
-            return x @ w.astype(x.dtype).T
-        if _library() is not None and _kernel_applies(self):
-            return qmatvec(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits,
-                           packed=_packed(self))
-        return super().as_linear(x)
+        y = _cpu_product(self, x)
+        return super().as_linear(x) if y is None else y
 
 
 def _strides(a: np.ndarray) -> tuple[int, ...]:
