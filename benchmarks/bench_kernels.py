@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 
 import mlx.core as mx  # noqa: E402
 
-from phiflash_mlx import kernels  # noqa: E402
+from phiflash_mlx.models import phi4flash_kernels as kernels  # noqa: E402
 
 D_INNER, D_STATE = 5120, 16
 

@@ -1,6 +1,6 @@
 """Run ``mx.fast.metal_kernel`` sources on the CPU: compile the kernel body as C++ and loop over the grid.
 
-On machines without Metal (Linux CI) this is how the Metal kernels of ``phiflash_mlx/kernels.py`` are
+On machines without Metal (Linux CI) this is how the Metal kernels of ``phiflash_mlx/models/phi4flash_kernels.py`` are
 tested: the harness takes the *same* ``KernelSpec`` (source, header, input/output names) that is handed
 to ``mx.fast.metal_kernel``, writes the function MLX would generate around it -- the same parameters in
 the same order, ``<name>_shape`` / ``_strides`` / ``_ndim`` only where the source mentions them, the
@@ -313,7 +313,7 @@ def run_kernel(name, input_names, output_names, source, header, inputs, template
 
 
 def make_runner(order: str = "forward"):
-    """A runner for ``phiflash_mlx.kernels``' ``*_kernel(..., runner=...)`` functions."""
+    """A runner for ``phiflash_mlx.models.phi4flash_kernels``' ``*_kernel(..., runner=...)`` functions."""
     import mlx.core as mx
 
     def run(spec, launch):

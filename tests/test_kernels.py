@@ -3,7 +3,7 @@
 Each kernel test runs on every runner available here:
 * "harness": the kernel source compiled as C++ by tests/metal_harness.py (any machine with g++);
 * "metal":   the real mx.fast.metal_kernel (Apple silicon only).
-The plain-ops twins in phiflash_mlx/ssm.py are checked against the reference too, and the dispatch
+The plain-ops twins in phiflash_mlx/models/phi4flash_kernels.py are checked against the reference too, and the dispatch
 (fallback when Metal is missing, PHIFLASH_KERNELS, kernel_status) is tested where Metal is absent.
 """
 
@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import metal_harness
-from phiflash_mlx import kernels
-from phiflash_mlx.ssm import gmu_gate_ops, selective_scan_ops, selective_state_update_ops
+from phiflash_mlx.models import phi4flash_kernels as kernels
+from phiflash_mlx.models.phi4flash_kernels import gmu_gate_ops, selective_scan_ops, selective_state_update_ops
 from reference import ops as ref
 
 HAS_METAL = mx.metal.is_available()
@@ -375,7 +375,7 @@ def test_ops_mode_and_use_kernel_false_never_warn(restore_mode):
 
 @pytest.mark.skipif(HAS_METAL, reason="checks the fallback on machines without Metal")
 def test_env_var_selects_mode():
-    code = ("import warnings, mlx.core as mx; from phiflash_mlx import kernels as k; "
+    code = ("import warnings, mlx.core as mx; from phiflash_mlx.models import phi4flash_kernels as k; "
             "warnings.simplefilter('always'); "
             "y = k.gmu_gate(mx.ones((2, 3)), mx.ones((2, 3))); mx.eval(y); "
             "s = k.kernel_status(); print(s['mode'], s['mode_source'], s['active'])")

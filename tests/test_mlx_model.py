@@ -89,7 +89,7 @@ def test_each_component_matches_reference(case):
 @given(seed=st.integers(0, 2**16), b=st.integers(1, 2), l=st.integers(1, 10), d=st.integers(1, 9),
        n=st.integers(1, 6), k=st.integers(1, 4), gated=st.booleans(), with_state=st.booleans())
 def test_conv_scan_and_step_match_reference(seed, b, l, d, n, k, gated, with_state):
-    from phiflash_mlx.ssm import selective_scan_ops, selective_state_update_ops
+    from phiflash_mlx.models.phi4flash_kernels import selective_scan_ops, selective_state_update_ops
     rng = np.random.default_rng(seed)
     f = lambda *s: rng.normal(0, 1, s).astype(np.float32)  # noqa: E731
     u, delta, z = f(b, l, d), f(b, l, d), f(b, l, d)

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import kernels
+from . import phi4flash_kernels as kernels
 from .cache import FullKVCache, MambaCache, SlidingWindowCache
 
 MAMBA, SWA, MAMBA_MEM, GLOBAL, GMU, CROSS = "mamba", "swa", "mamba_mem", "global", "gmu", "cross"
