@@ -60,12 +60,18 @@ def _scan_step(s, dA, dBu, C):
     return s, (s * C[:, None, :]).sum(-1)            # y_t (b, d_in)
 
 
-def selective_scan_ops(u, delta, A, B, C, D, z=None, delta_bias=None, state=None):
+def selective_scan_ops(u, delta, A, B, C, D, z=None, delta_bias=None, state=None, mask=None):
     """Whole-sequence selective scan; returns (y (b, l, d_in), final state (b, d_in, n))."""
     b, l, d_in = u.shape
+    dtype = u.dtype
+    u, delta, B, C = (x.astype(mx.float32) for x in (u, delta, B, C))
+    if z is not None:
+        z = z.astype(mx.float32)
     if delta_bias is not None:
         delta = delta + delta_bias
     delta = softplus(delta)
+    if mask is not None:
+        delta = delta * mask[..., None].astype(delta.dtype)
     dA = mx.exp(delta[..., None] * A)                                    # (b, l, d_in, n)
     dBu = (delta * u)[..., None] * B[:, :, None, :]                      # (b, l, d_in, n)
     s = mx.zeros((b, d_in, A.shape[1]), dtype=mx.float32) if state is None else state.astype(mx.float32)
@@ -76,11 +82,15 @@ def selective_scan_ops(u, delta, A, B, C, D, z=None, delta_bias=None, state=None
     y = mx.stack(ys, axis=1) + D * u
     if z is not None:
         y = silu_gate(y, z)
-    return y, s
+    return y.astype(dtype), s
 
 
 def selective_state_update_ops(state, u, delta, A, B, C, D, z=None, delta_bias=None):
     """One decode step: u, delta, z (b, d_in); B, C (b, n). Returns (y (b, d_in), new state)."""
+    dtype = u.dtype
+    u, delta, B, C = (x.astype(mx.float32) for x in (u, delta, B, C))
+    if z is not None:
+        z = z.astype(mx.float32)
     if delta_bias is not None:
         delta = delta + delta_bias
     delta = softplus(delta)
@@ -89,7 +99,7 @@ def selective_state_update_ops(state, u, delta, A, B, C, D, z=None, delta_bias=N
     y = (s * C[:, None, :]).sum(-1) + D * u
     if z is not None:
         y = silu_gate(y, z)
-    return y, s
+    return y.astype(dtype), s
 
 
 def gmu_gate_ops(g: mx.array, memory: mx.array) -> mx.array:
@@ -378,11 +388,11 @@ def _use_kernel(use_kernel: bool | None) -> bool:
 # Entry points (the model calls only these)
 # ---------------------------------------------------------------------------------------------
 
-def selective_scan(u, delta, A, B, C, D, z=None, delta_bias=None, state=None, use_kernel=None):
+def selective_scan(u, delta, A, B, C, D, z=None, delta_bias=None, state=None, mask=None, use_kernel=None):
     """Whole-sequence selective scan (SAMBAY.md 4.5 steps 7-9); returns (y (b, l, d_in), state (b, d_in, n))."""
     if _use_kernel(use_kernel):
         return selective_scan_kernel(u, delta, A, B, C, D, z, delta_bias, state)
-    return selective_scan_ops(u, delta, A, B, C, D, z, delta_bias, state)
+    return selective_scan_ops(u, delta, A, B, C, D, z, delta_bias, state, mask)
 
 
 def selective_state_update(state, u, delta, A, B, C, D, z=None, delta_bias=None, use_kernel=None):
