@@ -2,7 +2,10 @@
 
 import sys
 
-from phiflash_mlx.cli import main
-
 if __name__ == "__main__":
+    try:
+        from phiflash_mlx.cli import main        # imports MLX: Ctrl-C during it exits quietly too
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        sys.exit(130)
     sys.exit(main())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 
 from .errors import PhiflashError
@@ -22,19 +24,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    """Exit status: 0 success, 1 a one-line error, 2 a usage error, 130 interrupted (Ctrl-C), 141 the
+    reader of the output went away (`| head`): quietly, as other command-line tools do."""
+    command = "command"
     try:
-        return int(args.func(args) or 0)
+        parser = build_parser()                  # imports the command modules (and MLX): Ctrl-C may land here
+        args = parser.parse_args(argv)
+        command = args.command
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()                       # a full disk or a closed pipe shows up here, not at exit
+        return status
     except PhiflashError as exc:
-        print(f"phiflash {args.command}: error: {exc}", file=sys.stderr)
+        print(f"phiflash {command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EIO, getattr(errno, "EDQUOT", errno.ENOSPC)) and not exc.filename:
+            _silence_stdout()
+            print(f"phiflash {command}: error: cannot write the output: {exc.strerror}", file=sys.stderr)
+        else:
+            where = f" ({exc.filename})" if exc.filename else ""
+            print(f"phiflash {command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -21,8 +22,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from . import checkpoints
 from .errors import PhiflashError
 from .loader import load_config, resolve_model_path
+from .outdir import atomic_directory, check_destination
 from .progress import progress
 
 FLOAT_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -113,45 +116,77 @@ def _quantizable(name: str, shape: tuple, spec: QuantSpec | None) -> bool:
     return shape[-1] % spec.group_size == 0
 
 
+MARKER = "phiflash-convert.json"      # written into every output; only such directories are ever replaced
+
+
+def is_converted_checkpoint(path: Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def _check_options(dtype, quantize, q_bits, q_group_size, q_mode, recipe, overrides, max_shard_size_gb):
+    """Every option is checked before the source is read or the destination touched."""
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise PhiflashError(f"unsupported --dtype {dtype}; choose float32, float16 or bfloat16")
+    if not quantize and (q_bits is not None or q_group_size is not None or q_mode != "affine" or overrides):
+        raise PhiflashError("--q-bits, --q-group-size, --q-mode and --q-override need -q/--quantize")
+    default = make_spec(q_bits, q_group_size, q_mode) if quantize else None
+    if recipe not in ("uniform", "mixed"):
+        raise PhiflashError(f"unknown --recipe {recipe!r}; use uniform or mixed")
+    if isinstance(max_shard_size_gb, bool) or not isinstance(max_shard_size_gb, (int, float)) \
+            or not math.isfinite(max_shard_size_gb) or not 0 < max_shard_size_gb <= 1024:
+        raise PhiflashError(f"--max-shard-size must be a number of GB in (0, 1024], got {max_shard_size_gb}")
+    return default, [parse_override(o, default) for o in overrides or []]
+
+
+def _check_source(src_path: Path, config: dict):
+    """The whole source is validated (config, every header against its file, every expected tensor with its
+    shape, side files readable) before anything is written."""
+    from reference.errors import CheckpointError
+    from reference.model import check_weights
+    from reference.validate import regular_file_size
+    from reference.weights import open_checkpoint
+    try:
+        store = open_checkpoint(str(src_path), keep=False)
+        check_weights(checkpoints.check_config(config, str(src_path / "config.json")), store, str(src_path))
+        for side in SIDE_FILES:
+            if os.path.lexists(src_path / side):
+                regular_file_size(str(src_path / side), side)
+    except CheckpointError as exc:
+        raise PhiflashError(str(exc)) from None
+    return store
+
+
 def convert(src: str, dst: str, dtype: str | None = None, quantize: bool = False, q_bits: int | None = None,
             q_group_size: int | None = None, q_mode: str = "affine", recipe: str = "uniform",
             overrides: list[str] | None = None, max_shard_size_gb: float = 5.0, force: bool = False) -> Path:
-    """Convert `src` (directory or hub id) to `dst`. Returns the output directory."""
+    """Convert `src` (directory or hub id) to `dst`. Returns the output directory.
+
+    Options, then the source, then the destination are checked before anything is written; the output
+    is built in a temporary sibling of `dst` and renamed into place when complete (phiflash_mlx/outdir.py:
+    a destination that is, contains or lies inside the source is refused, and an existing one is
+    replaced only when it is empty or an earlier output of convert, with force=True)."""
+    default, rules = _check_options(dtype, quantize, q_bits, q_group_size, q_mode, recipe, overrides,
+                                    max_shard_size_gb)
     src_path = resolve_model_path(src)
     config = load_config(src_path)
     if "quantization" in config:
         raise PhiflashError(f"{src} is already quantized; convert from the unquantized checkpoint")
-    dst_path = Path(dst)
-    if dst_path.exists():
-        if not force:
-            raise PhiflashError(f"{dst} already exists; choose another destination or pass --force to replace it")
-        shutil.rmtree(dst_path)
-    if dtype is not None and dtype not in FLOAT_DTYPES:
-        raise PhiflashError(f"unsupported --dtype {dtype}; choose float32, float16 or bfloat16")
-    default = make_spec(q_bits, q_group_size, q_mode) if quantize else None
-    if not quantize and (q_bits is not None or q_group_size is not None or q_mode != "affine" or overrides):
-        raise PhiflashError("--q-bits, --q-group-size, --q-mode and --q-override need -q/--quantize")
-    rules = []
     if quantize and recipe == "mixed":
-        rules = mixed_recipe(default, int(config["num_hidden_layers"]))
-    elif recipe not in ("uniform", "mixed"):
-        raise PhiflashError(f"unknown --recipe {recipe!r}; use uniform or mixed")
-    rules += [parse_override(o, default) for o in overrides or []]
+        rules = mixed_recipe(default, int(config["num_hidden_layers"])) + rules
     plan = Recipe(default, rules)
+    store = _check_source(src_path, config)
+    dst_path = check_destination(dst, [str(src_path)], is_converted_checkpoint, "phiflash convert", force)
+    with atomic_directory(dst_path) as tmp:
+        _write(tmp, src_path, config, store, plan, dtype, quantize, default, max_shard_size_gb)
+    return dst_path
 
-    # Reuse the reference's checked, memory-mapped reader: tensor by tensor, bf16 read exactly.
-    from reference.weights import open_checkpoint
-    from reference.errors import CheckpointError
-    try:
-        store = open_checkpoint(str(src_path), keep=False)
-    except CheckpointError as exc:
-        raise PhiflashError(str(exc)) from None
+
+def _write(out: Path, src_path: Path, config: dict, store, plan, dtype, quantize, default, max_shard_size_gb):
     tie = bool(config.get("tie_word_embeddings", True))
     names = sorted(n for n in store.names() if not (tie and n == "lm_head.weight"))
     src_dtypes = {store.files[n].dtype(n) for n in names}
     out_float = FLOAT_DTYPES[dtype] if dtype else (mx.bfloat16 if src_dtypes == {"BF16"} or "BF16" in src_dtypes
                                                     else mx.float16 if "F16" in src_dtypes else mx.float32)
-    dst_path.mkdir(parents=True)
     quant_config = dict(default.as_dict()) if default else None
     shard, shard_bytes, shards = {}, 0, []
     limit = int(max_shard_size_gb * 2**30)
@@ -159,62 +194,59 @@ def convert(src: str, dst: str, dtype: str | None = None, quantize: bool = False
     def flush():
         nonlocal shard, shard_bytes
         if shard:
-            file = dst_path / f"model-{len(shards) + 1:05d}.safetensors"
+            file = out / f"model-{len(shards) + 1:05d}.safetensors"
             mx.save_safetensors(str(file), shard, metadata={"format": "mlx"})
             shards.append((file, list(shard)))
             shard, shard_bytes = {}, 0
 
-    try:
-        for name in progress(names, desc="converting", unit="tensor", min_items=50):
-            w = mx.array(store[name])                                  # float32, exact
-            leaf = name.rsplit(".", 1)[-1]
-            spec = plan.spec_for(_module_of(name)) if quantize else None
-            if _quantizable(name, w.shape, spec):
-                parts = mx.quantize(w, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
-                module = _module_of(name)
-                out = {name: parts[0], f"{module}.scales": parts[1]}
-                if len(parts) > 2 and parts[2] is not None:
-                    out[f"{module}.biases"] = parts[2]
-                if spec != default:
-                    quant_config[module] = spec.as_dict()
-            else:
-                if quantize and name.endswith(".weight") and len(w.shape) == 2 and default is not None:
-                    quant_config[_module_of(name)] = False          # kept in full precision
-                target = mx.float32 if leaf in KEEP_FP32 else out_float
-                out = {name: w.astype(target)}
-            mx.eval(out)
-            for k, v in out.items():
-                shard[k] = v
-                shard_bytes += v.nbytes
-            if shard_bytes >= limit:
-                flush()
-        flush()
-    except BaseException:
-        shutil.rmtree(dst_path, ignore_errors=True)
-        raise
+    for name in progress(names, desc="converting", unit="tensor", min_items=50):
+        w = mx.array(store[name])                                  # float32, exact
+        leaf = name.rsplit(".", 1)[-1]
+        spec = plan.spec_for(_module_of(name)) if quantize else None
+        if _quantizable(name, w.shape, spec):
+            parts = mx.quantize(w, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
+            module = _module_of(name)
+            written = {name: parts[0], f"{module}.scales": parts[1]}
+            if len(parts) > 2 and parts[2] is not None:
+                written[f"{module}.biases"] = parts[2]
+            if spec != default:
+                quant_config[module] = spec.as_dict()
+        else:
+            if quantize and name.endswith(".weight") and len(w.shape) == 2 and default is not None:
+                quant_config[_module_of(name)] = False          # kept in full precision
+            target = mx.float32 if leaf in KEEP_FP32 else out_float
+            written = {name: w.astype(target)}
+        mx.eval(written)
+        for k, v in written.items():
+            shard[k] = v
+            shard_bytes += v.nbytes
+        if shard_bytes >= limit:
+            flush()
+    flush()
 
     if len(shards) == 1:
-        final = dst_path / "model.safetensors"
-        shards[0][0].rename(final)
+        shards[0][0].rename(out / "model.safetensors")
     else:
         weight_map = {}
         for i, (file, tensor_names) in enumerate(shards):
-            final = dst_path / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            final = out / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             file.rename(final)
             weight_map.update({t: final.name for t in tensor_names})
-        total = sum((dst_path / f).stat().st_size for f in set(weight_map.values()))
-        (dst_path / "model.safetensors.index.json").write_text(
+        total = sum((out / f).stat().st_size for f in set(weight_map.values()))
+        (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    for side in SIDE_FILES:
+        if (src_path / side).exists():
+            shutil.copy(src_path / side, out / side)
     new_config = dict(config)
     new_config["torch_dtype"] = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}[out_float]
     if quant_config is not None:
         new_config["quantization"] = quant_config
         new_config["quantization_config"] = quant_config
-    (dst_path / "config.json").write_text(json.dumps(new_config, indent=2))
-    for side in SIDE_FILES:
-        if (src_path / side).exists():
-            shutil.copy(src_path / side, dst_path / side)
-    return dst_path
+    (out / MARKER).write_text(json.dumps({"written_by": "phiflash convert", "source": str(src_path),
+                                          "torch_dtype": new_config["torch_dtype"],
+                                          "quantization": quant_config}, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(new_config, indent=2))      # last: a partial output has none
 
 
 def directory_size(path: Path) -> int:

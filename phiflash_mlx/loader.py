@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import glob
-import json
 import logging
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import checkpoints
 from .errors import PhiflashError
 from .models.phi4flash import Model, ModelArgs
 from .progress import progress
@@ -41,39 +41,21 @@ def resolve_model_path(path_or_id: str) -> Path:
 
 
 def load_config(path: Path) -> dict:
-    file = path / "config.json"
-    if not file.exists():
-        raise PhiflashError(f"no config.json in {path}: point --model at a Hugging Face Phi4Flash checkpoint "
-                            "directory (config.json + *.safetensors)")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PhiflashError(f"cannot read {file}: {exc}") from None
-    if config.get("model_type") != "phi4flash":
-        raise PhiflashError(f"{file} has model_type {config.get('model_type')!r}, not 'phi4flash': this is not a "
-                            "Phi-4-mini-flash-reasoning (SambaY) checkpoint")
-    return config
+    """config.json, read with a size bound and checked by the validator the reference uses."""
+    return checkpoints.read_config(path)
 
 
-def _check_safetensors(file: str) -> None:
-    """mx.load on a truncated file fails obscurely; the reference's reader checks the header against
-    the file size (and maps nothing into memory until a tensor is read)."""
-    from reference.errors import CheckpointError
-    from reference.weights import SafetensorsFile
-    try:
-        SafetensorsFile(file)
-    except CheckpointError as exc:
-        raise PhiflashError(str(exc)) from None
+def _check_safetensors(file: str):
+    """mx.load on a truncated or corrupt file fails obscurely (or reads F8 as uint8); the shared validator
+    checks the header against the file size, dtypes and offsets first (nothing is mapped yet)."""
+    return checkpoints.open_shard(file)
 
 
-def load_weights(path: Path) -> dict:
+def _weight_files(path: Path) -> list:
     files = sorted(glob.glob(str(path / "*.safetensors")))
     index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as exc:
-            raise PhiflashError(f"cannot read {index}: {exc}") from None
+    if index.exists() or index.is_symlink():
+        shard_names = sorted(set(checkpoints.read_index(index).values()))
         missing = [s for s in shard_names if not (path / s).exists()]
         if missing:
             raise PhiflashError(f"weight shard {missing[0]} listed in {index.name} is missing from {path}; download it")
@@ -81,9 +63,25 @@ def load_weights(path: Path) -> dict:
     if not files:
         raise PhiflashError(f"no *.safetensors weights in {path}: the checkpoint is incomplete; download the "
                             "model files again")
+    return files
+
+
+def _target_itemsize(dtype) -> int | None:
+    """Bytes per float element after build_model's dtype policy (None: kept as stored)."""
+    if dtype is None:
+        return 4 if not mx.metal.is_available() else None
+    return dtype.size
+
+
+def load_weights(path: Path, dtype=None, preflight: bool = False) -> dict:
+    files = _weight_files(path)
+    shards = [_check_safetensors(f) for f in files]
+    if preflight:
+        where = ("float32 on this CPU" if _target_itemsize(dtype) == 4 and dtype is None else
+                 f"as {dtype}" if dtype is not None else "in the stored dtypes")
+        checkpoints.memory_preflight(path, shards, _target_itemsize(dtype), where)
     weights = {}
     for file in progress(files, desc="loading weights", unit="shard", min_items=2):
-        _check_safetensors(file)
         weights.update(mx.load(file))
     return weights
 
@@ -113,15 +111,11 @@ def activation_dtype(requested=None):
 
 def build_model(config: dict, weights: dict, dtype=None) -> Model:
     """Instantiate, (de)quantize as the config says, check names and shapes, and load the weights."""
+    checkpoints.check_config(config)          # the reference's rules: types, ranges, schedule, quantization
     try:
         args = ModelArgs.from_dict(config)
     except (TypeError, ValueError) as exc:
         raise PhiflashError(f"config.json is not a valid phi4flash config: {exc}") from None
-    n = args.num_hidden_layers
-    if n < 4 or n % 4 or args.num_attention_heads % 2 or args.num_key_value_heads % 2 \
-            or args.num_attention_heads % args.num_key_value_heads or args.hidden_size % args.num_attention_heads:
-        raise PhiflashError("config.json is not a valid phi4flash config: num_hidden_layers must be a multiple of 4, "
-                            "the head counts even, heads a multiple of KV heads, hidden_size a multiple of heads")
     model = Model(args)
     weights = model.sanitize(weights)
     quant = config.get("quantization")
@@ -174,7 +168,7 @@ def load(path_or_id: str, dtype=None, tokenizer: bool = True):
     "bfloat16") is the activation dtype; the default follows `activation_dtype`."""
     path = resolve_model_path(str(path_or_id))
     config = load_config(path)
-    model = build_model(config, load_weights(path), dtype)
+    model = build_model(config, load_weights(path, dtype, preflight=True), dtype)
     tok = None
     if tokenizer:
         from .tokenizer import load_tokenizer

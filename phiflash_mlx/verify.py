@@ -32,6 +32,7 @@ from reference.checkpoint import FP32_IN_ORIGINAL
 from reference.weights import SafetensorsFile
 
 from .errors import PhiflashError
+from .outdir import atomic_directory, check_destination
 
 # ---------------------------------------------------------------------------------------------
 # Key set of a golden vectors.npz (golden README, "vectors.npz")
@@ -318,30 +319,50 @@ def make_golden(out_dir: str, config: str | None = None, model_dir: str | None =
     if dtype not in ("float32", "bfloat16"):
         raise PhiflashError(f"--dtype {dtype!r}: use float32 or bfloat16")
     bf16 = dtype == "bfloat16"
-    os.makedirs(out_dir, exist_ok=True)
     if config is not None:
         raw = preset_config(config, layers)
         raw["torch_dtype"] = dtype
         cfg = reference.config_from_dict(raw)
-        log(f"drawing random weights (seed {seed}) for {_describe(cfg)}")
-        tensors = random_weights(cfg, seed)
-        with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(raw, f, indent=2, sort_keys=True)
-            f.write("\n")
-        reference.write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors,
-                                    bf16_names=_bf16_names(tensors) if bf16 else (), metadata={"format": "pt"})
-        del tensors
-        model_dir = out_dir
+        sources = [] if config in PRESETS else [config]
     elif layers is not None:
         raise PhiflashError("--layers only applies to random weights (--config), not to --model")
-    model = load_model(model_dir, bf16)
-    log(f"computing vectors with the reference ({dtype})")
-    vectors = make_vectors(model, golden_inputs(model.cfg.vocab_size, model.cfg.sliding_window, seed))
-    write_npz(os.path.join(out_dir, "vectors.npz"), vectors)
-    with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
-        f.write(_golden_readme(model, vectors, out_dir, seed if config is not None else None, dtype,
-                               config, model_dir))
+    else:
+        if not os.path.isdir(model_dir):
+            raise PhiflashError(f"--model {model_dir} is not a directory; point it at a checkpoint directory")
+        sources = [model_dir]
+    # Checked before anything is written; written into a sibling and renamed into place when complete.
+    out_path = check_destination(out_dir, sources, is_golden_set, "phiflash golden", force=None, option="--out")
+    with atomic_directory(out_path) as tmp:
+        if config is not None:
+            log(f"drawing random weights (seed {seed}) for {_describe(cfg)}")
+            tensors = random_weights(cfg, seed)
+            reference.write_safetensors(os.path.join(tmp, "model.safetensors"), tensors,
+                                        bf16_names=_bf16_names(tensors) if bf16 else (), metadata={"format": "pt"})
+            del tensors
+            with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(raw, f, indent=2, sort_keys=True)
+                f.write("\n")
+            model = load_model(str(tmp), bf16)
+        else:
+            model = load_model(model_dir, bf16)
+        log(f"computing vectors with the reference ({dtype})")
+        vectors = make_vectors(model, golden_inputs(model.cfg.vocab_size, model.cfg.sliding_window, seed))
+        write_npz(os.path.join(tmp, "vectors.npz"), vectors)
+        readme = _golden_readme(model, vectors, str(tmp), seed if config is not None else None, dtype, config,
+                                model_dir)
+        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+            f.write(readme)
     return vectors
+
+
+def is_golden_set(path) -> bool:
+    """A directory `phiflash golden` wrote (the only kind it replaces): vectors.npz and its README."""
+    try:
+        with open(os.path.join(path, "README.md"), encoding="utf-8") as f:
+            head = f.read(64)
+    except (OSError, UnicodeDecodeError):
+        return False
+    return head.startswith("# Golden vectors") and os.path.isfile(os.path.join(path, "vectors.npz"))
 
 
 def _describe(cfg) -> str:

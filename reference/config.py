@@ -5,7 +5,6 @@ Implements SAMBAY.md section 1 (config fields, defaults, "auto" dt rank) and sec
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -100,78 +99,26 @@ def layer_schedule(num_layers: int, mb_per_layer: int = 2) -> list[str]:
     return kinds
 
 
-def _window_from(raw: dict, num_layers: int) -> int:
-    """`sliding_window` as a scalar, a per-layer list, or with `layer_types` (SAMBAY.md 1.6)."""
-    sw = raw.get("sliding_window")
-    if isinstance(sw, list):
-        values = {int(v) for v in sw if v is not None}
-        if len(values) != 1:
-            raise CheckpointError(
-                f"config.json: sliding_window list must hold one window size (besides nulls), got {sorted(values)}")
-        sw = values.pop()
-    if sw is None:
-        raise CheckpointError("config.json: sliding_window is missing; phi4flash needs it (512 in the released model)")
-    layer_types = raw.get("layer_types")
-    if layer_types is not None:
-        if len(layer_types) != num_layers:
-            raise CheckpointError(
-                f"config.json: layer_types has {len(layer_types)} entries for {num_layers} layers")
-        kinds = layer_schedule(num_layers, raw.get("mb_per_layer", 2))
-        for i, (kind, given) in enumerate(zip(kinds, layer_types)):
-            if kind in ATTENTION_KINDS and (given == "sliding_attention") != (kind == SWA):
-                raise CheckpointError(
-                    f"config.json: layer_types[{i}] is {given!r}, but the phi4flash schedule makes layer {i} "
-                    f"{'sliding-window' if kind == SWA else 'full'} attention")
-    return int(sw)
-
-
 def config_from_dict(raw: dict) -> Config:
-    model_type = raw.get("model_type")
-    if model_type != "phi4flash":
-        raise CheckpointError(
-            f"config.json has model_type {model_type!r}, not 'phi4flash': this is not a "
-            "Phi-4-mini-flash-reasoning (SambaY) checkpoint")
-    required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads"]
-    missing = [k for k in required if k not in raw]
-    if missing:
-        raise CheckpointError(f"config.json lacks {', '.join(missing)}")
-    num_layers = int(raw["num_hidden_layers"])
-    cfg = Config(
-        vocab_size=int(raw["vocab_size"]),
-        hidden_size=int(raw["hidden_size"]),
-        intermediate_size=int(raw["intermediate_size"]),
-        num_hidden_layers=num_layers,
-        num_attention_heads=int(raw["num_attention_heads"]),
-        num_key_value_heads=int(raw["num_key_value_heads"]),
-        sliding_window=_window_from(raw, num_layers),
-        layer_norm_eps=float(raw.get("layer_norm_eps", 1e-5)),
-        mamba_d_state=int(raw.get("mamba_d_state", 16)),
-        mamba_d_conv=int(raw.get("mamba_d_conv", 4)),
-        mamba_expand=int(raw.get("mamba_expand", 2)),
-        mb_per_layer=int(raw.get("mb_per_layer", 2)),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
-        extra=raw,
-    )
-    cfg.validate()
-    return cfg
+    """A checked Config of a raw config dict (types, ranges, schedule: see reference/validate.py)."""
+    from .validate import validate_config
+    return validate_config(raw)
 
 
 def load_config(path: str) -> Config:
-    """Read ``config.json`` from a checkpoint directory (or the file itself)."""
-    return config_from_dict(read_config_json(path))
+    """Read and check ``config.json`` of a checkpoint directory (or the file itself)."""
+    from .validate import validate_config
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    return validate_config(read_config_json(path), source=file)
 
 
 def read_config_json(path: str) -> dict:
-    """The raw ``config.json`` of a checkpoint directory (or the file itself), unchecked."""
+    """The raw ``config.json`` of a checkpoint directory (or the file itself), read with a size bound
+    (a symlink to /dev/zero or a FIFO is refused, not read); its fields are not checked here."""
+    from .validate import read_json_file
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    if not os.path.exists(file):
+    if not os.path.lexists(file):
         raise CheckpointError(
             f"no config.json at {file}: point at a Hugging Face Phi4Flash checkpoint directory "
             "(config.json + *.safetensors)")
-    try:
-        with open(file, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {file}: {exc}") from None
-    return raw
+    return read_json_file(file, what="config.json")

@@ -17,12 +17,15 @@ import struct
 import numpy as np
 
 from .errors import CheckpointError
+from .validate import (DTYPE_SIZES, MAX_HEADER_BYTES, read_index, regular_file_size, unsupported_dtype_message,
+                       validate_safetensors_header)
 
 _NUMPY_DTYPES = {
     "F32": np.float32, "F16": np.float16, "F64": np.float64,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "U16": np.uint16, "U32": np.uint32, "U64": np.uint64,
 }
-_ITEMSIZE = {"BF16": 2, "F32": 4, "F16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_ITEMSIZE = DTYPE_SIZES
 
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
@@ -43,8 +46,8 @@ class SafetensorsFile:
 
     def __init__(self, path: str):
         self.path = path
+        size = regular_file_size(path, "safetensors weights")      # a FIFO or device is refused, not opened
         try:
-            size = os.path.getsize(path)
             with open(path, "rb") as f:
                 head = f.read(8)
                 if len(head) < 8:
@@ -54,19 +57,17 @@ class SafetensorsFile:
                 if n > size - 8:
                     raise CheckpointError(f"{path} is truncated or not a safetensors file "
                                           f"(header says {n} bytes, file has {size}); download it again")
+                if n > MAX_HEADER_BYTES:
+                    raise CheckpointError(f"{path}: its header claims {n} bytes, more than a safetensors header "
+                                          "may have; it is not a safetensors file, download it again")
                 header = json.loads(f.read(n))
         except OSError as exc:
-            raise CheckpointError(f"cannot read {path}: {exc}") from None
-        except (ValueError, UnicodeDecodeError):
+            raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}; check the file and its "
+                                  "permissions") from None
+        except (ValueError, RecursionError):
             raise CheckpointError(f"{path} is not a valid safetensors file (bad header); download it again") from None
-        header.pop("__metadata__", None)
         self.data_start = 8 + n
-        self.entries = header
-        end = max((e["data_offsets"][1] for e in header.values()), default=0)
-        if self.data_start + end > size:
-            raise CheckpointError(
-                f"{path} is truncated: its header describes {self.data_start + end} bytes but the file has "
-                f"{size}; the download or copy did not finish, fetch it again")
+        self.entries = validate_safetensors_header(header, path, size - self.data_start)
         self._map = np.memmap(path, dtype=np.uint8, mode="r") if size else None
 
     def keys(self):
@@ -84,7 +85,7 @@ class SafetensorsFile:
         begin, end = e["data_offsets"]
         dt = e["dtype"]
         if dt not in _ITEMSIZE:
-            raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {dt}")
+            raise CheckpointError(unsupported_dtype_message(self.path, name, dt))
         buf = self._map[self.data_start + begin:self.data_start + end]
         np_dtype = np.uint16 if dt == "BF16" else _NUMPY_DTYPES[dt]
         return buf.view(np_dtype).reshape(e["shape"])
@@ -152,15 +153,14 @@ def open_checkpoint(path: str, keep: bool | None = None) -> WeightStore:
         raise CheckpointError(f"{path} is not a directory: point at a checkpoint directory "
                               "(config.json + *.safetensors)")
     index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"cannot read {index}: {exc}") from None
+    if os.path.lexists(index):
+        weight_map = read_index(index)
         shard_names = sorted(set(weight_map.values()))
     else:
-        shard_names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+        try:
+            shard_names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+        except OSError as exc:
+            raise CheckpointError(f"cannot list {path}: {exc.strerror or exc}; check its permissions") from None
         weight_map = None
     if not shard_names:
         raise CheckpointError(f"no *.safetensors weights in {path}: the checkpoint is incomplete; "
@@ -168,7 +168,7 @@ def open_checkpoint(path: str, keep: bool | None = None) -> WeightStore:
     shards = {}
     for name in shard_names:
         file = os.path.join(path, name)
-        if not os.path.exists(file):
+        if not os.path.lexists(file):
             raise CheckpointError(f"weight shard {name} listed in model.safetensors.index.json is missing "
                                   f"from {path}; download it")
         shards[name] = SafetensorsFile(file)

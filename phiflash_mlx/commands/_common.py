@@ -11,6 +11,16 @@ from ..errors import PhiflashError
 from ..generate import DEFAULT_MAX_CONTEXT, SamplingParams
 
 
+def terminate_cleanly() -> None:
+    """SIGTERM unwinds like Ctrl-C (SystemExit 143), so writers remove their partial output."""
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        def handler(signum, frame):
+            raise SystemExit(128 + signum)
+        signal.signal(signal.SIGTERM, handler)
+
+
 def add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, metavar="PATH_OR_ID",
                         help="checkpoint directory or Hugging Face id (default: the bundled demo model)")

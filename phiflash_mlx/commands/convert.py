@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..convert import convert, directory_size
+from ._common import terminate_cleanly
 
 EXAMPLES = """\
 examples:
@@ -15,6 +16,11 @@ examples:
   phiflash convert ./ckpt ./ckpt-q -q --q-override 'model.layers.17.*=8' --q-override 'model.embed_tokens=6:32'
   phiflash convert ./ckpt ./ckpt-mxfp4 -q --q-mode mxfp4
   phiflash convert ./ckpt ./ckpt-fp32 --dtype float32
+
+The output is written into a hidden sibling directory and renamed into place when complete. An existing
+destination is replaced (with --force, after the new one is whole) only when it is empty or an earlier
+output of phiflash convert (it holds phiflash-convert.json); the source, a directory inside it or
+containing it, files and any other directory are refused.
 
 Norms, the Mamba conv, A_log, D and the differential-attention lambdas are never quantized; A_log, D
 and the lambdas stay float32. The recipe is recorded in config.json ("quantization", mlx-lm layout).
@@ -27,7 +33,8 @@ def register(sub) -> None:
                                    "checkpoint directory, optionally quantized. Streams tensor by tensor.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="source checkpoint directory or Hugging Face id")
-    p.add_argument("dst", help="destination directory (must not exist unless --force)")
+    p.add_argument("dst", help="destination directory: new, empty, or (with --force) an earlier output of "
+                               "phiflash convert; never the source, inside it, or any other directory")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="dtype of the tensors kept unquantized (default: the source's)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the linear and embedding weights")
@@ -39,11 +46,14 @@ def register(sub) -> None:
     p.add_argument("--q-override", action="append", default=[], metavar="PATTERN=BITS[:GROUP]",
                    help="quantize modules matching a glob differently, or PATTERN=none to keep them (repeatable)")
     p.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB", help="output shard size (default 5)")
-    p.add_argument("--force", action="store_true", help="replace the destination if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing destination written by phiflash convert (only once the new one is "
+                        "complete); other directories are never replaced")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    terminate_cleanly()
     out = convert(args.src, args.dst, dtype=args.dtype, quantize=args.quantize, q_bits=args.q_bits,
                   q_group_size=args.q_group_size, q_mode=args.q_mode, recipe=args.recipe,
                   overrides=args.q_override, max_shard_size_gb=args.max_shard_size, force=args.force)

@@ -35,7 +35,9 @@ def register(subparsers) -> None:
                              "directory whose config to use with random weights")
     source.add_argument("--model", metavar="DIR",
                         help="an existing checkpoint (e.g. the released weights): write only vectors + README")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created if needed)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output directory: new, empty or an earlier golden set (replaced once the new one is "
+                             "complete); never the --config/--model directory or any other directory")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and prompts (default 0)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="bfloat16: weights stored as bf16 (A_log and lambdas stay float32, as in the "
@@ -46,7 +48,13 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from ..errors import PhiflashError
     from ..verify import make_golden
+    from ._common import terminate_cleanly
+
+    if not 0 <= args.seed < 2**63:
+        raise PhiflashError(f"--seed must be an integer in 0..2^63-1, got {args.seed}")
+    terminate_cleanly()
 
     def log(msg):
         print(msg, file=sys.stderr)
