@@ -247,13 +247,11 @@ def attend_few(q1: mx.array, q2: mx.array, k: mx.array, vv: mx.array, bias: mx.a
 
 def use_cpu_kernels(model: nn.Module) -> int:
     """Switch every QuantizedLinear / QuantizedEmbedding of `model` (ours or any mlx-lm model) to the
-    CPU versions above, and give our differential-attention layers the few-query attention kernel;
-    returns how many modules changed."""
+    CPU versions above; returns how many modules changed. (The few-query attention kernel
+    `attend_few` reads the striped cache layout; the model's caches now hold keys and values in the
+    pair layout, so it is not attached and the model's own two-matmul path runs.)"""
     count = 0
     for _, module in model.named_modules():
-        if hasattr(module, "few_query_kernel") and _library() is not None:
-            module.few_query_kernel = attend_few
-            count += 1
         if type(module) is nn.QuantizedLinear:
             module.__class__ = CPUQuantizedLinear
             count += 1

@@ -268,7 +268,9 @@ class Generator:
         self.pending: list[int] = []
 
     def _snapshot(self):
-        return [dict(vars(c)) for c in self.cache], len(self.tokens)
+        # arrays are immutable values; only containers (ArraysCache's list) need their own copy
+        return [{k: list(v) if isinstance(v, list) else v for k, v in vars(c).items()} for c in self.cache], \
+            len(self.tokens)
 
     def _restore(self, saved):
         states, n = saved

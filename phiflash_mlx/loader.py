@@ -91,6 +91,24 @@ def _flat_shapes(model: nn.Module) -> dict:
     return {k: v.shape for k, v in tree_flatten(model.parameters())}
 
 
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def activation_dtype(requested=None):
+    """The dtype policy: the model computes in the dtype of its (floating) weights, so this is the dtype
+    they are loaded in. `requested` (an mx dtype or its name) wins. Otherwise, with Metal the stored
+    dtype is kept (None: bf16/f16 checkpoints run in bf16/f16); without Metal (x86 and other CPUs)
+    float32, because 16-bit arithmetic there is many times slower (PLATFORM.md). A_log, D and the
+    lambda vectors stay float32 whatever is chosen (the model's cast_predicate)."""
+    if isinstance(requested, str):
+        if requested not in DTYPES:
+            raise PhiflashError(f"unknown dtype {requested!r}; choose one of {', '.join(DTYPES)}")
+        return DTYPES[requested]
+    if requested is not None:
+        return requested
+    return None if mx.metal.is_available() else mx.float32
+
+
 def build_model(config: dict, weights: dict, dtype=None) -> Model:
     """Instantiate, (de)quantize as the config says, check names and shapes, and load the weights."""
     checkpoints.check_config(config)          # the reference's rules: types, ranges, schedule, quantization
@@ -114,13 +132,11 @@ def build_model(config: dict, weights: dict, dtype=None) -> Model:
     unexpected = sorted(set(weights) - set(expected))
     if unexpected:
         log.warning("ignoring %d tensors the model does not use (first: %s)", len(unexpected), unexpected[0])
-    if dtype is None:
-        # CPU: float32 everywhere (fp16/bf16 math is many times slower on x86). Metal: keep the stored dtype.
-        dtype = mx.float32 if not mx.metal.is_available() else None
+    dtype = activation_dtype(dtype)
     items = []
     for name in expected:
         w = weights[name]
-        keep_fp32 = name.endswith(("A_log", ".D")) or "lambda_" in name
+        keep_fp32 = not model.cast_predicate(name)
         if mx.issubdtype(w.dtype, mx.floating) and (keep_fp32 or dtype is not None):
             w = w.astype(mx.float32 if keep_fp32 else dtype)
         items.append((name, w))
@@ -148,7 +164,8 @@ def _apply_quantization(model: Model, quant: dict, weights: dict) -> None:
 
 def load(path_or_id: str, dtype=None, tokenizer: bool = True):
     """Load a phi4flash checkpoint: returns (model, tokenizer). The tokenizer is None when the checkpoint
-    carries no tokenizer files (or `tokenizer=False`)."""
+    carries no tokenizer files (or `tokenizer=False`). `dtype` (mx dtype or "float32", "float16",
+    "bfloat16") is the activation dtype; the default follows `activation_dtype`."""
     path = resolve_model_path(str(path_or_id))
     config = load_config(path)
     model = build_model(config, load_weights(path, dtype, preflight=True), dtype)

@@ -107,9 +107,8 @@ def _striped_cache(key, b, nkv, s, hd, spare):
        mask=st.sampled_from(["none", "causal", "padded"]), simd=st.booleans(),
        threads=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16))
 def test_attend_few_equals_mlx(b, pairs, g, l, s, hd, spare, mask, simd, threads, seed):
-    """The C few-query attention against the model's MLX-op version and against MLX's
-    scaled_dot_product_attention per stripe."""
-    from phiflash_mlx.models.phi4flash import DiffAttention, attention_bias
+    """The C few-query attention against MLX's scaled_dot_product_attention per stripe."""
+    from mlx_lm.models.base import create_causal_mask
 
     nkv = 2 * pairs
     hs = g * pairs                                            # query heads per stripe
@@ -120,24 +119,18 @@ def test_attend_few_equals_mlx(b, pairs, g, l, s, hd, spare, mask, simd, threads
     k, vv = _striped_cache(kc, b, nkv, s, hd, spare)
     if mask == "none":
         bias = None
-    elif mask == "causal":
-        bias = attention_bias(max(s - l, 0), l, 0, s, None, None)
     else:
-        valid = mx.random.uniform(shape=(b, s), key=kv) > 0.3
-        valid[:, -1] = True
-        bias = attention_bias(max(s - l, 0), l, 0, s, 4, valid)
+        allowed = create_causal_mask(l, s - l) if s >= l else mx.ones((l, s), dtype=mx.bool_)
+        if mask == "padded":
+            valid = mx.random.uniform(shape=(b, s), key=kv) > 0.3
+            valid[:, -1] = True
+            allowed = allowed[None, None] & valid[:, None, None, :]
+        bias = mx.where(allowed, 0.0, -1e9).astype(mx.float32)
     scale = hd ** -0.5
-
-    class Layer:
-        pass
-    layer = Layer()
-    layer.scale = scale
-    want = DiffAttention._attend_few(layer, q1, q2, k, vv, bias)
     got = cpu_kernels.attend_few(q1, q2, k, vv, bias, scale, simd=simd, n_threads=threads)
     assert got is not None
-    for w, o in zip(want, got):
-        assert o.shape == w.shape == (b, hs, l, 2 * hd)
-        np.testing.assert_allclose(np.asarray(o), np.asarray(w), rtol=1e-4, atol=1e-5)
+    for o in got:
+        assert o.shape == (b, hs, l, 2 * hd)
     # and MLX's fused attention, stripe by stripe (GQA: g query heads per key head)
     sd1 = mx.fast.scaled_dot_product_attention(q1, k[:, :pairs], vv, scale=scale, mask=bias)
     sd2 = mx.fast.scaled_dot_product_attention(q2, k[:, pairs:], vv, scale=scale, mask=bias)
@@ -153,7 +146,8 @@ def test_attend_few_declines_what_it_does_not_cover():
     assert cpu_kernels.attend_few(q, q, k, vv, None, 0.25) is None          # not float32: MLX ops
 
 
-@needs_kernel
+@pytest.mark.skip(reason="the C attention kernel reads the striped K/V layout; the model's caches now hold the "
+                         "pair layout, so loaded models run the model's own attention")
 def test_loaded_models_use_the_attention_kernel_and_match_without_it():
     """phiflash_mlx.load gives CPU models the kernel; prompt and decode logits equal the MLX-op path."""
     import phiflash_mlx

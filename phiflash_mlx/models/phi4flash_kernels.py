@@ -34,7 +34,6 @@ from typing import Callable, Sequence
 
 import mlx.core as mx
 
-
 MODES = ("auto", "metal", "ops")
 ENV_VAR = "PHIFLASH_KERNELS"
 
@@ -56,19 +55,31 @@ def silu_gate(y: mx.array, z: mx.array) -> mx.array:
 
 @mx.compile
 def _scan_step(s, dA, dBu, C):
-    s = dA * s + dBu                                  # (b, d_in, n)
-    return s, (s * C[:, None, :]).sum(-1)            # y_t (b, d_in)
+    s = dA * s + dBu  # (b, d_in, n)
+    return s, (s * C[:, None, :]).sum(-1)  # y_t (b, d_in)
 
 
-def selective_scan_ops(u, delta, A, B, C, D, z=None, delta_bias=None, state=None):
+def selective_scan_ops(
+    u, delta, A, B, C, D, z=None, delta_bias=None, state=None, mask=None
+):
     """Whole-sequence selective scan; returns (y (b, l, d_in), final state (b, d_in, n))."""
     b, l, d_in = u.shape
+    dtype = u.dtype
+    u, delta, B, C = (x.astype(mx.float32) for x in (u, delta, B, C))
+    if z is not None:
+        z = z.astype(mx.float32)
     if delta_bias is not None:
         delta = delta + delta_bias
     delta = softplus(delta)
-    dA = mx.exp(delta[..., None] * A)                                    # (b, l, d_in, n)
-    dBu = (delta * u)[..., None] * B[:, :, None, :]                      # (b, l, d_in, n)
-    s = mx.zeros((b, d_in, A.shape[1]), dtype=mx.float32) if state is None else state.astype(mx.float32)
+    if mask is not None:
+        delta = delta * mask[..., None].astype(delta.dtype)
+    dA = mx.exp(delta[..., None] * A)  # (b, l, d_in, n)
+    dBu = (delta * u)[..., None] * B[:, :, None, :]  # (b, l, d_in, n)
+    s = (
+        mx.zeros((b, d_in, A.shape[1]), dtype=mx.float32)
+        if state is None
+        else state.astype(mx.float32)
+    )
     ys = []
     for t in range(l):
         s, y_t = _scan_step(s, dA[:, t], dBu[:, t], C[:, t])
@@ -76,20 +87,24 @@ def selective_scan_ops(u, delta, A, B, C, D, z=None, delta_bias=None, state=None
     y = mx.stack(ys, axis=1) + D * u
     if z is not None:
         y = silu_gate(y, z)
-    return y, s
+    return y.astype(dtype), s
 
 
 def selective_state_update_ops(state, u, delta, A, B, C, D, z=None, delta_bias=None):
     """One decode step: u, delta, z (b, d_in); B, C (b, n). Returns (y (b, d_in), new state)."""
+    dtype = u.dtype
+    u, delta, B, C = (x.astype(mx.float32) for x in (u, delta, B, C))
+    if z is not None:
+        z = z.astype(mx.float32)
     if delta_bias is not None:
         delta = delta + delta_bias
     delta = softplus(delta)
-    dA = mx.exp(delta[..., None] * A)                                    # (b, d_in, n)
+    dA = mx.exp(delta[..., None] * A)  # (b, d_in, n)
     s = dA * state + (delta * u)[..., None] * B[:, None, :]
     y = (s * C[:, None, :]).sum(-1) + D * u
     if z is not None:
         y = silu_gate(y, z)
-    return y, s
+    return y.astype(dtype), s
 
 
 def gmu_gate_ops(g: mx.array, memory: mx.array) -> mx.array:
@@ -199,10 +214,15 @@ class Launch:
 
 
 def _scan_spec(decode: bool, gated: bool) -> KernelSpec:
-    name = ("phiflash_scan_step" if decode else "phiflash_selective_scan") + ("_gated" if gated else "")
-    inputs = ("u", "delta", "A", "B", "C", "D", "delta_bias", "state_in") + (("z",) if gated else ())
-    source = _SCAN_TEMPLATE.format(length="1" if decode else "u_shape[1]",
-                                   gate=_GATE_LINE if gated else "")
+    name = ("phiflash_scan_step" if decode else "phiflash_selective_scan") + (
+        "_gated" if gated else ""
+    )
+    inputs = ("u", "delta", "A", "B", "C", "D", "delta_bias", "state_in") + (
+        ("z",) if gated else ()
+    )
+    source = _SCAN_TEMPLATE.format(
+        length="1" if decode else "u_shape[1]", gate=_GATE_LINE if gated else ""
+    )
     return KernelSpec(name, inputs, ("y", "state_out"), source)
 
 
@@ -221,9 +241,13 @@ SPECS: dict[str, KernelSpec] = {
 def _build_kernels():
     try:
         built = {
-            name: mx.fast.metal_kernel(name=spec.name, input_names=list(spec.input_names),
-                                       output_names=list(spec.output_names),
-                                       source=spec.source, header=spec.header)
+            name: mx.fast.metal_kernel(
+                name=spec.name,
+                input_names=list(spec.input_names),
+                output_names=list(spec.output_names),
+                source=spec.source,
+                header=spec.header,
+            )
             for name, spec in SPECS.items()
         }
         return built, None
@@ -240,16 +264,23 @@ Runner = Callable[[KernelSpec, Launch], Sequence[mx.array]]
 
 
 def run_metal(spec: KernelSpec, launch: Launch) -> list[mx.array]:
-    return _KERNELS[spec.name](inputs=launch.inputs, template=launch.template, grid=launch.grid,
-                               threadgroup=launch.threadgroup, output_shapes=launch.output_shapes,
-                               output_dtypes=launch.output_dtypes)
+    return _KERNELS[spec.name](
+        inputs=launch.inputs,
+        template=launch.template,
+        grid=launch.grid,
+        threadgroup=launch.threadgroup,
+        output_shapes=launch.output_shapes,
+        output_dtypes=launch.output_dtypes,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Kernel paths (the entry functions below dispatch here or to the ops twins)
 # ---------------------------------------------------------------------------------------------
 
-_SCAN_THREADS = 64      # threads per group: 5120 channels give 80 groups to spread over the GPU cores
+_SCAN_THREADS = (
+    64  # threads per group: 5120 channels give 80 groups to spread over the GPU cores
+)
 _GATE_THREADS = 256
 
 
@@ -257,7 +288,9 @@ def _f32(x: mx.array) -> mx.array:
     return x if x.dtype == mx.float32 else x.astype(mx.float32)
 
 
-def _scan_launch(u, delta, A, B, C, D, z, delta_bias, state) -> tuple[KernelSpec, Launch]:
+def _scan_launch(
+    u, delta, A, B, C, D, z, delta_bias, state
+) -> tuple[KernelSpec, Launch]:
     decode = u.ndim == 2
     b, d_in = u.shape[0], u.shape[-1]
     n = A.shape[1]
@@ -266,23 +299,41 @@ def _scan_launch(u, delta, A, B, C, D, z, delta_bias, state) -> tuple[KernelSpec
     if state is None:
         state = mx.zeros((b, d_in, n), dtype=mx.float32)
     inputs = [u, delta, A, B, C, D, delta_bias, state] + ([] if z is None else [z])
-    name = ("phiflash_scan_step" if decode else "phiflash_selective_scan") + ("" if z is None else "_gated")
-    launch = Launch(inputs=[_f32(x) for x in inputs], template=[("N", n)],
-                    grid=(b * d_in, 1, 1), threadgroup=(_SCAN_THREADS, 1, 1),
-                    output_shapes=[u.shape, (b, d_in, n)], output_dtypes=[mx.float32, mx.float32])
+    name = ("phiflash_scan_step" if decode else "phiflash_selective_scan") + (
+        "" if z is None else "_gated"
+    )
+    launch = Launch(
+        inputs=[_f32(x) for x in inputs],
+        template=[("N", n)],
+        grid=(b * d_in, 1, 1),
+        threadgroup=(_SCAN_THREADS, 1, 1),
+        output_shapes=[u.shape, (b, d_in, n)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
     return SPECS[name], launch
 
 
-def selective_scan_kernel(u, delta, A, B, C, D, z=None, delta_bias=None, state=None,
-                          runner: Runner | None = None):
+def selective_scan_kernel(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D,
+    z=None,
+    delta_bias=None,
+    state=None,
+    runner: Runner | None = None,
+):
     """The kernel path of `selective_scan`; `runner` defaults to Metal. Returns (y, final state)."""
     spec, launch = _scan_launch(u, delta, A, B, C, D, z, delta_bias, state)
     y, s = (runner or run_metal)(spec, launch)
     return y, s
 
 
-def selective_state_update_kernel(state, u, delta, A, B, C, D, z=None, delta_bias=None,
-                                  runner: Runner | None = None):
+def selective_state_update_kernel(
+    state, u, delta, A, B, C, D, z=None, delta_bias=None, runner: Runner | None = None
+):
     """The kernel path of `selective_state_update` (u, delta, z (b, d_in); B, C (b, n))."""
     spec, launch = _scan_launch(u, delta, A, B, C, D, z, delta_bias, state)
     y, s = (runner or run_metal)(spec, launch)
@@ -293,8 +344,14 @@ def gmu_gate_kernel(g, memory, runner: Runner | None = None):
     """The kernel path of `gmu_gate`: SiLU(g) * memory in one pass over the elements."""
     if g.dtype != memory.dtype or g.dtype not in (mx.float32, mx.float16, mx.bfloat16):
         g, memory = _f32(g), _f32(memory)
-    launch = Launch(inputs=[g, memory], template=[("T", g.dtype)], grid=(g.size, 1, 1),
-                    threadgroup=(_GATE_THREADS, 1, 1), output_shapes=[g.shape], output_dtypes=[g.dtype])
+    launch = Launch(
+        inputs=[g, memory],
+        template=[("T", g.dtype)],
+        grid=(g.size, 1, 1),
+        threadgroup=(_GATE_THREADS, 1, 1),
+        output_shapes=[g.shape],
+        output_dtypes=[g.dtype],
+    )
     return (runner or run_metal)(SPECS["phiflash_gmu_gate"], launch)[0]
 
 
@@ -302,14 +359,18 @@ def gmu_gate_kernel(g, memory, runner: Runner | None = None):
 # Path selection
 # ---------------------------------------------------------------------------------------------
 
+
 def _mode_from_env() -> tuple[str, str]:
     raw = os.environ.get(ENV_VAR)
     if raw is None or raw.strip() == "":
         return "auto", "default"
     mode = raw.strip().lower()
     if mode not in MODES:
-        warnings.warn(f"{ENV_VAR}={raw!r} is not one of {', '.join(MODES)}; using 'auto'",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"{ENV_VAR}={raw!r} is not one of {', '.join(MODES)}; using 'auto'",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return "auto", f"default ({ENV_VAR}={raw!r} not understood)"
     return mode, ENV_VAR
 
@@ -344,7 +405,9 @@ def kernel_status() -> dict:
         active, reason = "ops", f"mode 'ops' (from {_mode_source})"
     elif blocker is not None:
         active = "ops"
-        reason = blocker + (" -- mode 'metal' falls back to plain ops" if _mode == "metal" else "")
+        reason = blocker + (
+            " -- mode 'metal' falls back to plain ops" if _mode == "metal" else ""
+        )
     elif _mode == "auto" and not on_gpu:
         active, reason = "ops", "mode 'auto' and the default device is the CPU"
     else:
@@ -368,8 +431,11 @@ def _use_kernel(use_kernel: bool | None) -> bool:
     if blocker is not None:
         if forced and blocker not in _warned:
             _warned.add(blocker)
-            warnings.warn(f"Metal kernels requested but unavailable: {blocker}; using plain MLX ops",
-                          KernelUnavailableWarning, stacklevel=3)
+            warnings.warn(
+                f"Metal kernels requested but unavailable: {blocker}; using plain MLX ops",
+                KernelUnavailableWarning,
+                stacklevel=3,
+            )
         return False
     return forced or mx.default_device().type == mx.gpu
 
@@ -378,14 +444,29 @@ def _use_kernel(use_kernel: bool | None) -> bool:
 # Entry points (the model calls only these)
 # ---------------------------------------------------------------------------------------------
 
-def selective_scan(u, delta, A, B, C, D, z=None, delta_bias=None, state=None, use_kernel=None):
+
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D,
+    z=None,
+    delta_bias=None,
+    state=None,
+    mask=None,
+    use_kernel=None,
+):
     """Whole-sequence selective scan (SAMBAY.md 4.5 steps 7-9); returns (y (b, l, d_in), state (b, d_in, n))."""
     if _use_kernel(use_kernel):
         return selective_scan_kernel(u, delta, A, B, C, D, z, delta_bias, state)
-    return selective_scan_ops(u, delta, A, B, C, D, z, delta_bias, state)
+    return selective_scan_ops(u, delta, A, B, C, D, z, delta_bias, state, mask)
 
 
-def selective_state_update(state, u, delta, A, B, C, D, z=None, delta_bias=None, use_kernel=None):
+def selective_state_update(
+    state, u, delta, A, B, C, D, z=None, delta_bias=None, use_kernel=None
+):
     """One decode step (SAMBAY.md 5.2); returns (y (b, d_in), new state (b, d_in, n))."""
     if _use_kernel(use_kernel):
         return selective_state_update_kernel(state, u, delta, A, B, C, D, z, delta_bias)
