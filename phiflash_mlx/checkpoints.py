@@ -152,6 +152,11 @@ def memory_preflight(path: Path, shards: list, target_itemsize: int | None, wher
     available = available_memory() if available is None else available
     if available is None or need_total <= available:
         return need_total
+    if any(e["dtype"] == "U32" for shard in shards for e in shard.entries.values()):   # already quantized
+        raise PhiflashError(
+            f"{path} needs about {_gb(need_total)} of memory once loaded ({where}), but only {_gb(available)} "
+            f"is available; convert the original checkpoint with fewer bits (phiflash convert SRC DST -q "
+            f"--q-bits 3), or set {ENV_SKIP_MEMORY_CHECK}=1 to try anyway")
     dst = f"{Path(path).name or 'model'}-4bit"
     raise PhiflashError(
         f"{path} needs about {_gb(need_total)} of memory once loaded ({where}), but only {_gb(available)} is "

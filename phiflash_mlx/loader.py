@@ -67,18 +67,18 @@ def _weight_files(path: Path) -> list:
 
 
 def _target_itemsize(dtype) -> int | None:
-    """Bytes per float element after build_model's dtype policy (None: kept as stored)."""
-    if dtype is None:
-        return 4 if not mx.metal.is_available() else None
-    return dtype.size
+    """Bytes per float element after the dtype policy (activation_dtype; None: kept as stored)."""
+    target = activation_dtype(dtype)
+    return None if target is None else target.size
 
 
 def load_weights(path: Path, dtype=None, preflight: bool = False) -> dict:
     files = _weight_files(path)
     shards = [_check_safetensors(f) for f in files]
     if preflight:
-        where = ("float32 on this CPU" if _target_itemsize(dtype) == 4 and dtype is None else
-                 f"as {dtype}" if dtype is not None else "in the stored dtypes")
+        target = activation_dtype(dtype)
+        where = ("in the stored dtypes" if target is None else
+                 "float32 on this CPU" if dtype is None else f"as {str(target).replace('mlx.core.', '')}")
         checkpoints.memory_preflight(path, shards, _target_itemsize(dtype), where)
     weights = {}
     for file in progress(files, desc="loading weights", unit="shard", min_items=2):

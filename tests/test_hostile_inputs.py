@@ -717,8 +717,15 @@ def test_memory_preflight_refuses_with_the_command_that_fits(tiny, monkeypatch, 
     msg = one_line(err.value)
     assert "needs about" in msg and "0.0 GB is available" in msg
     assert f"phiflash convert {tiny} tiny-4bit -q" in msg
+    q = convert(str(tiny), str(tiny.parent / "q"), quantize=True)
+    with pytest.raises(PhiflashError, match="already|fewer bits"):
+        phiflash_mlx.load(str(q), tokenizer=False)
     monkeypatch.setenv(checkpoints.ENV_SKIP_MEMORY_CHECK, "1")
     phiflash_mlx.load(str(tiny), tokenizer=False)
+
+
+def test_quality_seed_out_of_range(demo, capsys):
+    assert "--seed" in cli_error(capsys, "quality", demo, demo, "--seed", "-1")
 
 
 def test_available_memory_is_known_here():

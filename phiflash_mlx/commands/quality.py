@@ -35,6 +35,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    if not 0 <= args.seed < 2**63:
+        raise PhiflashError(f"--seed must be an integer in 0..2^63-1, got {args.seed}")
     texts = []
     for f in args.text:
         try:
