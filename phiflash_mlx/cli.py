@@ -43,6 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
+    except ImportError as exc:
+        cause = exc
+        while cause is not None and not isinstance(cause, KeyboardInterrupt):
+            cause = cause.__cause__ or cause.__context__      # MLX's extension wraps Ctrl-C in ImportError
+        if cause is None:
+            print(f"phiflash {command}: error: {exc}; reinstall phiflash-mlx and its dependencies",
+                  file=sys.stderr)
+            return 1
+        print("", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         _silence_stdout()
         return 141

@@ -773,10 +773,10 @@ def test_broken_pipe_and_full_disk_and_a_bad_option():
 def test_ctrl_c_while_modules_load():
     """SIGINT at several moments while cli.py imports numpy and MLX (~0.3 s): never a traceback. (Python's
     own start-up, before cli.py runs, is not ours: the child reports when it is past it.)"""
-    start = ("import sys; print('up', flush=True); sys.argv = ['cli.py', 'info']; "
-             "exec(compile(open('cli.py').read(), 'cli.py', 'exec'))")
+    start = ("import sys; sys.argv = ['cli.py', 'info']; code = compile(open('cli.py').read(), 'cli.py', 'exec'); "
+             "print('up', flush=True); exec(code, {'__name__': '__main__'})")
     procs = []
-    for delay in (0.0, 0.03, 0.08, 0.15):
+    for delay in (0.03, 0.06, 0.1, 0.15):
         p = subprocess.Popen([sys.executable, "-c", start], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         procs.append((p, delay))
     for p, delay in procs:
