@@ -136,9 +136,17 @@ def qmatvec(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, g
     """x @ dequantize(weight, scales, biases).T with the C kernel (MLX affine layout), float32.
 
     Falls back to `mx.quantized_matmul` where the kernel is unavailable or does not cover the case."""
+    def slow(x):
+        return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+
     lib = _library()
     if lib is None or bits not in KERNEL_BITS or group_size % 32:
-        return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+        return slow(x)
+    return _host_call(lambda x: _qmatvec_c(lib, x, weight, scales, biases, group_size, bits, packed, simd,
+                                           n_threads), slow, x)
+
+
+def _qmatvec_c(lib, x, weight, scales, biases, group_size, bits, packed, simd, n_threads):
     if packed is None or packed.source is not weight:
         packed = _Packed(weight, scales, biases)
     k = x.shape[-1]
@@ -150,7 +158,7 @@ def qmatvec(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, g
                          packed.biases.ctypes.data, n, bits, group_size, y.ctypes.data,
                          n_threads or threads(), int(simd))
     if rc != 0:
-        return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+        return None
     out = mx.array(y).reshape(*x.shape[:-1], n)
     return out if x.dtype == mx.float32 else out.astype(x.dtype)
 
@@ -201,6 +209,30 @@ class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
         return super().as_linear(x) if y is None else y
 
 
+def _host_call(fast, slow, *arrays):
+    """`fast(*arrays)`, a C kernel reached through NumPy (a round trip to the host), where that is
+    possible and meaningful; `slow(*arrays)`, the same math in MLX ops, elsewhere: inside mx.compile
+    or vmap (where MLX refuses to evaluate) `slow` runs, and gradients always come from `slow`, since
+    an array made from NumPy carries none. `fast` may return None to leave it to `slow`."""
+
+    @mx.custom_function
+    def call(*xs):
+        try:
+            out = fast(*xs)
+        except ValueError:  # "Attempting to eval an array during function transformations"
+            out = None
+        return slow(*xs) if out is None else out
+
+    @call.vjp
+    def call_vjp(primals, cotangents, outputs):
+        single = isinstance(primals, mx.array)           # one input: MLX passes it bare
+        cot = list(cotangents) if isinstance(cotangents, (list, tuple)) else [cotangents]
+        grads = mx.vjp(slow, [primals] if single else list(primals), cot)[1]
+        return grads[0] if single else tuple(grads)
+
+    return call(*arrays)
+
+
 def _strides(a: np.ndarray) -> tuple[int, ...]:
     return tuple(st // a.itemsize for st in a.strides)
 
@@ -224,6 +256,22 @@ def attend_few(q: mx.array, keys: mx.array, values: mx.array, mask: mx.array | N
     hs = nh // 2
     if nh % 2 or hs % half or keys.shape[-1] != 2 * hd or values.shape[1] != half:
         return None
+
+    def slow(q, keys, values):                                   # MLX's attention, stripe by stripe
+        sdpa = mx.fast.scaled_dot_product_attention
+        return (sdpa(q[:, 0::2], keys[..., :hd], values, scale=scale, mask=mask),
+                sdpa(q[:, 1::2], keys[..., hd:], values, scale=scale, mask=mask))
+
+    def fast(q, keys, values):
+        return _attend_c(lib, q, keys, values, mask, scale, simd, n_threads)
+
+    return _host_call(fast, slow, q, keys, values)
+
+
+def _attend_c(lib, q, keys, values, mask, scale, simd, n_threads):
+    b, nh, l, hd = q.shape
+    half, s, dv = keys.shape[1], keys.shape[2], values.shape[-1]
+    hs = nh // 2
     r = hs // half * l
     q1, q2 = q[:, 0::2], q[:, 1::2]
     qa = mx.concatenate([q1.reshape(b, half, r, hd), q2.reshape(b, half, r, hd)], axis=1) * scale

@@ -191,3 +191,47 @@ def test_switch_off_by_environment():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "'active': False" in out.stdout and "PHIFLASH_CPU_KERNELS=0" in out.stdout
+
+
+@needs_kernel
+def test_kernels_are_transparent_to_compile_and_gradients():
+    """The C kernels go through NumPy (a host round trip): inside mx.compile they step aside for the
+    MLX ops, and gradients through them are those of the MLX ops, not zero."""
+    from mlx_lm.models.base import create_causal_mask
+    key = mx.random.key(3)
+    kq, kk, kv, kx, kw = mx.random.split(key, 5)
+    q = mx.random.normal((1, 4, 2, 16), key=kq)
+    keys = mx.random.normal((1, 1, 40, 32), key=kk)
+    values = mx.random.normal((1, 1, 40, 32), key=kv)
+    mask = create_causal_mask(2, 38)
+
+    def via_kernel(q, keys, values):
+        a1, a2 = cpu_kernels.attend_few(q, keys, values, mask, 0.25)
+        return (a1 * a1).sum() + (a1 * a2).sum()
+
+    def via_mlx(q, keys, values):
+        sdpa = mx.fast.scaled_dot_product_attention
+        a1 = sdpa(q[:, 0::2], keys[..., :16], values, scale=0.25, mask=mask)
+        a2 = sdpa(q[:, 1::2], keys[..., 16:], values, scale=0.25, mask=mask)
+        return (a1 * a1).sum() + (a1 * a2).sum()
+
+    np.testing.assert_allclose(float(mx.compile(via_kernel)(q, keys, values)), float(via_mlx(q, keys, values)),
+                               rtol=1e-5)
+    got = mx.grad(via_kernel, argnums=(0, 1, 2))(q, keys, values)
+    want = mx.grad(via_mlx, argnums=(0, 1, 2))(q, keys, values)
+    for g, w in zip(got, want):
+        assert np.abs(np.asarray(w)).max() > 0
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+    w = mx.random.normal((256, 512), key=kw)
+    wq, scales, biases = mx.quantize(w, group_size=64, bits=4)
+    x = mx.random.normal((2, 512), key=kx)
+
+    def lin(x, kernel):
+        if kernel:
+            return (cpu_kernels.qmatvec(x, wq, scales, biases, 64, 4) ** 2).sum()
+        return (mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=64, bits=4) ** 2).sum()
+
+    np.testing.assert_allclose(float(mx.compile(lambda x: lin(x, True))(x)), float(lin(x, False)), rtol=1e-4)
+    got, want = (np.asarray(mx.grad(lambda x: lin(x, k))(x)) for k in (True, False))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())   # 2 y W: y from either path
