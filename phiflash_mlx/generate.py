@@ -11,6 +11,8 @@ with the generation prompt), or a list of token ids.
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence, Union
@@ -38,6 +40,17 @@ class SamplingParams:
     seed: Optional[int] = None
 
     def validate(self):
+        """Refuse what would sample garbage (NaN/inf temperature, ...). A seed may be any integer: it is
+        reduced modulo 2^64 (so -1 is 2^64 - 1), the range of MLX's random keys."""
+        for name, value in (("temperature", self.temp), ("top_p", self.top_p), ("min_p", self.min_p)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise PhiflashError(f"{name} must be a finite number, got {value!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
+            raise PhiflashError(f"top_k must be an integer, got {self.top_k!r}")
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+                raise PhiflashError(f"seed must be an integer, got {self.seed!r}")
+            self.seed = int(self.seed) % 2**64
         if self.temp < 0:
             raise PhiflashError(f"temperature must be >= 0, got {self.temp}")
         if not 0 < self.top_p <= 1:

@@ -300,6 +300,8 @@ class _SentencePieceBackend:
             raise TokenizerError(
                 f"{path}: not a readable sentencepiece model ({exc}); re-download or re-export it"
             ) from exc
+        if not types:
+            raise TokenizerError(f"{path} is empty or holds no pieces; re-download the tokenizer files")
         if len(types) != self.sp.get_piece_size():
             raise TokenizerError(f"{path}: the piece table could not be read")
         self.types = types
@@ -633,7 +635,15 @@ def _chat_template(directory: Path, tokenizer_config: dict) -> str | None:
 def _added_from_config(tokenizer_config: dict, added_tokens_json: dict) -> list[AddedToken]:
     """Added tokens of a checkpoint without tokenizer.json (``added_tokens_decoder`` wins)."""
     found: dict[int, AddedToken] = {}
-    for key, entry in (tokenizer_config.get("added_tokens_decoder") or {}).items():
+    decoder = tokenizer_config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise TokenizerError("tokenizer_config.json: added_tokens_decoder must be an object of "
+                             "{token id: {content, ...}}; re-download the tokenizer files")
+    for key, entry in decoder.items():
+        if not (isinstance(key, str) and key.isdigit() and isinstance(entry, dict)
+                and isinstance(entry.get("content"), str)):
+            raise TokenizerError(f"tokenizer_config.json: added_tokens_decoder entry {key!r:.40} is not "
+                                 "'<token id>': {\"content\": ...}; re-download the tokenizer files")
         found[int(key)] = AddedToken(
             entry["content"],
             int(key),

@@ -443,14 +443,19 @@ def read_arrays(path: str) -> dict[str, np.ndarray]:
     path = str(path)
     if not os.path.exists(path):
         raise PhiflashError(f"{path} does not exist")
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    if not os.path.isfile(path):
+        raise PhiflashError(f"{path} is not a regular file; give an .npz or .safetensors file")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise PhiflashError(f"cannot read {path}: {exc.strerror or exc}") from None
     if magic.startswith(b"PK"):
         try:
             with np.load(path, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
-        except (OSError, ValueError) as exc:
-            raise PhiflashError(f"cannot read {path} as .npz: {exc}") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, KeyError) as exc:
+            raise PhiflashError(f"cannot read {path} as .npz ({exc}); write it with numpy.savez") from None
     try:
         st = SafetensorsFile(path)
     except reference.CheckpointError as exc:

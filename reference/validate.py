@@ -279,7 +279,7 @@ def validate_safetensors_header(header, path: str, data_bytes: int) -> dict:
             if key not in e:
                 raise CheckpointError(f"{path}: tensor {name} lacks {key}; {again}")
         dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise CheckpointError(unsupported_dtype_message(path, name, dtype))
         if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and 0 <= d < 1 << 40 for d in shape):
             raise CheckpointError(f"{path}: tensor {name} has shape {_short(shape)}; a shape is a list of "

@@ -61,6 +61,8 @@ class SafetensorsFile:
                     raise CheckpointError(f"{path}: its header claims {n} bytes, more than a safetensors header "
                                           "may have; it is not a safetensors file, download it again")
                 header = json.loads(f.read(n))
+        except CheckpointError:
+            raise
         except OSError as exc:
             raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}; check the file and its "
                                   "permissions") from None

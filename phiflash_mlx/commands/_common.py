@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -41,18 +42,65 @@ def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> No
 
 def generation_defaults(model_path: Path) -> dict:
     """temperature / top_p from generation_config.json when it sets them (the released one does not;
-    the model card recommends 0.6 / 0.95, SAMBAY.md 6.4)."""
+    the model card recommends 0.6 / 0.95, SAMBAY.md 6.4). A value that is not a finite number is
+    refused with one line naming the file and the field."""
+    from ..checkpoints import read_json
     defaults = {"temperature": 0.6, "top_p": 0.95}
     file = Path(model_path) / "generation_config.json"
-    if file.exists():
-        try:
-            cfg = json.loads(file.read_text())
-        except ValueError:
-            cfg = {}
-        for key in defaults:
-            if isinstance(cfg.get(key), (int, float)):
-                defaults[key] = float(cfg[key])
+    if not file.exists():
+        return defaults
+    cfg = read_json(file, "generation_config.json", 1 << 20)
+    if not isinstance(cfg, dict):
+        raise PhiflashError(f"{file} must hold a JSON object; fix or delete it")
+    for key in defaults:
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise PhiflashError(f"{file}: {key} must be a finite number, got {json.dumps(value)[:40]}; fix or "
+                                f"delete it (or override it with --{'temp' if key == 'temperature' else 'top-p'})")
+        defaults[key] = float(value)
     return defaults
+
+
+def clean_text(text: str) -> tuple[str, bool]:
+    """Text that is valid Unicode: bytes that were not UTF-8 (kept by Python as lone surrogates, from argv
+    or stdin) become U+FFFD, one per byte. Returns (text, whether anything was replaced)."""
+    try:
+        text.encode("utf-8")
+        return text, False
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace"), True
+
+
+def read_text_input(stream) -> tuple[str, bool]:
+    """All of a text stream (stdin), decoded as UTF-8 with invalid bytes replaced."""
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None:
+        return clean_text(stream.read())
+    data = buffer.read()
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8", "replace"), True
+
+
+def lenient_stdin(stream) -> None:
+    """Undecodable input lines reach the program (as lone surrogates, for clean_text) instead of raising."""
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(errors="surrogateescape")
+        except (ValueError, OSError):
+            pass
+
+
+NOT_UTF8 = "was not valid UTF-8; the invalid bytes were replaced by U+FFFD"
 
 
 def sampling_from_args(args, model_path: Path) -> SamplingParams:

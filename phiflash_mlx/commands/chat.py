@@ -8,7 +8,8 @@ import sys
 from ..errors import PhiflashError
 from ..generate import ChatSession
 from ..progress import PrefillProgress
-from ._common import add_model_option, add_sampling_options, load_model, sampling_from_args
+from ._common import (NOT_UTF8, add_model_option, add_sampling_options, clean_text, lenient_stdin, load_model,
+                      sampling_from_args)
 
 EXAMPLES = """\
 examples:
@@ -76,9 +77,10 @@ def register(sub) -> None:
 def run(args) -> int:
     model, tok, path = load_model(args.model)
     sampling = sampling_from_args(args, path)
-    session = ChatSession(model, tok, system=args.system, max_context=args.max_context,
+    session = ChatSession(model, tok, system=clean_text(args.system)[0] if args.system else None, max_context=args.max_context,
                           prefill_step_size=args.prefill_step_size)
     out = sys.stdout
+    lenient_stdin(sys.stdin)
     interactive = sys.stdin.isatty()
     print("Type a message; /reset, /system TEXT, /exit. Ctrl-C stops an answer.", file=sys.stderr)
     while True:
@@ -92,13 +94,16 @@ def run(args) -> int:
                 if not line:
                     raise EOFError
                 line = line.rstrip("\n")
-                out.write(line + "\n")
+                out.write(clean_text(line)[0] + "\n")
         except EOFError:
             out.write("\n")
             return 0
         except KeyboardInterrupt:
             out.write("\n")
             continue
+        line, replaced = clean_text(line)
+        if replaced:
+            print(f"[the message {NOT_UTF8}]", file=out, flush=True)
         text = line.strip()
         if not text:
             continue

@@ -9,7 +9,8 @@ import sys
 from ..errors import PhiflashError
 from ..generate import Generator
 from ..progress import PrefillProgress
-from ._common import add_model_option, add_sampling_options, load_model, sampling_from_args
+from ._common import (NOT_UTF8, add_model_option, add_sampling_options, clean_text, load_model, read_text_input,
+                      sampling_from_args)
 from .chat import Printer
 
 EXAMPLES = """\
@@ -43,7 +44,16 @@ def run(args) -> int:
     if prompt is None or prompt == "-":
         if sys.stdin is None or sys.stdin.isatty():
             raise PhiflashError("no prompt: pass --prompt TEXT or pipe the prompt on stdin")
-        prompt = sys.stdin.read()
+        prompt, replaced = read_text_input(sys.stdin)
+    else:
+        prompt, replaced = clean_text(prompt)
+    if replaced:
+        print(f"phiflash generate: warning: the prompt {NOT_UTF8}", file=sys.stderr)
+    if args.system is not None:
+        args.system, replaced = clean_text(args.system)
+        if replaced:
+            print(f"phiflash generate: warning: --system {NOT_UTF8}", file=sys.stderr)
+    args.stop = [clean_text(s)[0] for s in args.stop]
     if not prompt.strip():
         raise PhiflashError("the prompt is empty")
     model, tok, path = load_model(args.model, quiet=args.json)

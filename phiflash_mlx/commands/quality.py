@@ -38,9 +38,14 @@ def run(args) -> int:
     texts = []
     for f in args.text:
         try:
+            if not Path(f).is_file():
+                raise PhiflashError(f"--text {f} is not a regular file; give a UTF-8 text file")
             texts.append(Path(f).read_text(encoding="utf-8"))
         except OSError as exc:
-            raise PhiflashError(f"cannot read --text {f}: {exc}") from None
+            raise PhiflashError(f"cannot read --text {f}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise PhiflashError(f"--text {f} is not UTF-8 text (byte {exc.start} is invalid); convert it to "
+                                "UTF-8, e.g. with iconv") from None
     ref, tok = load(args.ref)
     quant, _ = load(args.quant, tokenizer=False)
     if ref.args.vocab_size != quant.args.vocab_size or ref.args.num_hidden_layers != quant.args.num_hidden_layers:
