@@ -435,12 +435,12 @@ static void attend_share(void *arg, int share) {
 #endif
     for (long u = u0; u < u1; u++) {
         const long b = u / half, h = u % half;
-        for (int part = 0; part < 2; part++) {                     /* scores, key head j */
-            const long j = h + part * half;
-            const float *qj = a->q + b * a->q_bs + j * a->q_hs;
-            const float *kj = a->k + b * a->k_bs + h * a->k_hs + part * a->k_ps;
-            for (long t = 0; t < a->T; t++) {
-                const float *kt = kj + t * a->k_ts;
+        /* scores: one pass over the pair's key rows, both heads of a row while it is in cache */
+        const float *kh = a->k + b * a->k_bs + h * a->k_hs;
+        for (long t = 0; t < a->T; t++) {
+            for (int part = 0; part < 2; part++) {
+                const float *qj = a->q + b * a->q_bs + (h + part * half) * a->q_hs;
+                const float *kt = kh + t * a->k_ts + part * a->k_ps;
                 for (long r = 0; r < a->R; r++) {
                     float sc = dot(qj + r * a->D, kt, a->D);
                     if (a->bias) sc += a->bias[b * a->bias_bs + (r % a->L) * a->bias_ls + t];
