@@ -71,8 +71,8 @@ def _library() -> ctypes.CDLL | None:
     ptr, lng, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.phf_qmatvec.argtypes = [ptr, lng, lng, ptr, ptr, ptr, lng, i32, i32, ptr, i32, i32]
     lib.phf_qmatvec.restype = i32
-    lib.phf_attend.argtypes = [ptr, lng, lng, ptr, lng, lng, lng, ptr, lng, lng, lng, ptr, lng, lng, ptr,
-                               lng, lng, lng, lng, lng, lng, lng, i32, i32]
+    lib.phf_attend.argtypes = [ptr, lng, lng, ptr, lng, lng, lng, lng, ptr, lng, lng, lng, ptr, lng, lng,
+                               ptr, lng, lng, lng, lng, lng, lng, lng, i32, i32]
     lib.phf_attend.restype = i32
     lib.phf_simd.restype = i32
     _lib = lib
@@ -136,9 +136,17 @@ def qmatvec(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, g
     """x @ dequantize(weight, scales, biases).T with the C kernel (MLX affine layout), float32.
 
     Falls back to `mx.quantized_matmul` where the kernel is unavailable or does not cover the case."""
+    def slow(x):
+        return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+
     lib = _library()
     if lib is None or bits not in KERNEL_BITS or group_size % 32:
-        return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+        return slow(x)
+    return _host_call(lambda x: _qmatvec_c(lib, x, weight, scales, biases, group_size, bits, packed, simd,
+                                           n_threads), slow, x)
+
+
+def _qmatvec_c(lib, x, weight, scales, biases, group_size, bits, packed, simd, n_threads):
     if packed is None or packed.source is not weight:
         packed = _Packed(weight, scales, biases)
     k = x.shape[-1]
@@ -150,7 +158,7 @@ def qmatvec(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, g
                          packed.biases.ctypes.data, n, bits, group_size, y.ctypes.data,
                          n_threads or threads(), int(simd))
     if rc != 0:
-        return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+        return None
     out = mx.array(y).reshape(*x.shape[:-1], n)
     return out if x.dtype == mx.float32 else out.astype(x.dtype)
 
@@ -201,57 +209,104 @@ class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
         return super().as_linear(x) if y is None else y
 
 
+def _host_call(fast, slow, *arrays):
+    """`fast(*arrays)`, a C kernel reached through NumPy (a round trip to the host), where that is
+    possible and meaningful; `slow(*arrays)`, the same math in MLX ops, elsewhere: inside mx.compile
+    or vmap (where MLX refuses to evaluate) `slow` runs, and gradients always come from `slow`, since
+    an array made from NumPy carries none. `fast` may return None to leave it to `slow`."""
+
+    @mx.custom_function
+    def call(*xs):
+        try:
+            out = fast(*xs)
+        except ValueError:  # "Attempting to eval an array during function transformations"
+            out = None
+        return slow(*xs) if out is None else out
+
+    @call.vjp
+    def call_vjp(primals, cotangents, outputs):
+        single = isinstance(primals, mx.array)           # one input: MLX passes it bare
+        cot = list(cotangents) if isinstance(cotangents, (list, tuple)) else [cotangents]
+        grads = mx.vjp(slow, [primals] if single else list(primals), cot)[1]
+        return grads[0] if single else tuple(grads)
+
+    return call(*arrays)
+
+
 def _strides(a: np.ndarray) -> tuple[int, ...]:
     return tuple(st // a.itemsize for st in a.strides)
 
 
-def attend_few(q1: mx.array, q2: mx.array, k: mx.array, vv: mx.array, bias: mx.array | None,
-               scale: float, simd: bool = True, n_threads: int | None = None):
+def attend_few(q: mx.array, keys: mx.array, values: mx.array, mask: mx.array | None, scale: float,
+               simd: bool = True, n_threads: int | None = None):
     """Both stripes of differential attention for a few queries, with the C kernel: the same result
-    as ``DiffAttention._attend_few`` (see there for the layout), reading the cache where it lies.
+    as ``DiffAttention._core`` of the model (``DiffAttention.few_query_kernel``), reading the cache
+    where it lies.
 
-    q1, q2 (b, nh/2, l, hd); k (b, nkv, s, hd) striped; vv (b, nkv/2, s, 2hd); bias (l, s), (b, 1, l, s)
-    or None. Returns (attn1, attn2), each (b, nh/2, l, 2hd), or None where the kernel does not apply
-    (not built, not float32, unexpected strides): the caller then computes it with MLX ops."""
+    q (b, nh, l, hd) in natural head order; keys, values (b, nkv/2, s, 2hd) in the pair layout (pair
+    j = KV heads 2j and 2j+1 side by side; stripe 1 uses the first hd columns of the keys, stripe 2
+    the last); mask None or bool, broadcastable to (b, 1, l, s). Returns (attn1, attn2), each
+    (b, nh/2, l, 2hd), or None where the kernel does not apply (not built, not float32, unexpected
+    strides): the caller then computes it with MLX ops."""
     lib = _library()
-    if lib is None or k.dtype != mx.float32 or vv.dtype != mx.float32 or q1.dtype != mx.float32:
+    if lib is None or any(x.dtype != mx.float32 for x in (q, keys, values)):
         return None
-    b, hs, l, hd = q1.shape
-    nkv, s = k.shape[1], k.shape[2]
-    half = nkv // 2
-    if nkv % 2 or hs % half or vv.shape[1] != half:
+    b, nh, l, hd = q.shape
+    half, s, dv = keys.shape[1], keys.shape[2], values.shape[-1]
+    hs = nh // 2
+    if nh % 2 or hs % half or keys.shape[-1] != 2 * hd or values.shape[1] != half:
         return None
+
+    def slow(q, keys, values):                                   # MLX's attention, stripe by stripe
+        sdpa = mx.fast.scaled_dot_product_attention
+        return (sdpa(q[:, 0::2], keys[..., :hd], values, scale=scale, mask=mask),
+                sdpa(q[:, 1::2], keys[..., hd:], values, scale=scale, mask=mask))
+
+    def fast(q, keys, values):
+        return _attend_c(lib, q, keys, values, mask, scale, simd, n_threads)
+
+    return _host_call(fast, slow, q, keys, values)
+
+
+def _attend_c(lib, q, keys, values, mask, scale, simd, n_threads):
+    b, nh, l, hd = q.shape
+    half, s, dv = keys.shape[1], keys.shape[2], values.shape[-1]
+    hs = nh // 2
     r = hs // half * l
+    q1, q2 = q[:, 0::2], q[:, 1::2]
     qa = mx.concatenate([q1.reshape(b, half, r, hd), q2.reshape(b, half, r, hd)], axis=1) * scale
-    arrays = [qa, k, vv] + ([bias.astype(mx.float32)] if bias is not None else [])
+    arrays = [qa, keys, values]
+    if mask is not None:
+        arrays.append(mx.where(mask, 0.0, -1e30).astype(mx.float32))
     mx.eval(*arrays)
-    qn, kn, vn = np.ascontiguousarray(np.asarray(qa)), np.asarray(k), np.asarray(vv)
+    qn, kn, vn = np.ascontiguousarray(np.asarray(qa)), np.asarray(keys), np.asarray(values)
     if kn.strides[-1] != kn.itemsize or vn.strides[-1] != vn.itemsize:
         return None
-    bias_ptr, bias_bs = None, 0
-    if bias is not None:                                   # (l, s), or (b or 1, 1, l, s)
-        bn = np.ascontiguousarray(np.asarray(arrays[3]))
+    bias_ptr, bias_bs, bias_ls = None, 0, s
+    if mask is not None:                                   # (l, s), or (b or 1, 1, l, s)
+        bn = np.ascontiguousarray(np.broadcast_to(np.asarray(arrays[3]), (*arrays[3].shape[:-2], l, s)))
         bias_ptr = bn.ctypes.data
         bias_bs = l * s if bn.ndim == 4 and bn.shape[0] > 1 else 0
     ks, vs = _strides(kn), _strides(vn)
-    out = np.empty((b, half, 2 * r, vv.shape[-1]), dtype=np.float32)
-    rc = lib.phf_attend(qn.ctypes.data, nkv * r * hd, r * hd, kn.ctypes.data, ks[0], ks[1], ks[2],
-                        vn.ctypes.data, vs[0], vs[1], vs[2], bias_ptr, bias_bs, s, out.ctypes.data,
-                        b, nkv, r, l, hd, vv.shape[-1], s, n_threads or threads(), int(simd))
+    out = np.empty((b, half, 2 * r, dv), dtype=np.float32)
+    rc = lib.phf_attend(qn.ctypes.data, 2 * half * r * hd, r * hd, kn.ctypes.data, ks[0], ks[1], hd, ks[2],
+                        vn.ctypes.data, vs[0], vs[1], vs[2], bias_ptr, bias_bs, bias_ls, out.ctypes.data,
+                        b, 2 * half, r, l, hd, dv, s, n_threads or threads(), int(simd))
     if rc != 0:
         return None
     both = mx.array(out)
-    dv = vv.shape[-1]
     return both[:, :, :r].reshape(b, hs, l, dv), both[:, :, r:].reshape(b, hs, l, dv)
 
 
 def use_cpu_kernels(model: nn.Module) -> int:
     """Switch every QuantizedLinear / QuantizedEmbedding of `model` (ours or any mlx-lm model) to the
-    CPU versions above; returns how many modules changed. (The few-query attention kernel
-    `attend_few` reads the striped cache layout; the model's caches now hold keys and values in the
-    pair layout, so it is not attached and the model's own two-matmul path runs.)"""
+    CPU versions above, and give our differential-attention layers the few-query attention kernel;
+    returns how many modules changed."""
     count = 0
     for _, module in model.named_modules():
+        if hasattr(module, "few_query_kernel") and _library() is not None:
+            module.few_query_kernel = attend_few
+            count += 1
         if type(module) is nn.QuantizedLinear:
             module.__class__ = CPUQuantizedLinear
             count += 1

@@ -92,11 +92,12 @@ def test_tied_embedding_projection():
                                np.asarray(nn.QuantizedEmbedding.as_linear(emb, h)), rtol=1e-5, atol=1e-5)
 
 
-def _striped_cache(key, b, nkv, s, hd, spare):
-    """K and [v1|v2] as the caches hold them: a prefix of a longer buffer (strided, not copied)."""
+def _pair_cache(key, b, pairs, s, hd, spare):
+    """Keys and values as the caches hold them (pair layout, (b, nkv/2, s, 2hd)): a prefix of a longer
+    buffer (strided, not copied)."""
     k1, k2 = mx.random.split(key)
-    kbuf = mx.random.normal((b, nkv, s + spare, hd), key=k1)
-    vbuf = mx.random.normal((b, nkv // 2, s + spare, 2 * hd), key=k2)
+    kbuf = mx.random.normal((b, pairs, s + spare, 2 * hd), key=k1)
+    vbuf = mx.random.normal((b, pairs, s + spare, 2 * hd), key=k2)
     return kbuf[:, :, :s], vbuf[:, :, :s]
 
 
@@ -107,47 +108,51 @@ def _striped_cache(key, b, nkv, s, hd, spare):
        mask=st.sampled_from(["none", "causal", "padded"]), simd=st.booleans(),
        threads=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16))
 def test_attend_few_equals_mlx(b, pairs, g, l, s, hd, spare, mask, simd, threads, seed):
-    """The C few-query attention against MLX's scaled_dot_product_attention per stripe."""
+    """The C few-query attention against MLX's scaled_dot_product_attention per stripe, and against
+    the model's own MLX path (DiffAttention without the kernel)."""
     from mlx_lm.models.base import create_causal_mask
+    from phiflash_mlx.models.phi4flash import DiffAttention
 
-    nkv = 2 * pairs
-    hs = g * pairs                                            # query heads per stripe
+    nh = 2 * g * pairs                                        # query heads; g per KV head of a stripe
     key = mx.random.key(seed)
-    kq1, kq2, kc, kv = mx.random.split(key, 4)
-    q1 = mx.random.normal((b, hs, l, hd), key=kq1)
-    q2 = mx.random.normal((b, hs, l, hd), key=kq2)
-    k, vv = _striped_cache(kc, b, nkv, s, hd, spare)
+    kq, kc, kv = mx.random.split(key, 3)
+    q = mx.random.normal((b, nh, l, hd), key=kq)
+    keys, values = _pair_cache(kc, b, pairs, s, hd, spare)
     if mask == "none":
-        bias = None
+        allowed = None
     else:
         allowed = create_causal_mask(l, s - l) if s >= l else mx.ones((l, s), dtype=mx.bool_)
         if mask == "padded":
             valid = mx.random.uniform(shape=(b, s), key=kv) > 0.3
             valid[:, -1] = True
             allowed = allowed[None, None] & valid[:, None, None, :]
-        bias = mx.where(allowed, 0.0, -1e9).astype(mx.float32)
     scale = hd ** -0.5
-    got = cpu_kernels.attend_few(q1, q2, k, vv, bias, scale, simd=simd, n_threads=threads)
+    got = cpu_kernels.attend_few(q, keys, values, allowed, scale, simd=simd, n_threads=threads)
     assert got is not None
     for o in got:
-        assert o.shape == (b, hs, l, 2 * hd)
-    # and MLX's fused attention, stripe by stripe (GQA: g query heads per key head)
-    sd1 = mx.fast.scaled_dot_product_attention(q1, k[:, :pairs], vv, scale=scale, mask=bias)
-    sd2 = mx.fast.scaled_dot_product_attention(q2, k[:, pairs:], vv, scale=scale, mask=bias)
+        assert o.shape == (b, nh // 2, l, 2 * hd)
+    # MLX's fused attention, stripe by stripe (GQA: g query heads per KV pair)
+    sd1 = mx.fast.scaled_dot_product_attention(q[:, 0::2], keys[..., :hd], values, scale=scale, mask=allowed)
+    sd2 = mx.fast.scaled_dot_product_attention(q[:, 1::2], keys[..., hd:], values, scale=scale, mask=allowed)
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(sd1), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(got[1]), np.asarray(sd2), rtol=1e-4, atol=1e-5)
+    # the model's MLX-op path for the same inputs
+    layer = DiffAttention.__new__(DiffAttention)
+    layer.scale = scale
+    layer.few_query_kernel = None
+    want = DiffAttention._core(layer, q, keys, values, allowed, None)
+    for w, o in zip(want, got):
+        np.testing.assert_allclose(np.asarray(o), np.asarray(w), rtol=1e-4, atol=1e-5)
 
 
 @needs_kernel
 def test_attend_few_declines_what_it_does_not_cover():
     q = mx.random.normal((1, 2, 1, 16)).astype(mx.bfloat16)
-    k = mx.random.normal((1, 2, 5, 16)).astype(mx.bfloat16)
-    vv = mx.random.normal((1, 1, 5, 32)).astype(mx.bfloat16)
-    assert cpu_kernels.attend_few(q, q, k, vv, None, 0.25) is None          # not float32: MLX ops
+    kv = mx.random.normal((1, 1, 5, 32)).astype(mx.bfloat16)
+    assert cpu_kernels.attend_few(q, kv, kv, None, 0.25) is None            # not float32: MLX ops
 
 
-@pytest.mark.skip(reason="the C attention kernel reads the striped K/V layout; the model's caches now hold the "
-                         "pair layout, so loaded models run the model's own attention")
+@needs_kernel
 def test_loaded_models_use_the_attention_kernel_and_match_without_it():
     """phiflash_mlx.load gives CPU models the kernel; prompt and decode logits equal the MLX-op path."""
     import phiflash_mlx
@@ -186,3 +191,47 @@ def test_switch_off_by_environment():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "'active': False" in out.stdout and "PHIFLASH_CPU_KERNELS=0" in out.stdout
+
+
+@needs_kernel
+def test_kernels_are_transparent_to_compile_and_gradients():
+    """The C kernels go through NumPy (a host round trip): inside mx.compile they step aside for the
+    MLX ops, and gradients through them are those of the MLX ops, not zero."""
+    from mlx_lm.models.base import create_causal_mask
+    key = mx.random.key(3)
+    kq, kk, kv, kx, kw = mx.random.split(key, 5)
+    q = mx.random.normal((1, 4, 2, 16), key=kq)
+    keys = mx.random.normal((1, 1, 40, 32), key=kk)
+    values = mx.random.normal((1, 1, 40, 32), key=kv)
+    mask = create_causal_mask(2, 38)
+
+    def via_kernel(q, keys, values):
+        a1, a2 = cpu_kernels.attend_few(q, keys, values, mask, 0.25)
+        return (a1 * a1).sum() + (a1 * a2).sum()
+
+    def via_mlx(q, keys, values):
+        sdpa = mx.fast.scaled_dot_product_attention
+        a1 = sdpa(q[:, 0::2], keys[..., :16], values, scale=0.25, mask=mask)
+        a2 = sdpa(q[:, 1::2], keys[..., 16:], values, scale=0.25, mask=mask)
+        return (a1 * a1).sum() + (a1 * a2).sum()
+
+    np.testing.assert_allclose(float(mx.compile(via_kernel)(q, keys, values)), float(via_mlx(q, keys, values)),
+                               rtol=1e-5)
+    got = mx.grad(via_kernel, argnums=(0, 1, 2))(q, keys, values)
+    want = mx.grad(via_mlx, argnums=(0, 1, 2))(q, keys, values)
+    for g, w in zip(got, want):
+        assert np.abs(np.asarray(w)).max() > 0
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+    w = mx.random.normal((256, 512), key=kw)
+    wq, scales, biases = mx.quantize(w, group_size=64, bits=4)
+    x = mx.random.normal((2, 512), key=kx)
+
+    def lin(x, kernel):
+        if kernel:
+            return (cpu_kernels.qmatvec(x, wq, scales, biases, 64, 4) ** 2).sum()
+        return (mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=64, bits=4) ** 2).sum()
+
+    np.testing.assert_allclose(float(mx.compile(lambda x: lin(x, True))(x)), float(lin(x, False)), rtol=1e-4)
+    got, want = (np.asarray(mx.grad(lambda x: lin(x, k))(x)) for k in (True, False))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())   # 2 y W: y from either path

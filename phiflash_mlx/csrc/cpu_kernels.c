@@ -352,14 +352,14 @@ PHF_EXPORT int phf_qmatvec(const float *x, long m, long k, const uint32_t *w, co
 
 /* ---- attention of a few queries over a long cache (CPU decode) ------------------------------
  *
- * The differential-attention layout of phiflash_mlx.models.phi4flash: nkv key heads, the first half
- * for stripe 1 and the second for stripe 2; value head h (of nkv / 2, width DV = 2 * head size)
- * serves key heads h and h + nkv / 2. Each key head has R query rows (query heads x positions,
- * already scaled); row r is query position r % L. For value head h the result rows are key head h's
- * R rows, then key head h + nkv / 2's:
+ * The differential-attention layout of phiflash_mlx.models.phi4flash: nkv / 2 KV pairs; pair h holds
+ * two key heads (part 0 for stripe 1, part 1 for stripe 2) and one value row of width DV = 2 * head
+ * size that serves both. Key head (h, part) starts at k + h * k_hs + part * k_ps (in the model's pair
+ * layout k_hs is the pair stride and k_ps the head size). Query head j = h + part * nkv / 2 has R
+ * rows (query heads x positions, already scaled); row r is query position r % L. For pair h the
+ * result rows are part 0's R rows, then part 1's:
  *
- *   out[b][h][part * R + r] = softmax_t(q[b][j][r] . k[b][j][t] + bias[b][r % L][t]) @ v[b][h],
- *   j = h + part * nkv / 2
+ *   out[b][h][part * R + r] = softmax_t(q[b][j][r] . k[b][h, part][t] + bias[b][r % L][t]) @ v[b][h]
  *
  * One unit of work is one (b, h): it reads both key heads once and the value head once, which is
  * what makes the step memory-bound instead of copy-bound. Units are spread over the pool. */
@@ -368,7 +368,7 @@ typedef struct {
     const float *q;
     long q_bs, q_hs;           /* q[b][j][r][0..D), rows contiguous (stride D) */
     const float *k;
-    long k_bs, k_hs, k_ts;     /* k[b][j][t][0..D) */
+    long k_bs, k_hs, k_ps, k_ts; /* key head (h, part): k + b * k_bs + h * k_hs + part * k_ps */
     const float *v;
     long v_bs, v_hs, v_ts;     /* v[b][h][t][0..DV) */
     const float *bias;         /* bias[b][l][t], or NULL */
@@ -435,12 +435,12 @@ static void attend_share(void *arg, int share) {
 #endif
     for (long u = u0; u < u1; u++) {
         const long b = u / half, h = u % half;
-        for (int part = 0; part < 2; part++) {                     /* scores, key head j */
-            const long j = h + part * half;
-            const float *qj = a->q + b * a->q_bs + j * a->q_hs;
-            const float *kj = a->k + b * a->k_bs + j * a->k_hs;
-            for (long t = 0; t < a->T; t++) {
-                const float *kt = kj + t * a->k_ts;
+        /* scores: one pass over the pair's key rows, both heads of a row while it is in cache */
+        const float *kh = a->k + b * a->k_bs + h * a->k_hs;
+        for (long t = 0; t < a->T; t++) {
+            for (int part = 0; part < 2; part++) {
+                const float *qj = a->q + b * a->q_bs + (h + part * half) * a->q_hs;
+                const float *kt = kh + t * a->k_ts + part * a->k_ps;
                 for (long r = 0; r < a->R; r++) {
                     float sc = dot(qj + r * a->D, kt, a->D);
                     if (a->bias) sc += a->bias[b * a->bias_bs + (r % a->L) * a->bias_ls + t];
@@ -480,11 +480,11 @@ static void attend_share(void *arg, int share) {
  * not be had (the output is then incomplete).
  */
 PHF_EXPORT int phf_attend(const float *q, long q_bs, long q_hs, const float *k, long k_bs, long k_hs,
-                          long k_ts, const float *v, long v_bs, long v_hs, long v_ts, const float *bias,
-                          long bias_bs, long bias_ls, float *out, long B, long nkv, long R, long L, long D,
-                          long DV, long T, int threads, int simd) {
+                          long k_ps, long k_ts, const float *v, long v_bs, long v_hs, long v_ts,
+                          const float *bias, long bias_bs, long bias_ls, float *out, long B, long nkv,
+                          long R, long L, long D, long DV, long T, int threads, int simd) {
     if (B <= 0 || nkv < 2 || nkv % 2 || R <= 0 || L <= 0 || D <= 0 || DV <= 0 || T <= 0) return -1;
-    attend_t a = {q, q_bs, q_hs, k, k_bs, k_hs, k_ts, v, v_bs, v_hs, v_ts, bias, bias_bs, bias_ls, out,
+    attend_t a = {q, q_bs, q_hs, k, k_bs, k_hs, k_ps, k_ts, v, v_bs, v_hs, v_ts, bias, bias_bs, bias_ls, out,
                   B, nkv, R, L, D, DV, T, 1, simd && phf_simd(), 0};
     long units = B * (nkv / 2);
     if (threads < 1 || T * nkv * D < (1L << 16)) threads = 1;   /* short caches: not worth waking */
