@@ -15,9 +15,11 @@ The rules (README, "What convert does with an existing destination"):
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -127,24 +129,48 @@ def _signals_deferred():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or file system cannot, and the caller falls back to two renames."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def place(tmp: Path, dst: Path) -> Path:
     """Move the finished `tmp` to `dst`, replacing an existing `dst` only now that `tmp` is whole."""
+    trash = None
     with _signals_deferred():
         try:
             if not os.path.lexists(dst):
                 os.rename(tmp, dst)
-                return dst
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-{os.getpid()}-", dir=dst.parent))
-            os.rename(dst, old / dst.name)
-            try:
-                os.rename(tmp, dst)
-            except OSError:
-                os.rename(old / dst.name, dst)
-                raise
+            elif _exchange(tmp, dst):                # one atomic step; tmp now holds the old directory
+                trash = tmp
+            else:
+                trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-{os.getpid()}-", dir=dst.parent))
+                os.rename(dst, trash / dst.name)
+                try:
+                    os.rename(tmp, dst)
+                except OSError:
+                    os.rename(trash / dst.name, dst)
+                    shutil.rmtree(trash, ignore_errors=True)
+                    raise
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise PhiflashError(f"cannot move the finished output into {dst}: {exc.strerror or exc}") from None
-    shutil.rmtree(old, ignore_errors=True)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
     return dst
 
 
@@ -155,7 +181,7 @@ def atomic_directory(dst: Path):
     tmp = temporary_sibling(dst)
     try:
         yield tmp
+        place(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    place(tmp, dst)

@@ -505,7 +505,7 @@ def test_convert_of_an_unknown_dtype_is_one_line(tiny, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("point", ["first_shard", "side_files", "config", "rename"])
+@pytest.mark.parametrize("point", ["first_shard", "side_files", "config", "place"])
 @pytest.mark.parametrize("existing", [False, True])
 def test_interrupted_convert_leaves_nothing_that_loads_or_blocks(tiny, tmp_path, monkeypatch, point, existing):
     """Ctrl-C at several points of a conversion: the destination is absent (or still the old, whole one),
@@ -530,16 +530,11 @@ def test_interrupted_convert_leaves_nothing_that_loads_or_blocks(tiny, tmp_path,
             real = Path.write_text
             m.setattr(Path, "write_text", lambda self, *a, **k: boom() if self.name == "config.json"
                       else real(self, *a, **k))
-        else:
+        elif not existing:                                     # the final rename of the new directory
             real_rename = os.rename
-            calls = []
-
-            def rename(a, b):
-                calls.append(a)
-                if len(calls) == (2 if existing else 1):
-                    raise KeyboardInterrupt
-                return real_rename(a, b)
-            m.setattr(outdir.os, "rename", rename)
+            m.setattr(outdir.os, "rename", lambda a, b: boom() if Path(b) == dst else real_rename(a, b))
+        else:                                                  # the atomic swap with the old one
+            m.setattr(outdir, "_exchange", boom)
         with pytest.raises(KeyboardInterrupt):
             convert(str(tiny), str(dst), quantize=True, max_shard_size_gb=0.0001, force=True)
     assert tree_digest(tiny) == src_before
@@ -551,6 +546,30 @@ def test_interrupted_convert_leaves_nothing_that_loads_or_blocks(tiny, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out", "tiny"] if existing else ["tiny"])
     convert(str(tiny), str(dst), quantize=True, force=True)
     assert json.loads((dst / "config.json").read_text())["quantization"]["bits"] == 4
+
+
+def test_replacing_without_an_atomic_swap_rolls_back(tiny, tmp_path, monkeypatch):
+    """Where renameat2(RENAME_EXCHANGE) is missing, two renames replace the old output; if the second
+    fails the old one is put back."""
+    import phiflash_mlx.outdir as outdir
+    dst = convert(str(tiny), str(tmp_path / "out"), dtype="float32")
+    before = tree_digest(dst)
+    monkeypatch.setattr(outdir, "_exchange", lambda a, b: False)
+    real_rename = os.rename
+
+    def rename(a, b):
+        if Path(b) == dst and ".partial-" in str(a):
+            raise OSError(28, "No space left on device")
+        return real_rename(a, b)
+    monkeypatch.setattr(outdir.os, "rename", rename)
+    with pytest.raises(PhiflashError, match="cannot move the finished output"):
+        convert(str(tiny), str(dst), quantize=True, force=True)
+    assert tree_digest(dst) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny"]
+    monkeypatch.setattr(outdir.os, "rename", real_rename)
+    convert(str(tiny), str(dst), quantize=True, force=True)
+    assert "quantization" in json.loads((dst / "config.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny"]
 
 
 def test_a_killed_run_leaves_a_partial_that_does_not_load_and_is_cleaned(tiny, tmp_path):
