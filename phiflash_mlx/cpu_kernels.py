@@ -4,11 +4,13 @@ Without Metal, MLX is slow at the two things a decode step does: its CPU `quanti
 single-threaded and compute-bound (about 0.9 G weights/s on the 2-core x86 build machine), and its
 `scaled_dot_product_attention` copies the sliced K/V cache on every call. So on CPUs:
 
-* **Quantized layers, blocks of many tokens** (prefill): dequantize the weight once and do one
-  float32 GEMM through BLAS (the routed OpenBLAS on Linux, Accelerate on macOS). Measured:
-  128 x 3072 @ 3072 x 8192 took 5.1 s with `quantized_matmul` and 0.6 s with dequantize + GEMM.
-* **Quantized layers, a few tokens** (decode, rows < MIN_TOKENS): `phf_qmatvec` of our C library
-  `csrc/cpu_kernels.c` reads the packed 2/4/8-bit codes directly.
+* **Quantized layers** (matrices of at least KERNEL_MIN_WEIGHTS weights, 2/4/8 bits): our C library
+  `csrc/cpu_kernels.c` reads the packed codes directly. A few rows (decode): `phf_qmatvec`, one
+  pass over the codes per 16 rows. Blocks of BLOCK_ROWS or more (prefill): `phf_qmatmul`, the weight
+  dequantized a cache-sized tile at a time and multiplied register-blocked, so a prompt's time grows
+  with its length instead of paying for rewriting every matrix in float32 first.
+* **Other quantized layers, blocks of many tokens**: dequantize once and one float32 GEMM through
+  BLAS (the routed OpenBLAS on Linux, Accelerate on macOS).
 * **Differential attention, a few queries**: `phf_attend` computes both stripes' attention reading
   the shared K/V cache once, in place (`attend_few`, installed on the model's attention layers).
 
@@ -31,12 +33,18 @@ import numpy as np
 
 from ._blas import library_path  # noqa: F401  (re-exported for tests)
 
-# Prefill crossover measured between 8 (289 vs 205 ms) and 32 tokens (264 vs 821 ms) at 3072 x 8192.
+# Where the C kernels do not apply (small matrices, other modes): dequantize + GEMM from this many rows
+# on (crossover measured between 8 and 32 tokens at 3072 x 8192), MLX's quantized_matmul below.
 MIN_TOKENS = 16
 
 ENV_SWITCH = "PHIFLASH_CPU_KERNELS"
 ENV_THREADS = "PHIFLASH_CPU_THREADS"
 KERNEL_BITS = (2, 4, 8)
+# From this many rows on, `phf_qmatmul` (weight dequantized a cache-sized tile at a time, register-
+# blocked product) instead of `phf_qmatvec` (one pass over the packed codes per 16 rows). Measured at
+# 20480 x 2560, 4-bit g64, 2 threads: 8 rows 44 vs 66 ms, 16 rows 99 vs 71 ms; dequantize + GEMM,
+# what blocks used before, took 504 ms at 16 rows and 1054 ms at 512 (qmatmul: 796 ms).
+BLOCK_ROWS = 12
 # Each kernel call first evaluates its (lazy) input, a round trip to MLX's scheduler of ~0.15 ms here,
 # so small matrices stay with quantized_matmul. Measured per call (one thread, 4-bit, group 64):
 # 512 x 512: 0.31 ms MLX vs 0.23 ms ours; 1024 x 1024: 1.14 vs 0.18; 4096 x 4096: 20.8 vs 1.35.
@@ -71,6 +79,8 @@ def _library() -> ctypes.CDLL | None:
     ptr, lng, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.phf_qmatvec.argtypes = [ptr, lng, lng, ptr, ptr, ptr, lng, i32, i32, ptr, i32, i32]
     lib.phf_qmatvec.restype = i32
+    lib.phf_qmatmul.argtypes = lib.phf_qmatvec.argtypes
+    lib.phf_qmatmul.restype = i32
     lib.phf_attend.argtypes = [ptr, lng, lng, ptr, lng, lng, lng, lng, ptr, lng, lng, lng, ptr, lng, lng,
                                ptr, lng, lng, lng, lng, lng, lng, lng, i32, i32]
     lib.phf_attend.restype = i32
@@ -132,8 +142,10 @@ class _Packed:
 
 
 def qmatvec(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
-            packed: _Packed | None = None, simd: bool = True, n_threads: int | None = None) -> mx.array:
+            packed: _Packed | None = None, simd: bool = True, n_threads: int | None = None,
+            block: bool | None = None) -> mx.array:
     """x @ dequantize(weight, scales, biases).T with the C kernel (MLX affine layout), float32.
+    `block`: True / False forces `phf_qmatmul` / `phf_qmatvec` (tests); None picks by the row count.
 
     Falls back to `mx.quantized_matmul` where the kernel is unavailable or does not cover the case."""
     def slow(x):
@@ -143,10 +155,10 @@ def qmatvec(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, g
     if lib is None or bits not in KERNEL_BITS or group_size % 32:
         return slow(x)
     return _host_call(lambda x: _qmatvec_c(lib, x, weight, scales, biases, group_size, bits, packed, simd,
-                                           n_threads), slow, x)
+                                           n_threads, block), slow, x)
 
 
-def _qmatvec_c(lib, x, weight, scales, biases, group_size, bits, packed, simd, n_threads):
+def _qmatvec_c(lib, x, weight, scales, biases, group_size, bits, packed, simd, n_threads, block=None):
     if packed is None or packed.source is not weight:
         packed = _Packed(weight, scales, biases)
     k = x.shape[-1]
@@ -154,7 +166,8 @@ def _qmatvec_c(lib, x, weight, scales, biases, group_size, bits, packed, simd, n
     xs = _as_float32(x.reshape(-1, k))
     m = xs.shape[0]
     y = np.empty((m, n), dtype=np.float32)
-    rc = lib.phf_qmatvec(xs.ctypes.data, m, k, packed.w.ctypes.data, packed.scales.ctypes.data,
+    fn = lib.phf_qmatmul if (m >= BLOCK_ROWS if block is None else block) else lib.phf_qmatvec
+    rc = fn(xs.ctypes.data, m, k, packed.w.ctypes.data, packed.scales.ctypes.data,
                          packed.biases.ctypes.data, n, bits, group_size, y.ctypes.data,
                          n_threads or threads(), int(simd))
     if rc != 0:
@@ -178,16 +191,17 @@ def _packed(module) -> _Packed:
 
 
 def _cpu_product(module, x: mx.array) -> mx.array | None:
-    """x @ W.T for a quantized module's W (no bias): dequantize + GEMM for blocks of at least
-    MIN_TOKENS rows, the C kernel for fewer; None where neither applies (use mx.quantized_matmul)."""
+    """x @ W.T for a quantized module's W (no bias): the C kernels where they apply (any number of rows:
+    `phf_qmatvec` for a few, `phf_qmatmul` for blocks), else dequantize + GEMM for blocks of at least
+    MIN_TOKENS rows; None where neither applies (use mx.quantized_matmul)."""
+    if _library() is not None and _kernel_applies(module):
+        return qmatvec(x, module["weight"], module["scales"], module["biases"], module.group_size, module.bits,
+                       packed=_packed(module))
     rows = x.size // x.shape[-1]
     if rows >= MIN_TOKENS:
         w = mx.dequantize(module["weight"], module["scales"], module.get("biases"), group_size=module.group_size,
                           bits=module.bits, mode=module.mode)
         return x @ w.astype(x.dtype).T
-    if _library() is not None and _kernel_applies(module):
-        return qmatvec(x, module["weight"], module["scales"], module["biases"], module.group_size, module.bits,
-                       packed=_packed(module))
     return None
 
 

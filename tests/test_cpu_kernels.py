@@ -48,6 +48,43 @@ def test_cpu_kernels_equals_quantized_matmul(bits, group_size, rows, out, groups
 
 
 @needs_kernel
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), group_size=st.sampled_from([32, 64, 128]),
+       rows=st.integers(1, 40), out=st.integers(1, 150), groups=st.integers(1, 12),
+       simd=st.booleans(), threads=st.integers(1, 4), strided=st.booleans(), seed=st.integers(0, 2**16))
+def test_block_kernel_equals_dequantized_product(bits, group_size, rows, out, groups, simd, threads, strided, seed):
+    """phf_qmatmul (prefill blocks): tiles of 64 weight rows x ~256 columns, 3 x 4 register blocks,
+    so row / column counts that are not multiples of either (the padding of the last tile), inputs
+    that are strided views, and several column tiles are all drawn."""
+    k1, k2, k3 = mx.random.split(mx.random.key(seed), 3)
+    k = group_size * groups
+    w = mx.random.normal((out, k), key=k1) * mx.exp(mx.random.normal((out, 1), key=k2))
+    x = mx.random.normal((rows, 2 * k if strided else k), key=k3)
+    if strided:
+        x = x[:, ::2]                                                   # a view with stride 2
+    wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+    got = cpu_kernels.qmatvec(x, wq, scales, biases, group_size, bits, simd=simd, n_threads=threads, block=True)
+    xd = np.asarray(x, dtype=np.float64)
+    wd = np.asarray(mx.dequantize(wq, scales, biases, group_size=group_size, bits=bits), dtype=np.float64)
+    exact, magnitude = xd @ wd.T, np.abs(xd) @ np.abs(wd).T
+    assert got.shape == (rows, out)
+    assert (np.abs(np.asarray(got) - exact) <= 1e-5 * magnitude + 1e-6).all()
+
+
+@needs_kernel
+def test_prefill_blocks_use_the_block_kernel(monkeypatch):
+    """A prompt-sized block through a CPU quantized layer reads the packed codes (no dequantize)."""
+    layer = nn.QuantizedLinear(256, 512, bias=False, group_size=64, bits=4)
+    mx.eval(layer.parameters())
+    cpu_kernels.use_cpu_kernels(layer)
+    x = mx.random.normal((1, 40, 256))
+    want = x @ mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=64, bits=4).T
+    monkeypatch.setattr(mx, "dequantize", lambda *a, **kw: pytest.fail("dequantized the whole matrix"))
+    got = layer(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
 def test_bf16_scales_and_batch_shape():
     w = mx.random.normal((96, 128))
     wq, scales, biases = mx.quantize(w.astype(mx.bfloat16), group_size=64, bits=4)
