@@ -361,6 +361,13 @@ def test_random_header_corruption_gives_one_line_or_a_working_model(tmp_path_fac
         one_line(exc)
     else:
         assert mlx_model(mx.array(ids)).shape[:2] == (1, 3)
+    before = tree_digest(d)
+    try:
+        convert(str(d), str(d.parent / "converted"))
+    except PhiflashError as exc:
+        one_line(exc)
+        assert sorted(p.name for p in d.parent.iterdir()) == ["m"]
+    assert tree_digest(d) == before
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -647,6 +654,12 @@ def test_non_finite_temperature_in_generation_config(demo, capsys, value):
     (demo / "generation_config.json").write_text(json.dumps(cfg)[:-1] + f', "temperature": {value}}}')
     msg = cli_error(capsys, "generate", "--model", demo, "-p", "what is 1 plus 1?")
     assert "generation_config.json: temperature must be a finite number" in msg
+
+
+def test_generation_config_that_is_a_fifo(demo, capsys, no_hang):
+    (demo / "generation_config.json").unlink()
+    os.mkfifo(demo / "generation_config.json")
+    assert "is a FIFO" in cli_error(capsys, "generate", "--model", demo, "-p", "what is 1 plus 1?")
 
 
 def test_library_refuses_non_finite_temperature():
