@@ -84,6 +84,8 @@ def _library() -> ctypes.CDLL | None:
     lib.phf_attend.argtypes = [ptr, lng, lng, ptr, lng, lng, lng, lng, ptr, lng, lng, lng, ptr, lng, lng,
                                ptr, lng, lng, lng, lng, lng, lng, lng, i32, i32]
     lib.phf_attend.restype = i32
+    lib.phf_ssm_step.argtypes = [ptr] * 10 + [lng] * 4 + [i32]
+    lib.phf_ssm_step.restype = i32
     lib.phf_simd.restype = i32
     _lib = lib
     return lib
@@ -312,14 +314,132 @@ def _attend_c(lib, q, keys, values, mask, scale, simd, n_threads):
     return both[:, :, :r].reshape(b, hs, l, dv), both[:, :, r:].reshape(b, hs, l, dv)
 
 
+def ssm_step(u: mx.array, dbc: mx.array, z: mx.array | None, w_dt: mx.array, b_dt: mx.array | None,
+             A_log: mx.array, D: mx.array, state: mx.array, n_threads: int | None = None):
+    """The Mamba decode step after x_proj, with the C kernel (`phf_ssm_step`): dt_proj, softplus, the
+    state update, the output with D*u and, where z is given, the SiLU(z) gate. u, z (b, Di); dbc
+    (b, R + 2N) = x_proj's output [dt | B | C]; w_dt (Di, R), b_dt (Di,) or None; A_log (Di, N);
+    D (Di,); state (b, Di, N). Returns (y (b, Di), new state), float32 — the same as dt_proj followed
+    by the model's `selective_state_update`, which runs instead where the kernel cannot (gradients too)."""
+    from .models.phi4flash_kernels import selective_state_update_ops
+
+    Di, R = w_dt.shape
+    N = A_log.shape[1]
+    gated = z is not None
+
+    def slow(u, dbc, *rest):
+        z, w_dt, b_dt, A_log, D, state = rest if gated else (None, *rest)
+        delta = dbc[..., :R] @ w_dt.T
+        if b_dt is not None:
+            delta = delta + b_dt
+        A = -mx.exp(A_log.astype(mx.float32))
+        y, s = selective_state_update_ops(state, u, delta, A, dbc[..., R:R + N], dbc[..., R + N:], D, z)
+        return y.astype(mx.float32), s
+
+    lib = _library()
+    if lib is None:
+        return slow(u, dbc, *([z] if gated else []), w_dt, b_dt, A_log, D, state)
+
+    def fast(u, dbc, *rest):
+        z, w_dt, b_dt, A_log, D, state = rest if gated else (None, *rest)
+        A = -mx.exp(A_log.astype(mx.float32))
+        arrays = [x for x in (u, dbc, z, w_dt, b_dt, A, D, state) if x is not None]
+        arrays = [x if x.dtype == mx.float32 else x.astype(mx.float32) for x in arrays]
+        mx.eval(*arrays)
+        npa = [np.ascontiguousarray(np.asarray(x)) for x in arrays]
+        un, dn = npa[0], npa[1]
+        rest_n = npa[2:]
+        zn = rest_n.pop(0) if gated else None
+        wn = rest_n.pop(0)
+        bn = rest_n.pop(0) if b_dt is not None else None
+        an, Dn, sn = rest_n
+        b = un.shape[0]
+        y = np.empty((b, Di), dtype=np.float32)
+        s_out = np.empty((b, Di, N), dtype=np.float32)
+        rc = lib.phf_ssm_step(un.ctypes.data, dn.ctypes.data, None if zn is None else zn.ctypes.data, wn.ctypes.data,
+                              None if bn is None else bn.ctypes.data, an.ctypes.data, Dn.ctypes.data, sn.ctypes.data,
+                              y.ctypes.data, s_out.ctypes.data, b, Di, R, N, n_threads or threads())
+        if rc != 0:
+            return None
+        return mx.array(y), mx.array(s_out)
+
+    args = [u, dbc, *([z] if gated else []), w_dt, *([b_dt] if b_dt is not None else []), A_log, D, state]
+
+    def bind(fn):                        # _host_call passes arrays only: b_dt may be absent
+        def call(*xs):
+            xs = list(xs)
+            head = xs[:3 if gated else 2]
+            tail = xs[len(head):]
+            w = tail.pop(0)
+            bias = tail.pop(0) if b_dt is not None else None
+            return fn(*head, w, bias, *tail)
+        return call
+
+    return _host_call(bind(fast), bind(slow), *args)
+
+
+def _mamba_step_applies(mixer, a, mask, cache) -> bool:
+    names = ("in_proj", "x_proj", "dt_proj", "out_proj", "A_log", "D", "_conv", "d_inner", "dt_rank", "d_state",
+             "produces_memory")
+    if a.shape[1] != 1 or mask is not None or cache is None or not all(hasattr(mixer, n) for n in names):
+        return False
+    if getattr(cache, "lengths", None) is not None or cache[1] is None:
+        return False
+    dt = mixer.dt_proj
+    return type(dt) is nn.Linear and dt["weight"].shape == (mixer.d_inner, mixer.dt_rank)
+
+
+def _cpu_mamba_call(self, a, mask=None, cache=None):
+    """Mamba.__call__ for CPUs: a one-token step (decode) runs dt_proj and the selective state update
+    as one C call (`ssm_step`); everything else is the model's own code."""
+    if not _mamba_step_applies(self, a, mask, cache):
+        return super(type(self), self).__call__(a, mask, cache)
+    from .models.phi4flash_kernels import gmu_gate
+
+    Di = self.d_inner
+    xz = self.in_proj(a)
+    x, z = xz[..., :Di], xz[..., Di:]
+    u = self._conv(x, None, cache)
+    dbc = self.x_proj(u)
+    dt = self.dt_proj
+    y, state = ssm_step(u[:, 0], dbc[:, 0], None if self.produces_memory else z[:, 0], dt["weight"],
+                        dt.get("bias"), self.A_log, self.D, cache[1])
+    cache[1] = state
+    cache.advance(1)
+    y = y[:, None].astype(a.dtype)
+    memory = None
+    if self.produces_memory:
+        memory = y
+        y = gmu_gate(z, memory)
+    return self.out_proj(y), memory
+
+
+_CPU_CLASSES: dict = {}
+
+
+def _cpu_subclass(cls, call):
+    """A subclass of `cls` whose __call__ is `call` (made once per class), so only the modules it is
+    given to change and the model file stays the plain MLX implementation."""
+    sub = _CPU_CLASSES.get(cls)
+    if sub is None:
+        sub = type("CPU" + cls.__name__, (cls,), {"__call__": call})
+        _CPU_CLASSES[cls] = sub
+    return sub
+
+
 def use_cpu_kernels(model: nn.Module) -> int:
     """Switch every QuantizedLinear / QuantizedEmbedding of `model` (ours or any mlx-lm model) to the
     CPU versions above, and give our differential-attention layers the few-query attention kernel;
     returns how many modules changed."""
+    from .models.phi4flash import Mamba
+
     count = 0
     for _, module in model.named_modules():
         if hasattr(module, "few_query_kernel") and _library() is not None:
             module.few_query_kernel = attend_few
+            count += 1
+        if type(module) is Mamba and _library() is not None:
+            module.__class__ = _cpu_subclass(type(module), _cpu_mamba_call)
             count += 1
         if type(module) is nn.QuantizedLinear:
             module.__class__ = CPUQuantizedLinear
