@@ -77,16 +77,21 @@ def _library() -> ctypes.CDLL | None:
         _log.debug("cannot load %s (%s); using MLX's own ops", path, exc)
         return None
     ptr, lng, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-    lib.phf_qmatvec.argtypes = [ptr, lng, lng, ptr, ptr, ptr, lng, i32, i32, ptr, i32, i32]
-    lib.phf_qmatvec.restype = i32
-    lib.phf_qmatmul.argtypes = lib.phf_qmatvec.argtypes
-    lib.phf_qmatmul.restype = i32
-    lib.phf_attend.argtypes = [ptr, lng, lng, ptr, lng, lng, lng, lng, ptr, lng, lng, lng, ptr, lng, lng,
-                               ptr, lng, lng, lng, lng, lng, lng, lng, i32, i32]
-    lib.phf_attend.restype = i32
-    lib.phf_ssm_step.argtypes = [ptr] * 10 + [lng] * 4 + [i32]
-    lib.phf_ssm_step.restype = i32
-    lib.phf_simd.restype = i32
+    try:
+        lib.phf_qmatvec.argtypes = [ptr, lng, lng, ptr, ptr, ptr, lng, i32, i32, ptr, i32, i32]
+        lib.phf_qmatvec.restype = i32
+        lib.phf_qmatmul.argtypes = lib.phf_qmatvec.argtypes
+        lib.phf_qmatmul.restype = i32
+        lib.phf_attend.argtypes = [ptr, lng, lng, ptr, lng, lng, lng, lng, ptr, lng, lng, lng, ptr, lng, lng,
+                                   ptr, lng, lng, lng, lng, lng, lng, lng, i32, i32]
+        lib.phf_attend.restype = i32
+        lib.phf_ssm_step.argtypes = [ptr] * 10 + [lng] * 4 + [i32]
+        lib.phf_ssm_step.restype = i32
+        lib.phf_simd.restype = i32
+    except AttributeError as exc:             # built from older sources: rebuild to get every kernel
+        _log.warning("%s is out of date (%s); using MLX's own ops. Rebuild it: python setup.py build_ext "
+                     "--inplace (or pip install -e .)", path, exc)
+        return None
     _lib = lib
     return lib
 

@@ -253,6 +253,23 @@ def test_ssm_step_equals_mlx_ops(b, di, r, n, gated, bias, threads, seed):
     np.testing.assert_allclose(np.asarray(y), np.asarray(wy), rtol=1e-5, atol=1e-5)
 
 
+def test_library_from_older_sources_is_declined(monkeypatch):
+    """A _cpu_kernels library built before a kernel was added (a stale in-place build) is not used:
+    one warning, MLX's own ops, no AttributeError at the first quantized product."""
+    other = cpu_kernels.library_path("_blas_shim")
+    if other is None:
+        pytest.skip("needs some other compiled library to stand in for a stale one")
+    monkeypatch.setattr(cpu_kernels, "library_path", lambda stem: other)
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    monkeypatch.setattr(cpu_kernels, "_lib_tried", False)
+    assert cpu_kernels._library() is None
+    layer = nn.QuantizedLinear(256, 512, bias=False, group_size=64, bits=4)
+    cpu_kernels.use_cpu_kernels(layer)
+    x = mx.random.normal((1, 2, 256))
+    want = mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, transpose=True, group_size=64, bits=4)
+    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 def test_switch_off_by_environment():
     """PHIFLASH_CPU_KERNELS=0: nothing is loaded, `phiflash info` says why, models still run."""
     import os
