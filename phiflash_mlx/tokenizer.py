@@ -1087,6 +1087,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer | None:
         backend, added = _load_tokenizer_json(
             directory / "tokenizer.json", sp_model if sp_model.is_file() else None
         )
+        _added_from_config(tokenizer_config, {})  # a broken added_tokens_decoder is still reported
     elif (directory / "vocab.json").is_file():
         if not (directory / "merges.txt").is_file():
             raise TokenizerError(
