@@ -73,30 +73,38 @@ def _config(model: str, layers: int) -> dict:
     return cfg
 
 
-def _fill_sambay(model, ctx: int, key):
+def _fill_sambay(model, ctx: int, key, kv_dtype=None):
+    """The model's own caches (mlx-lm's classes) as after a `ctx`-token prefill: the shared full
+    attention K/V holds `ctx` positions (with room to grow), every sliding window its last 512 (a
+    full ring), every Mamba layer random conv/SSM states. K/V are in the pair layout, float32 unless
+    `kv_dtype` (what the CPU attachment stores: DiffAttention.kv_dtype)."""
     import mlx.core as mx
-    from phiflash_mlx.models.cache import FullKVCache, MambaCache, SlidingWindowCache
+    from phiflash_mlx.models.cache import ArraysCache, KVCache, RotatingKVCache
 
     a = model.args
-    nkv, hd, Di, n, K = a.num_key_value_heads, a.head_dim, a.d_inner, a.mamba_d_state, a.mamba_d_conv
+    P, hd, Di, n, K = a.num_key_value_heads // 2, a.head_dim, a.d_inner, a.mamba_d_state, a.mamba_d_conv
+    dt = kv_dtype or mx.float32
     caches = model.make_cache()
     for i, c in enumerate(caches):
         k1, k2 = mx.random.split(mx.random.key(1000 + i))
-        if isinstance(c, MambaCache):
-            c.conv_state = mx.random.uniform(-1, 1, (1, K, Di), key=k1)
-            c.ssm_state = mx.random.uniform(-1, 1, (1, Di, n), key=k2)
-        elif isinstance(c, SlidingWindowCache):
-            s = min(ctx, c.window)
-            c.keys = mx.random.uniform(-1, 1, (1, nkv, s, hd), key=k1)
-            c.values = mx.random.uniform(-1, 1, (1, nkv // 2, s, 2 * hd), key=k2)    # [v1 | v2] layout
-        elif isinstance(c, FullKVCache):
-            c.keys = mx.concatenate([mx.random.uniform(-1, 1, (1, nkv, ctx, hd), key=k1),
-                                     mx.zeros((1, nkv, FullKVCache.step, hd))], axis=2)
-            c.values = mx.concatenate([mx.random.uniform(-1, 1, (1, nkv // 2, ctx, 2 * hd), key=k2),
-                                       mx.zeros((1, nkv // 2, FullKVCache.step, 2 * hd))], axis=2)
-        c.offset = ctx
-        mx.eval([x for x in (getattr(c, "keys", None), getattr(c, "values", None),
-                             getattr(c, "conv_state", None), getattr(c, "ssm_state", None)) if x is not None])
+        if isinstance(c, ArraysCache):
+            c[0] = mx.random.uniform(-1, 1, (1, K - 1, Di), key=k1)
+            c[1] = mx.random.uniform(-1, 1, (1, Di, n), key=k2)
+            arrays = [c[0], c[1]]
+        elif isinstance(c, RotatingKVCache):
+            s = min(ctx, c.max_size)
+            c.keys = mx.random.uniform(-1, 1, (1, P, s, 2 * hd), key=k1).astype(dt)
+            c.values = mx.random.uniform(-1, 1, (1, P, s, 2 * hd), key=k2).astype(dt)
+            c.offset = ctx
+            c._idx = s
+            arrays = [c.keys, c.values]
+        elif isinstance(c, KVCache):
+            room = mx.zeros((1, P, KVCache.step, 2 * hd), dtype=dt)
+            c.keys = mx.concatenate([mx.random.uniform(-1, 1, (1, P, ctx, 2 * hd), key=k1).astype(dt), room], 2)
+            c.values = mx.concatenate([mx.random.uniform(-1, 1, (1, P, ctx, 2 * hd), key=k2).astype(dt), room], 2)
+            c.offset = ctx
+            arrays = [c.keys, c.values]
+        mx.eval(arrays)
     return caches
 
 
@@ -108,13 +116,13 @@ def _sambay_bytes(model, caches, ctx: int) -> tuple[int, int]:
     kinds = model.args.layer_kinds
     n_cross = sum(k == CROSS for k in kinds)
     a = model.args
-    per_pos = 2 * a.num_key_value_heads * a.head_dim * 4
     read = 0
     for c in caches:
-        if hasattr(c, "window"):
-            read += min(ctx + 1, c.window) * per_pos
-        elif hasattr(c, "keys"):
-            read += (ctx + 1) * per_pos * (1 + n_cross)            # the global layer and every cross layer
+        if hasattr(c, "max_size"):                                 # sliding window: the whole ring
+            read += c.keys.nbytes + c.values.nbytes
+        elif hasattr(c, "keys"):                                   # the global layer and every cross layer
+            per_pos = 2 * a.num_key_value_heads * a.head_dim * c.keys.dtype.size
+            read += (ctx + 1) * per_pos * (1 + n_cross)
         else:
             read += c.nbytes
     return held, read

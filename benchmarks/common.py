@@ -133,6 +133,30 @@ def memory_bandwidth(size_mb: int = 1024, repeats: int = 5) -> dict:
     }
 
 
+def memory_bandwidth_threads(threads: int = 2, size_mb: int = 1024, repeats: int = 5) -> dict:
+    """Read bandwidth with `threads` readers at once: each Python thread sums its own share of
+    `size_mb` (numpy releases the GIL in sum), the wall time of the slowest counts. GB/s (10^9 B)."""
+    import threading
+
+    import numpy as np
+
+    arrays = [np.ones(size_mb * 2**20 // 8 // threads, dtype=np.float64) for _ in range(threads)]
+    times = []
+    for _ in range(repeats):
+        workers = [threading.Thread(target=a.sum) for a in arrays]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        times.append(time.perf_counter() - t0)
+    n = sum(a.nbytes for a in arrays)
+    return {"threads": threads, "array_bytes": n, "read_gbps_best": round(n / min(times) / 1e9, 1),
+            "read_gbps_median": round(n / statistics.median(times) / 1e9, 1),
+            "method": f"{threads} threads each summing its own {size_mb // threads} MiB float64 array, "
+                      f"best and median of {repeats}"}
+
+
 # --------------------------------------------------------------------------- process memory
 
 

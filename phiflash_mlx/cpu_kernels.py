@@ -4,11 +4,13 @@ Without Metal, MLX is slow at the two things a decode step does: its CPU `quanti
 single-threaded and compute-bound (about 0.9 G weights/s on the 2-core x86 build machine), and its
 `scaled_dot_product_attention` copies the sliced K/V cache on every call. So on CPUs:
 
-* **Quantized layers, blocks of many tokens** (prefill): dequantize the weight once and do one
-  float32 GEMM through BLAS (the routed OpenBLAS on Linux, Accelerate on macOS). Measured:
-  128 x 3072 @ 3072 x 8192 took 5.1 s with `quantized_matmul` and 0.6 s with dequantize + GEMM.
-* **Quantized layers, a few tokens** (decode, rows < MIN_TOKENS): `phf_qmatvec` of our C library
-  `csrc/cpu_kernels.c` reads the packed 2/4/8-bit codes directly.
+* **Quantized layers** (matrices of at least KERNEL_MIN_WEIGHTS weights, 2/4/8 bits): our C library
+  `csrc/cpu_kernels.c` reads the packed codes directly. A few rows (decode): `phf_qmatvec`, one
+  pass over the codes per 16 rows. Blocks of BLOCK_ROWS or more (prefill): `phf_qmatmul`, the weight
+  dequantized a cache-sized tile at a time and multiplied register-blocked, so a prompt's time grows
+  with its length instead of paying for rewriting every matrix in float32 first.
+* **Other quantized layers, blocks of many tokens**: dequantize once and one float32 GEMM through
+  BLAS (the routed OpenBLAS on Linux, Accelerate on macOS).
 * **Differential attention, a few queries**: `phf_attend` computes both stripes' attention reading
   the shared K/V cache once, in place (`attend_few`, installed on the model's attention layers).
 
@@ -31,12 +33,18 @@ import numpy as np
 
 from ._blas import library_path  # noqa: F401  (re-exported for tests)
 
-# Prefill crossover measured between 8 (289 vs 205 ms) and 32 tokens (264 vs 821 ms) at 3072 x 8192.
+# Where the C kernels do not apply (small matrices, other modes): dequantize + GEMM from this many rows
+# on (crossover measured between 8 and 32 tokens at 3072 x 8192), MLX's quantized_matmul below.
 MIN_TOKENS = 16
 
 ENV_SWITCH = "PHIFLASH_CPU_KERNELS"
 ENV_THREADS = "PHIFLASH_CPU_THREADS"
 KERNEL_BITS = (2, 4, 8)
+# From this many rows on, `phf_qmatmul` (weight dequantized a cache-sized tile at a time, register-
+# blocked product) instead of `phf_qmatvec` (one pass over the packed codes per 16 rows). Measured at
+# 20480 x 2560, 4-bit g64, 2 threads: 8 rows 44 vs 66 ms, 16 rows 99 vs 71 ms; dequantize + GEMM,
+# what blocks used before, took 504 ms at 16 rows and 1054 ms at 512 (qmatmul: 796 ms).
+BLOCK_ROWS = 12
 # Each kernel call first evaluates its (lazy) input, a round trip to MLX's scheduler of ~0.15 ms here,
 # so small matrices stay with quantized_matmul. Measured per call (one thread, 4-bit, group 64):
 # 512 x 512: 0.31 ms MLX vs 0.23 ms ours; 1024 x 1024: 1.14 vs 0.18; 4096 x 4096: 20.8 vs 1.35.
@@ -69,12 +77,21 @@ def _library() -> ctypes.CDLL | None:
         _log.debug("cannot load %s (%s); using MLX's own ops", path, exc)
         return None
     ptr, lng, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-    lib.phf_qmatvec.argtypes = [ptr, lng, lng, ptr, ptr, ptr, lng, i32, i32, ptr, i32, i32]
-    lib.phf_qmatvec.restype = i32
-    lib.phf_attend.argtypes = [ptr, lng, lng, ptr, lng, lng, lng, lng, ptr, lng, lng, lng, ptr, lng, lng,
-                               ptr, lng, lng, lng, lng, lng, lng, lng, i32, i32]
-    lib.phf_attend.restype = i32
-    lib.phf_simd.restype = i32
+    try:
+        lib.phf_qmatvec.argtypes = [ptr, lng, lng, ptr, ptr, ptr, lng, i32, i32, ptr, i32, i32]
+        lib.phf_qmatvec.restype = i32
+        lib.phf_qmatmul.argtypes = lib.phf_qmatvec.argtypes
+        lib.phf_qmatmul.restype = i32
+        lib.phf_attend.argtypes = [ptr, lng, lng, ptr, lng, lng, lng, lng, ptr, lng, lng, lng, ptr, lng, lng,
+                                   ptr, lng, lng, lng, lng, lng, lng, lng, i32, i32]
+        lib.phf_attend.restype = i32
+        lib.phf_ssm_step.argtypes = [ptr] * 10 + [lng] * 4 + [i32]
+        lib.phf_ssm_step.restype = i32
+        lib.phf_simd.restype = i32
+    except AttributeError as exc:             # built from older sources: rebuild to get every kernel
+        _log.warning("%s is out of date (%s); using MLX's own ops. Rebuild it: python setup.py build_ext "
+                     "--inplace (or pip install -e .)", path, exc)
+        return None
     _lib = lib
     return lib
 
@@ -132,8 +149,10 @@ class _Packed:
 
 
 def qmatvec(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
-            packed: _Packed | None = None, simd: bool = True, n_threads: int | None = None) -> mx.array:
+            packed: _Packed | None = None, simd: bool = True, n_threads: int | None = None,
+            block: bool | None = None) -> mx.array:
     """x @ dequantize(weight, scales, biases).T with the C kernel (MLX affine layout), float32.
+    `block`: True / False forces `phf_qmatmul` / `phf_qmatvec` (tests); None picks by the row count.
 
     Falls back to `mx.quantized_matmul` where the kernel is unavailable or does not cover the case."""
     def slow(x):
@@ -143,10 +162,10 @@ def qmatvec(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, g
     if lib is None or bits not in KERNEL_BITS or group_size % 32:
         return slow(x)
     return _host_call(lambda x: _qmatvec_c(lib, x, weight, scales, biases, group_size, bits, packed, simd,
-                                           n_threads), slow, x)
+                                           n_threads, block), slow, x)
 
 
-def _qmatvec_c(lib, x, weight, scales, biases, group_size, bits, packed, simd, n_threads):
+def _qmatvec_c(lib, x, weight, scales, biases, group_size, bits, packed, simd, n_threads, block=None):
     if packed is None or packed.source is not weight:
         packed = _Packed(weight, scales, biases)
     k = x.shape[-1]
@@ -154,7 +173,8 @@ def _qmatvec_c(lib, x, weight, scales, biases, group_size, bits, packed, simd, n
     xs = _as_float32(x.reshape(-1, k))
     m = xs.shape[0]
     y = np.empty((m, n), dtype=np.float32)
-    rc = lib.phf_qmatvec(xs.ctypes.data, m, k, packed.w.ctypes.data, packed.scales.ctypes.data,
+    fn = lib.phf_qmatmul if (m >= BLOCK_ROWS if block is None else block) else lib.phf_qmatvec
+    rc = fn(xs.ctypes.data, m, k, packed.w.ctypes.data, packed.scales.ctypes.data,
                          packed.biases.ctypes.data, n, bits, group_size, y.ctypes.data,
                          n_threads or threads(), int(simd))
     if rc != 0:
@@ -178,16 +198,17 @@ def _packed(module) -> _Packed:
 
 
 def _cpu_product(module, x: mx.array) -> mx.array | None:
-    """x @ W.T for a quantized module's W (no bias): dequantize + GEMM for blocks of at least
-    MIN_TOKENS rows, the C kernel for fewer; None where neither applies (use mx.quantized_matmul)."""
+    """x @ W.T for a quantized module's W (no bias): the C kernels where they apply (any number of rows:
+    `phf_qmatvec` for a few, `phf_qmatmul` for blocks), else dequantize + GEMM for blocks of at least
+    MIN_TOKENS rows; None where neither applies (use mx.quantized_matmul)."""
+    if _library() is not None and _kernel_applies(module):
+        return qmatvec(x, module["weight"], module["scales"], module["biases"], module.group_size, module.bits,
+                       packed=_packed(module))
     rows = x.size // x.shape[-1]
     if rows >= MIN_TOKENS:
         w = mx.dequantize(module["weight"], module["scales"], module.get("biases"), group_size=module.group_size,
                           bits=module.bits, mode=module.mode)
         return x @ w.astype(x.dtype).T
-    if _library() is not None and _kernel_applies(module):
-        return qmatvec(x, module["weight"], module["scales"], module["biases"], module.group_size, module.bits,
-                       packed=_packed(module))
     return None
 
 
@@ -298,14 +319,132 @@ def _attend_c(lib, q, keys, values, mask, scale, simd, n_threads):
     return both[:, :, :r].reshape(b, hs, l, dv), both[:, :, r:].reshape(b, hs, l, dv)
 
 
+def ssm_step(u: mx.array, dbc: mx.array, z: mx.array | None, w_dt: mx.array, b_dt: mx.array | None,
+             A_log: mx.array, D: mx.array, state: mx.array, n_threads: int | None = None):
+    """The Mamba decode step after x_proj, with the C kernel (`phf_ssm_step`): dt_proj, softplus, the
+    state update, the output with D*u and, where z is given, the SiLU(z) gate. u, z (b, Di); dbc
+    (b, R + 2N) = x_proj's output [dt | B | C]; w_dt (Di, R), b_dt (Di,) or None; A_log (Di, N);
+    D (Di,); state (b, Di, N). Returns (y (b, Di), new state), float32 — the same as dt_proj followed
+    by the model's `selective_state_update`, which runs instead where the kernel cannot (gradients too)."""
+    from .models.phi4flash_kernels import selective_state_update_ops
+
+    Di, R = w_dt.shape
+    N = A_log.shape[1]
+    gated = z is not None
+
+    def slow(u, dbc, *rest):
+        z, w_dt, b_dt, A_log, D, state = rest if gated else (None, *rest)
+        delta = dbc[..., :R] @ w_dt.T
+        if b_dt is not None:
+            delta = delta + b_dt
+        A = -mx.exp(A_log.astype(mx.float32))
+        y, s = selective_state_update_ops(state, u, delta, A, dbc[..., R:R + N], dbc[..., R + N:], D, z)
+        return y.astype(mx.float32), s
+
+    lib = _library()
+    if lib is None:
+        return slow(u, dbc, *([z] if gated else []), w_dt, b_dt, A_log, D, state)
+
+    def fast(u, dbc, *rest):
+        z, w_dt, b_dt, A_log, D, state = rest if gated else (None, *rest)
+        A = -mx.exp(A_log.astype(mx.float32))
+        arrays = [x for x in (u, dbc, z, w_dt, b_dt, A, D, state) if x is not None]
+        arrays = [x if x.dtype == mx.float32 else x.astype(mx.float32) for x in arrays]
+        mx.eval(*arrays)
+        npa = [np.ascontiguousarray(np.asarray(x)) for x in arrays]
+        un, dn = npa[0], npa[1]
+        rest_n = npa[2:]
+        zn = rest_n.pop(0) if gated else None
+        wn = rest_n.pop(0)
+        bn = rest_n.pop(0) if b_dt is not None else None
+        an, Dn, sn = rest_n
+        b = un.shape[0]
+        y = np.empty((b, Di), dtype=np.float32)
+        s_out = np.empty((b, Di, N), dtype=np.float32)
+        rc = lib.phf_ssm_step(un.ctypes.data, dn.ctypes.data, None if zn is None else zn.ctypes.data, wn.ctypes.data,
+                              None if bn is None else bn.ctypes.data, an.ctypes.data, Dn.ctypes.data, sn.ctypes.data,
+                              y.ctypes.data, s_out.ctypes.data, b, Di, R, N, n_threads or threads())
+        if rc != 0:
+            return None
+        return mx.array(y), mx.array(s_out)
+
+    args = [u, dbc, *([z] if gated else []), w_dt, *([b_dt] if b_dt is not None else []), A_log, D, state]
+
+    def bind(fn):                        # _host_call passes arrays only: b_dt may be absent
+        def call(*xs):
+            xs = list(xs)
+            head = xs[:3 if gated else 2]
+            tail = xs[len(head):]
+            w = tail.pop(0)
+            bias = tail.pop(0) if b_dt is not None else None
+            return fn(*head, w, bias, *tail)
+        return call
+
+    return _host_call(bind(fast), bind(slow), *args)
+
+
+def _mamba_step_applies(mixer, a, mask, cache) -> bool:
+    names = ("in_proj", "x_proj", "dt_proj", "out_proj", "A_log", "D", "_conv", "d_inner", "dt_rank", "d_state",
+             "produces_memory")
+    if a.shape[1] != 1 or mask is not None or cache is None or not all(hasattr(mixer, n) for n in names):
+        return False
+    if getattr(cache, "lengths", None) is not None or cache[1] is None:
+        return False
+    dt = mixer.dt_proj
+    return type(dt) is nn.Linear and dt["weight"].shape == (mixer.d_inner, mixer.dt_rank)
+
+
+def _cpu_mamba_call(self, a, mask=None, cache=None):
+    """Mamba.__call__ for CPUs: a one-token step (decode) runs dt_proj and the selective state update
+    as one C call (`ssm_step`); everything else is the model's own code."""
+    if not _mamba_step_applies(self, a, mask, cache):
+        return super(type(self), self).__call__(a, mask, cache)
+    from .models.phi4flash_kernels import gmu_gate
+
+    Di = self.d_inner
+    xz = self.in_proj(a)
+    x, z = xz[..., :Di], xz[..., Di:]
+    u = self._conv(x, None, cache)
+    dbc = self.x_proj(u)
+    dt = self.dt_proj
+    y, state = ssm_step(u[:, 0], dbc[:, 0], None if self.produces_memory else z[:, 0], dt["weight"],
+                        dt.get("bias"), self.A_log, self.D, cache[1])
+    cache[1] = state
+    cache.advance(1)
+    y = y[:, None].astype(a.dtype)
+    memory = None
+    if self.produces_memory:
+        memory = y
+        y = gmu_gate(z, memory)
+    return self.out_proj(y), memory
+
+
+_CPU_CLASSES: dict = {}
+
+
+def _cpu_subclass(cls, call):
+    """A subclass of `cls` whose __call__ is `call` (made once per class), so only the modules it is
+    given to change and the model file stays the plain MLX implementation."""
+    sub = _CPU_CLASSES.get(cls)
+    if sub is None:
+        sub = type("CPU" + cls.__name__, (cls,), {"__call__": call})
+        _CPU_CLASSES[cls] = sub
+    return sub
+
+
 def use_cpu_kernels(model: nn.Module) -> int:
     """Switch every QuantizedLinear / QuantizedEmbedding of `model` (ours or any mlx-lm model) to the
     CPU versions above, and give our differential-attention layers the few-query attention kernel;
     returns how many modules changed."""
+    from .models.phi4flash import Mamba
+
     count = 0
     for _, module in model.named_modules():
         if hasattr(module, "few_query_kernel") and _library() is not None:
             module.few_query_kernel = attend_few
+            count += 1
+        if type(module) is Mamba and _library() is not None:
+            module.__class__ = _cpu_subclass(type(module), _cpu_mamba_call)
             count += 1
         if type(module) is nn.QuantizedLinear:
             module.__class__ = CPUQuantizedLinear

@@ -64,22 +64,12 @@ class Config:
         return 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
 
     def validate(self) -> None:
-        n, nh, nkv, hs = self.num_hidden_layers, self.num_attention_heads, self.num_key_value_heads, self.hidden_size
-        problems = []
-        if self.mb_per_layer != 2:
-            problems.append(f"mb_per_layer is {self.mb_per_layer}; phi4flash requires 2")
-        if n < 4 or n % 4:
-            problems.append(f"num_hidden_layers is {n}; it must be a multiple of 4 (at least 4)")
-        if nh % 2 or nkv % 2:
-            problems.append(f"num_attention_heads ({nh}) and num_key_value_heads ({nkv}) must both be even")
-        if nkv == 0 or nh % nkv:
-            problems.append(f"num_attention_heads ({nh}) must be a multiple of num_key_value_heads ({nkv})")
-        if nh == 0 or hs % nh:
-            problems.append(f"hidden_size ({hs}) must be a multiple of num_attention_heads ({nh})")
-        if self.sliding_window < 1:
-            problems.append(f"sliding_window is {self.sliding_window}; it must be at least 1")
-        if problems:
-            raise CheckpointError("invalid phi4flash config: " + "; ".join(problems))
+        """The one validator (reference/validate.py) applied to these values."""
+        from dataclasses import fields
+
+        from .validate import validate_config
+        raw = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        validate_config(dict(raw, model_type="phi4flash"))
 
 
 def layer_schedule(num_layers: int, mb_per_layer: int = 2) -> list[str]:

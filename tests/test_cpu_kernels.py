@@ -48,6 +48,43 @@ def test_cpu_kernels_equals_quantized_matmul(bits, group_size, rows, out, groups
 
 
 @needs_kernel
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), group_size=st.sampled_from([32, 64, 128]),
+       rows=st.integers(1, 40), out=st.integers(1, 150), groups=st.integers(1, 12),
+       simd=st.booleans(), threads=st.integers(1, 4), strided=st.booleans(), seed=st.integers(0, 2**16))
+def test_block_kernel_equals_dequantized_product(bits, group_size, rows, out, groups, simd, threads, strided, seed):
+    """phf_qmatmul (prefill blocks): tiles of 64 weight rows x ~256 columns, 3 x 4 register blocks,
+    so row / column counts that are not multiples of either (the padding of the last tile), inputs
+    that are strided views, and several column tiles are all drawn."""
+    k1, k2, k3 = mx.random.split(mx.random.key(seed), 3)
+    k = group_size * groups
+    w = mx.random.normal((out, k), key=k1) * mx.exp(mx.random.normal((out, 1), key=k2))
+    x = mx.random.normal((rows, 2 * k if strided else k), key=k3)
+    if strided:
+        x = x[:, ::2]                                                   # a view with stride 2
+    wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+    got = cpu_kernels.qmatvec(x, wq, scales, biases, group_size, bits, simd=simd, n_threads=threads, block=True)
+    xd = np.asarray(x, dtype=np.float64)
+    wd = np.asarray(mx.dequantize(wq, scales, biases, group_size=group_size, bits=bits), dtype=np.float64)
+    exact, magnitude = xd @ wd.T, np.abs(xd) @ np.abs(wd).T
+    assert got.shape == (rows, out)
+    assert (np.abs(np.asarray(got) - exact) <= 1e-5 * magnitude + 1e-6).all()
+
+
+@needs_kernel
+def test_prefill_blocks_use_the_block_kernel(monkeypatch):
+    """A prompt-sized block through a CPU quantized layer reads the packed codes (no dequantize)."""
+    layer = nn.QuantizedLinear(256, 512, bias=False, group_size=64, bits=4)
+    mx.eval(layer.parameters())
+    cpu_kernels.use_cpu_kernels(layer)
+    x = mx.random.normal((1, 40, 256))
+    want = x @ mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=64, bits=4).T
+    monkeypatch.setattr(mx, "dequantize", lambda *a, **kw: pytest.fail("dequantized the whole matrix"))
+    got = layer(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
 def test_bf16_scales_and_batch_shape():
     w = mx.random.normal((96, 128))
     wq, scales, biases = mx.quantize(w.astype(mx.bfloat16), group_size=64, bits=4)
@@ -153,27 +190,84 @@ def test_attend_few_declines_what_it_does_not_cover():
 
 
 @needs_kernel
-def test_loaded_models_use_the_attention_kernel_and_match_without_it():
-    """phiflash_mlx.load gives CPU models the kernel; prompt and decode logits equal the MLX-op path."""
+@pytest.mark.parametrize("golden", range(2))
+def test_loaded_models_use_the_kernels_and_match_without_them(golden):
+    """phiflash_mlx.load gives CPU models the attention kernel and the Mamba decode step; prompt and
+    decode logits equal the MLX-op path within 1e-4 (float32) and the greedy ids are the same."""
     import phiflash_mlx
     from conftest import GOLDEN_MODELS, golden_path
+    from phiflash_mlx.models.phi4flash import Mamba
 
-    model, _ = phiflash_mlx.load(str(golden_path(GOLDEN_MODELS[-1])))
+    model, _ = phiflash_mlx.load(str(golden_path(GOLDEN_MODELS[golden % len(GOLDEN_MODELS)])))
     layers = [m for _, m in model.named_modules() if hasattr(m, "few_query_kernel")]
     assert layers and all(m.few_query_kernel is cpu_kernels.attend_few for m in layers)
+    mambas = [m for _, m in model.named_modules() if isinstance(m, Mamba)]
+    assert mambas and all(type(m) is not Mamba for m in mambas)
 
     def run():
         cache = model.make_cache()
         out = [np.asarray(model(mx.array([[5, 9, 2, 7, 1, 3]]), cache=cache))]
         for t in (4, 8, 15, 16, 23, 42):
             out.append(np.asarray(model(mx.array([[t]]), cache=cache)))
-        return out
+        tok = int(np.argmax(out[-1][0, -1]))
+        greedy = []
+        for _ in range(8):
+            logits = np.asarray(model(mx.array([[tok]]), cache=cache))
+            tok = int(np.argmax(logits[0, -1]))
+            greedy.append(tok)
+            out.append(logits)
+        return out, greedy
 
-    fast = run()
+    fast, fast_ids = run()
     for m in layers:
         m.few_query_kernel = None
-    for a, b in zip(fast, run()):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for m in mambas:
+        m.__class__ = Mamba
+    plain, plain_ids = run()
+    for a, b in zip(fast, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert fast_ids == plain_ids
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 3), di=st.integers(1, 200), r=st.integers(1, 12), n=st.integers(1, 20),
+       gated=st.booleans(), bias=st.booleans(), threads=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_ssm_step_equals_mlx_ops(b, di, r, n, gated, bias, threads, seed):
+    """The C Mamba step (dt_proj, softplus, state update, D*u, gate) against the model's MLX ops."""
+    from phiflash_mlx.models.phi4flash_kernels import selective_state_update_ops
+
+    ks = mx.random.split(mx.random.key(seed), 8)
+    u = mx.random.normal((b, di), key=ks[0])
+    dbc = mx.random.normal((b, r + 2 * n), key=ks[1])
+    z = mx.random.normal((b, di), key=ks[2]) if gated else None
+    w = mx.random.normal((di, r), key=ks[3]) * 2.0               # pre-activations past softplus's 20 too
+    bdt = mx.random.normal((di,), key=ks[4]) if bias else None
+    A_log = mx.random.normal((di, n), key=ks[5]) * 0.5
+    D = mx.random.normal((di,), key=ks[6])
+    state = mx.random.normal((b, di, n), key=ks[7])
+    y, s = cpu_kernels.ssm_step(u, dbc, z, w, bdt, A_log, D, state, n_threads=threads)
+    delta = dbc[:, :r] @ w.T + (bdt if bias else 0)
+    wy, ws = selective_state_update_ops(state, u, delta, -mx.exp(A_log), dbc[:, r:r + n], dbc[:, r + n:], D, z)
+    np.testing.assert_allclose(np.asarray(s), np.asarray(ws), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(wy), rtol=1e-5, atol=1e-5)
+
+
+def test_library_from_older_sources_is_declined(monkeypatch):
+    """A _cpu_kernels library built before a kernel was added (a stale in-place build) is not used:
+    one warning, MLX's own ops, no AttributeError at the first quantized product."""
+    other = cpu_kernels.library_path("_blas_shim")
+    if other is None:
+        pytest.skip("needs some other compiled library to stand in for a stale one")
+    monkeypatch.setattr(cpu_kernels, "library_path", lambda stem: other)
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    monkeypatch.setattr(cpu_kernels, "_lib_tried", False)
+    assert cpu_kernels._library() is None
+    layer = nn.QuantizedLinear(256, 512, bias=False, group_size=64, bits=4)
+    cpu_kernels.use_cpu_kernels(layer)
+    x = mx.random.normal((1, 2, 256))
+    want = mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, transpose=True, group_size=64, bits=4)
+    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_switch_off_by_environment():

@@ -361,6 +361,13 @@ def test_random_header_corruption_gives_one_line_or_a_working_model(tmp_path_fac
         one_line(exc)
     else:
         assert mlx_model(mx.array(ids)).shape[:2] == (1, 3)
+    before = tree_digest(d)
+    try:
+        convert(str(d), str(d.parent / "converted"))
+    except PhiflashError as exc:
+        one_line(exc)
+        assert sorted(p.name for p in d.parent.iterdir()) == ["m"]
+    assert tree_digest(d) == before
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -649,6 +656,12 @@ def test_non_finite_temperature_in_generation_config(demo, capsys, value):
     assert "generation_config.json: temperature must be a finite number" in msg
 
 
+def test_generation_config_that_is_a_fifo(demo, capsys, no_hang):
+    (demo / "generation_config.json").unlink()
+    os.mkfifo(demo / "generation_config.json")
+    assert "is a FIFO" in cli_error(capsys, "generate", "--model", demo, "-p", "what is 1 plus 1?")
+
+
 def test_library_refuses_non_finite_temperature():
     from phiflash_mlx.generate import SamplingParams
     for bad in (float("nan"), float("inf"), "0.5", None):
@@ -794,19 +807,17 @@ def test_ctrl_c_while_modules_load():
     own start-up, before cli.py runs, is not ours: the child reports when it is past it.)"""
     start = ("import sys; sys.argv = ['cli.py', 'info']; code = compile(open('cli.py').read(), 'cli.py', 'exec'); "
              "print('up', flush=True); exec(code, {'__name__': '__main__'})")
-    procs = []
-    for delay in (0.03, 0.06, 0.1, 0.15):
-        p = subprocess.Popen([sys.executable, "-c", start], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        procs.append((p, delay))
-    for p, delay in procs:
-        assert p.stdout.readline() == b"up\n"
-    t0 = time.monotonic()
-    for p, delay in procs:
-        time.sleep(max(0.0, t0 + delay - time.monotonic()))
-        p.send_signal(signal.SIGINT)
     codes = []
-    for p, _ in procs:
-        _, err = p.communicate(timeout=120)
+    for delay in (0.02, 0.06, 0.12):
+        p = subprocess.Popen([sys.executable, "-c", start], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            assert p.stdout.readline() == b"up\n"
+            time.sleep(delay)
+            p.send_signal(signal.SIGINT)
+            _, err = p.communicate(timeout=120)
+        finally:
+            p.kill()
         assert b"Traceback" not in err, err
         codes.append(p.returncode)
     assert set(codes) <= {0, 130} and 130 in codes, codes

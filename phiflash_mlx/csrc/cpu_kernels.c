@@ -308,6 +308,183 @@ PHF_EXPORT int phf_simd(void) {
 #endif
 }
 
+/* ---- quantized matrix x a block of rows (prefill) ------------------------------------------
+ *
+ * For blocks of many rows (a prompt of 16..512 tokens) the pass-per-16-rows loop above converts
+ * every code once per 16 rows and keeps 16 accumulators live; here the weight is instead
+ * dequantized a tile at a time (QMM_NT rows x QMM_KC columns, ~64 KB, it stays in L2) into float
+ * scratch, and the tile is multiplied with every row of x by a register-blocked micro-kernel
+ * (QMM_MR rows of x x QMM_NR rows of the tile, 12 accumulators). The packed codes are read once per
+ * call and nothing of the size of the whole matrix is ever written, so the time is the product's
+ * arithmetic: proportional to the number of rows, without the fixed cost of dequantizing whole
+ * matrices. Each thread owns a range of output columns and its own scratch. */
+
+#define QMM_MR 3
+#define QMM_NR 4
+#define QMM_NT 64
+#define QMM_KC 256
+
+typedef struct {
+    const float *x;
+    const uint32_t *w;
+    const float *scales, *biases;
+    float *y; /* [m, n], zeroed by the caller */
+    long m, k, n;
+    int bits, group_size, shares, use_avx2;
+    int failed;
+} qmm_t;
+
+static void qmm_dequant_portable(const qmm_t *a, long r0, long nt, long k0, long kc, float *wd) {
+    const int per_word = 32 / a->bits;
+    const uint32_t mask = (a->bits == 32) ? 0xffffffffu : ((1u << a->bits) - 1u);
+    const long groups = a->k / a->group_size, words_per_row = a->k / per_word;
+    for (long r = 0; r < nt; r++) {
+        const uint32_t *wr = a->w + (r0 + r) * words_per_row;
+        float *dst = wd + r * kc;
+        for (long c = 0; c < kc; c++) {
+            const long col = k0 + c, g = col / a->group_size;
+            const uint32_t code = (wr[col / per_word] >> (a->bits * (col % per_word))) & mask;
+            dst[c] = a->scales[(r0 + r) * groups + g] * (float)code + a->biases[(r0 + r) * groups + g];
+        }
+    }
+}
+
+static void qmm_micro_portable(const float *x, long xs, const float *wd, long kc, float *y, long ys, long mr,
+                               long nr) {
+    for (long i = 0; i < mr; i++) {
+        for (long j = 0; j < nr; j++) {
+            float s = 0.0f;
+            for (long c = 0; c < kc; c++) s += x[i * xs + c] * wd[j * kc + c];
+            y[i * ys + j] += s;
+        }
+    }
+}
+
+#ifdef PHF_X86
+__attribute__((target("avx2,fma"))) static void qmm_dequant_avx2(const qmm_t *a, long r0, long nt, long k0,
+                                                                 long kc, float *wd) {
+    const long groups = a->k / a->group_size, words_per_row = a->k * a->bits / 32;
+    const long g0 = k0 / a->group_size, gn = kc / a->group_size;
+    for (long r = 0; r < nt; r++) {
+        const uint8_t *wr = (const uint8_t *)(a->w + (r0 + r) * words_per_row);
+        const float *sr = a->scales + (r0 + r) * groups, *br = a->biases + (r0 + r) * groups;
+        for (long g = 0; g < gn; g++) {
+            const uint8_t *bg = wr + (g0 + g) * a->group_size * a->bits / 8;
+            const __m256 s = _mm256_set1_ps(sr[g0 + g]), b = _mm256_set1_ps(br[g0 + g]);
+            float *dst = wd + r * kc + g * a->group_size;
+            for (long i = 0; i < a->group_size / 8; i++)
+                _mm256_storeu_ps(dst + 8 * i, _mm256_fmadd_ps(codes8_avx2(bg, i, a->bits), s, b));
+        }
+    }
+}
+
+/* y[0..3, 0..4) += x[0..3, 0..kc) . wd[0..4, 0..kc) (kc a multiple of 8) */
+__attribute__((target("avx2,fma"))) static void qmm_micro_avx2(const float *x, long xs, const float *wd, long kc,
+                                                               float *y, long ys) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c02 = _mm256_setzero_ps(), c03 = _mm256_setzero_ps();
+    __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps(), c12 = _mm256_setzero_ps(), c13 = _mm256_setzero_ps();
+    __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(), c22 = _mm256_setzero_ps(), c23 = _mm256_setzero_ps();
+    const float *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs;
+    const float *w0 = wd, *w1 = wd + kc, *w2 = wd + 2 * kc, *w3 = wd + 3 * kc;
+    for (long c = 0; c < kc; c += 8) {
+        const __m256 b0 = _mm256_loadu_ps(w0 + c), b1 = _mm256_loadu_ps(w1 + c);
+        const __m256 b2 = _mm256_loadu_ps(w2 + c), b3 = _mm256_loadu_ps(w3 + c);
+        __m256 av = _mm256_loadu_ps(x0 + c);
+        c00 = _mm256_fmadd_ps(av, b0, c00); c01 = _mm256_fmadd_ps(av, b1, c01);
+        c02 = _mm256_fmadd_ps(av, b2, c02); c03 = _mm256_fmadd_ps(av, b3, c03);
+        av = _mm256_loadu_ps(x1 + c);
+        c10 = _mm256_fmadd_ps(av, b0, c10); c11 = _mm256_fmadd_ps(av, b1, c11);
+        c12 = _mm256_fmadd_ps(av, b2, c12); c13 = _mm256_fmadd_ps(av, b3, c13);
+        av = _mm256_loadu_ps(x2 + c);
+        c20 = _mm256_fmadd_ps(av, b0, c20); c21 = _mm256_fmadd_ps(av, b1, c21);
+        c22 = _mm256_fmadd_ps(av, b2, c22); c23 = _mm256_fmadd_ps(av, b3, c23);
+    }
+    y[0] += hsum256(c00); y[1] += hsum256(c01); y[2] += hsum256(c02); y[3] += hsum256(c03);
+    y[ys] += hsum256(c10); y[ys + 1] += hsum256(c11); y[ys + 2] += hsum256(c12); y[ys + 3] += hsum256(c13);
+    y[2 * ys] += hsum256(c20); y[2 * ys + 1] += hsum256(c21);
+    y[2 * ys + 2] += hsum256(c22); y[2 * ys + 3] += hsum256(c23);
+}
+
+/* the edges: mr <= 3 rows of x, nr <= 4 rows of the tile */
+__attribute__((target("avx2,fma"))) static void qmm_edge_avx2(const float *x, long xs, const float *wd, long kc,
+                                                              float *y, long ys, long mr, long nr) {
+    for (long i = 0; i < mr; i++) {
+        for (long j = 0; j < nr; j++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (long c = 0; c < kc; c += 8)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * xs + c), _mm256_loadu_ps(wd + j * kc + c), acc);
+            y[i * ys + j] += hsum256(acc);
+        }
+    }
+}
+#endif
+
+static void qmm_share(void *arg, int share) {
+    qmm_t *a = (qmm_t *)arg;
+    const long n0 = a->n * share / a->shares, n1 = a->n * (share + 1) / a->shares;
+    if (n0 >= n1) return;
+    /* a tile's columns: whole groups, about QMM_KC of them */
+    long kc_step = a->group_size >= QMM_KC ? a->group_size : (QMM_KC / a->group_size) * a->group_size;
+    float *wd = (float *)malloc(sizeof(float) * (size_t)(QMM_NT * kc_step));
+    if (!wd) {
+        __atomic_store_n(&a->failed, 1, __ATOMIC_RELEASE);
+        return;
+    }
+    for (long k0 = 0; k0 < a->k; k0 += kc_step) {
+        const long kc = (a->k - k0 < kc_step) ? a->k - k0 : kc_step;
+        for (long r0 = n0; r0 < n1; r0 += QMM_NT) {
+            const long nt = (n1 - r0 < QMM_NT) ? n1 - r0 : QMM_NT;
+#ifdef PHF_X86
+            if (a->use_avx2 && a->bits != 2) {
+                qmm_dequant_avx2(a, r0, nt, k0, kc, wd);
+                for (long m0 = 0; m0 < a->m; m0 += QMM_MR) {
+                    const long mr = (a->m - m0 < QMM_MR) ? a->m - m0 : QMM_MR;
+                    const float *xb = a->x + m0 * a->k + k0;
+                    float *yb = a->y + m0 * a->n + r0;
+                    for (long j = 0; j < nt; j += QMM_NR) {
+                        const long nr = (nt - j < QMM_NR) ? nt - j : QMM_NR;
+                        if (mr == QMM_MR && nr == QMM_NR) qmm_micro_avx2(xb, a->k, wd + j * kc, kc, yb + j, a->n);
+                        else qmm_edge_avx2(xb, a->k, wd + j * kc, kc, yb + j, a->n, mr, nr);
+                    }
+                }
+                continue;
+            }
+#endif
+            qmm_dequant_portable(a, r0, nt, k0, kc, wd);
+            for (long m0 = 0; m0 < a->m; m0 += QMM_MR) {
+                const long mr = (a->m - m0 < QMM_MR) ? a->m - m0 : QMM_MR;
+                for (long j = 0; j < nt; j += QMM_NR) {
+                    const long nr = (nt - j < QMM_NR) ? nt - j : QMM_NR;
+                    qmm_micro_portable(a->x + m0 * a->k + k0, a->k, wd + j * kc, kc, a->y + m0 * a->n + r0 + j, a->n,
+                                       mr, nr);
+                }
+            }
+        }
+    }
+    free(wd);
+}
+
+/*
+ * y[m, n] = x[m, k] @ dequantize(w, scales, biases)[n, k]^T for blocks of rows, tile by tile (see
+ * above); same arguments and layout as phf_qmatvec. Returns 0, or -1 for an unsupported case or when
+ * scratch memory could not be had (y is then incomplete).
+ */
+PHF_EXPORT int phf_qmatmul(const float *x, long m, long k, const uint32_t *w, const float *scales,
+                           const float *biases, long n, int bits, int group_size, float *y, int threads,
+                           int simd) {
+    if (!(bits == 2 || bits == 4 || bits == 8) || group_size <= 0 || m <= 0 || n <= 0 || k <= 0) return -1;
+    if (group_size % 32 != 0 || k % group_size != 0) return -1;
+    qmm_t a = {x, w, scales, biases, y, m, k, n, bits, group_size, 1, 0, 0};
+    a.use_avx2 = simd && phf_simd();
+    if (threads < 1 || m * n * k < (1L << 20)) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (n < (long)QMM_NR * threads) threads = (int)(n / QMM_NR) > 0 ? (int)(n / QMM_NR) : 1;
+    a.shares = threads;
+    memset(y, 0, sizeof(float) * (size_t)(m * n));
+    run_shares(qmm_share, &a, threads);
+    return a.failed ? -1 : 0;
+}
+
 /*
  * y[m, n] = x[m, k] @ dequantize(w, scales, biases)[n, k]^T. All arrays are contiguous float32 /
  * uint32. Returns 0, or -1 for an unsupported bits / group size / shape (nothing written).
@@ -493,4 +670,73 @@ PHF_EXPORT int phf_attend(const float *q, long q_bs, long q_hs, const float *k, 
     a.shares = threads;
     run_shares(attend_share, &a, threads);
     return a.failed ? -1 : 0;
+}
+
+/* ---- the Mamba decode step after x_proj (CPU decode) -----------------------------------------
+ *
+ * For one token of b sequences, per channel d of d_inner (SAMBAY.md 4.5, steps 6-9):
+ *
+ *   delta = softplus(w_dt[d] . dt + b_dt[d])            (dt_proj and mamba_ssm's softplus, threshold 20)
+ *   s[d, i] = exp(delta * A[d, i]) * s[d, i] + delta * u[d] * B[i]
+ *   y[d] = sum_i s[d, i] * C[i] + D[d] * u[d]          (times z[d] * sigmoid(z[d]) when z is given)
+ *
+ * with dt, B, C the R, N and N columns of x_proj's output. In MLX ops this is a float32 GEMV on the
+ * BLAS and about fifteen single-threaded element-wise passes over (d_inner x N) arrays; here one
+ * pass, the channels split over the pool. The new state is written to `state_out` (may equal
+ * `state`). */
+
+typedef struct {
+    const float *u, *dbc, *z, *w_dt, *b_dt, *A, *D, *state;
+    float *y, *state_out;
+    long B, Di, R, N;
+    int shares;
+} ssm_t;
+
+static inline float softplus20(float x) { return x <= 20.0f ? log1pf(expf(x)) : x; }
+
+static void ssm_share(void *arg, int share) {
+    const ssm_t *a = (const ssm_t *)arg;
+    const long units = a->B * a->Di;
+    const long u0 = units * share / a->shares, u1 = units * (share + 1) / a->shares;
+    for (long unit = u0; unit < u1; unit++) {
+        const long b = unit / a->Di, d = unit % a->Di;
+        const float *dt = a->dbc + b * (a->R + 2 * a->N), *Bv = dt + a->R, *Cv = Bv + a->N;
+        const float *w = a->w_dt + d * a->R;
+        float acc = 0.0f;
+        for (long r = 0; r < a->R; r++) acc += w[r] * dt[r];
+        if (a->b_dt) acc += a->b_dt[d];
+        const float delta = softplus20(acc), ud = a->u[b * a->Di + d], du = delta * ud;
+        const float *Ad = a->A + d * a->N;
+        const float *s = a->state + (b * a->Di + d) * a->N;
+        float *so = a->state_out + (b * a->Di + d) * a->N;
+        float y = 0.0f;
+        for (long i = 0; i < a->N; i++) {
+            const float v = expf(delta * Ad[i]) * s[i] + du * Bv[i];
+            so[i] = v;
+            y += v * Cv[i];
+        }
+        y += a->D[d] * ud;
+        if (a->z) {
+            const float z = a->z[b * a->Di + d];
+            y = y * z * (1.0f / (1.0f + expf(-z)));
+        }
+        a->y[b * a->Di + d] = y;
+    }
+}
+
+/*
+ * u, z, y: [B, Di]; dbc: [B, R + 2N] (x_proj's output: dt | B | C); w_dt: [Di, R]; b_dt: [Di] or NULL;
+ * A: [Di, N] (= -exp(A_log)); D: [Di]; state, state_out: [B, Di, N]; z NULL for no gate. All
+ * contiguous float32. Returns 0, or -1 for a bad shape.
+ */
+PHF_EXPORT int phf_ssm_step(const float *u, const float *dbc, const float *z, const float *w_dt, const float *b_dt,
+                            const float *A, const float *D, const float *state, float *y, float *state_out, long B,
+                            long Di, long R, long N, int threads) {
+    if (B <= 0 || Di <= 0 || R <= 0 || N <= 0) return -1;
+    ssm_t a = {u, dbc, z, w_dt, b_dt, A, D, state, y, state_out, B, Di, R, N, 1};
+    if (threads < 1 || B * Di * N < (1L << 14)) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    a.shares = threads;
+    run_shares(ssm_share, &a, threads);
+    return 0;
 }
