@@ -11,7 +11,7 @@ import importlib
 import sys
 import types
 
-from . import _blas
+from .cpu import blas as _blas
 
 _blas.enable()
 
