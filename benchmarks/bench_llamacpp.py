@@ -117,7 +117,7 @@ def prefill_worker(args) -> dict:
     import phiflash_mlx  # noqa: F401
     import mlx.core as mx
     import numpy as np
-    from phiflash_mlx.cpu_kernels import kernel_info, use_cpu_kernels
+    from phiflash_mlx.cpu.kernels import kernel_info, use_cpu_kernels
     from phiflash_mlx.generate import prefill
 
     import bench_decode

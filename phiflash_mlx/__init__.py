@@ -4,7 +4,7 @@ On Linux the fast-BLAS route must be set up *before* ``mlx.core`` is first
 imported, so it is the first thing this package does.
 """
 
-from . import _blas
+from .cpu import blas as _blas
 
 _blas.enable()
 

@@ -1,4 +1,4 @@
-"""The CPU quantized decode kernel (csrc/cpu_kernels.c) against MLX's own quantized_matmul and dequantize."""
+"""The CPU quantized decode kernel (phiflash_mlx/cpu/csrc/cpu_kernels.c) against MLX's own quantized_matmul and dequantize."""
 
 import sys
 
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from phiflash_mlx import cpu_kernels
+from phiflash_mlx.cpu import kernels as cpu_kernels
 
 needs_kernel = pytest.mark.skipif(
     cpu_kernels._library() is None,
     reason="the C kernel is built on Linux only" if not sys.platform.startswith("linux")
-    else "phiflash_mlx/_cpu_kernels*.so was not built (see setup.py)")
+    else "phiflash_mlx/cpu/_cpu_kernels*.so was not built (see setup.py)")
 
 
 def test_kernel_is_built_on_linux():
@@ -276,7 +276,7 @@ def test_switch_off_by_environment():
     import subprocess
 
     code = ("import phiflash_mlx, mlx.core as mx\n"
-            "from phiflash_mlx import cpu_kernels\n"
+            "from phiflash_mlx.cpu import kernels as cpu_kernels\n"
             "from phiflash_mlx.demo import demo_model_path\n"
             "m, _ = phiflash_mlx.load(str(demo_model_path()))\n"
             "mx.eval(m(mx.array([[1, 2, 3]])))\n"
