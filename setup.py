@@ -1,9 +1,9 @@
 """Build configuration beyond pyproject.toml: two small C libraries for Linux CPUs.
 
-* ``phiflash_mlx/_blas_shim*.so`` lets MLX's CPU back-end use numpy's OpenBLAS
-  (see ``phiflash_mlx/_blas.py``).
-* ``phiflash_mlx/_cpu_kernels*.so`` is the multi-threaded quantized matrix-vector
-  kernel that quantized models decode with on CPUs (see ``phiflash_mlx/cpu_kernels.py``).
+* ``phiflash_mlx/cpu/_blas_shim*.so`` lets MLX's CPU back-end use numpy's OpenBLAS
+  (see ``phiflash_mlx/cpu/blas.py``).
+* ``phiflash_mlx/cpu/_cpu_kernels*.so`` is the multi-threaded quantized matrix-vector
+  kernel that quantized models decode with on CPUs (see ``phiflash_mlx/cpu/kernels.py``).
 
 Both are compiled by ``pip install .`` and ``pip install -e .``. Neither is a
 Python extension module (they are loaded with ctypes) and neither needs headers
@@ -19,8 +19,8 @@ ext_modules = []
 if sys.platform.startswith("linux"):
     ext_modules.append(
         Extension(
-            "phiflash_mlx._blas_shim",
-            sources=["phiflash_mlx/csrc/blas_shim.c"],
+            "phiflash_mlx.cpu._blas_shim",
+            sources=["phiflash_mlx/cpu/csrc/blas_shim.c"],
             libraries=["dl"],
             extra_compile_args=["-O2", "-fvisibility=hidden"],
             optional=True,
@@ -28,8 +28,8 @@ if sys.platform.startswith("linux"):
     )
     ext_modules.append(
         Extension(
-            "phiflash_mlx._cpu_kernels",
-            sources=["phiflash_mlx/csrc/cpu_kernels.c"],
+            "phiflash_mlx.cpu._cpu_kernels",
+            sources=["phiflash_mlx/cpu/csrc/cpu_kernels.c"],
             libraries=["pthread", "m"],
             extra_compile_args=["-O3", "-fvisibility=hidden"],
             optional=True,

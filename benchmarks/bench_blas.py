@@ -190,7 +190,7 @@ def model_benchmarks(variant: str, quick: bool) -> dict:
 
 def worker(variant: str, quick: bool) -> None:
     import phiflash_mlx  # first: it sets up (or, for the baseline, skips) the BLAS route
-    from phiflash_mlx._blas import blas_info
+    from phiflash_mlx.cpu.blas import blas_info
 
     results = _matmul_benchmarks(variant, quick)
     results.update(model_benchmarks(variant, quick))

@@ -178,14 +178,14 @@ def _profile(model, kind: str, repeats: int = 3) -> dict:
 def worker(args) -> dict:
     import phiflash_mlx  # noqa: F401  (first: MLX's BLAS is fixed when mlx.core is first imported)
     import mlx.core as mx
-    from phiflash_mlx._blas import blas_info
+    from phiflash_mlx.cpu.blas import blas_info
 
     cfg = _config(args.model, args.layers)
     t0 = time.perf_counter()
     build = common.build_sambay if args.model == "sambay" else common.build_phi3
     model = build(cfg, args.quant)
     if args.cpu_kernels:
-        from phiflash_mlx.cpu_kernels import kernel_info, use_cpu_kernels
+        from phiflash_mlx.cpu.kernels import kernel_info, use_cpu_kernels
         use_cpu_kernels(model)
     build_s = time.perf_counter() - t0
     fill = _fill_sambay if args.model == "sambay" else _fill_phi3

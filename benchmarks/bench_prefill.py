@@ -70,7 +70,7 @@ def _prefill_phi3(model, ids: list[int], cache, step: int):
 def worker(args) -> dict:
     import phiflash_mlx  # noqa: F401  (first: MLX's BLAS is fixed when mlx.core is first imported)
     import mlx.core as mx
-    from phiflash_mlx._blas import blas_info
+    from phiflash_mlx.cpu.blas import blas_info
     import numpy as np
 
     cfg = configs(args.layers)[args.model]

@@ -294,7 +294,7 @@ def cpu_kernel_available() -> bool:
     """True where quantized models get our C decode kernel (CPU-only MLX with the library built)."""
     import phiflash_mlx  # noqa: F401
     import mlx.core as mx
-    from phiflash_mlx.cpu_kernels import kernel_info
+    from phiflash_mlx.cpu.kernels import kernel_info
 
     return not mx.metal.is_available() and kernel_info()["active"]
 

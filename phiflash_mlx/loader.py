@@ -143,7 +143,7 @@ def build_model(config: dict, weights: dict, dtype=None) -> Model:
     model.load_weights(items, strict=True)
     mx.eval(model.parameters())
     if not mx.metal.is_available():
-        from .cpu_kernels import use_cpu_kernels
+        from .cpu.kernels import use_cpu_kernels
         use_cpu_kernels(model)
     return model
 

@@ -7,7 +7,12 @@ Two back-ends sit behind one :class:`Tokenizer` interface (names as in transform
   byte-level BPE whose merge list is ordered like the token ids, so BPE by rank (tiktoken) gives the
   same tokens as BPE by merge priority (Hugging Face); the loader checks that ordering.
 * **sentencepiece** (``tokenizer.model``, used by small demo models): chat tokens are user-defined
-  pieces.
+  pieces. Such a checkpoint also ships the equivalent Hugging Face ``tokenizer.json``
+  (:func:`sentencepiece_tokenizer_json` writes it: the model's own normalizer, BPE merges ranked
+  by piece score, byte fallback), so transformers and
+  mlx-lm tokenize exactly as sentencepiece does. A sentencepiece-style ``tokenizer.json`` without
+  ``tokenizer.model`` beside it (what ``mlx_lm.convert`` writes back) is read with Hugging Face
+  ``tokenizers`` itself.
 
 Added tokens (spec 6.2) are handled here, not by the back-ends, the way Hugging Face ``tokenizers``
 does it: they are matched in text only when the caller allows it, and ``rstrip`` tokens absorb the
@@ -40,6 +45,7 @@ __all__ = [
     "bytes_to_unicode",
     "load_tokenizer",
     "render_phi_chat",
+    "sentencepiece_tokenizer_json",
 ]
 
 
@@ -371,6 +377,97 @@ class _SentencePieceBackend:
         if self.dummy_prefix and self.types[i] == _SP_NORMAL and raw.startswith(b" "):
             return raw[1:]
         return raw
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class _TokenizersBackend:
+    """A sentencepiece-style ``tokenizer.json`` (Metaspace ``▁``, byte fallback) read by Hugging Face
+    ``tokenizers`` itself, for checkpoints that ship no ``tokenizer.model`` (``mlx_lm.convert``
+    writes only ``tokenizer.json``).
+
+    The added tokens are removed from the file the back-end reads: they are matched here, only
+    where allowed, like with the other back-ends. A ``first`` dummy prefix goes only on text that
+    starts the input, as Hugging Face does for the pieces between added tokens.
+    """
+
+    def __init__(self, data: dict, added: Sequence[AddedToken], path: Path):
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+        except ImportError as exc:
+            raise TokenizerError(
+                f"{path}: reading this sentencepiece-style tokenizer.json needs Hugging Face "
+                "tokenizers: pip install tokenizers"
+            ) from exc
+        plain = dict(data, added_tokens=[])
+        inner = json.loads(json.dumps(plain))
+        changed = _metaspace_without_first_prefix(inner.get("pre_tokenizer"))
+        try:
+            self.first = HFTokenizer.from_str(json.dumps(plain))
+            self.inner = HFTokenizer.from_str(json.dumps(inner)) if changed else self.first
+        except Exception as exc:  # tokenizers reports bad files with assorted errors
+            raise TokenizerError(
+                f"{path}: Hugging Face tokenizers cannot read it ({exc}); re-download or re-convert "
+                "the tokenizer files"
+            ) from exc
+        model = data["model"]
+        byte_fallback = bool(model.get("byte_fallback"))
+        vocab = model["vocab"]
+        self.token_bytes: list[bytes | None] = [None] * (max(vocab.values(), default=-1) + 1)
+        for piece, token_id in vocab.items():
+            match = _BYTE_PIECE.fullmatch(piece) if byte_fallback else None
+            if match:
+                self.token_bytes[token_id] = bytes([int(match.group(1), 16)])
+            else:
+                self.token_bytes[token_id] = piece.replace("\u2581", " ").encode()
+        self._vocab = vocab
+        self._added_ids = {t.id for t in added}
+        # the decoder strips the space a dummy prefix put before the first word
+        self.dummy_prefix = '"Strip"' in json.dumps(data.get("decoder"))
+
+    def encode_plain(self, text: str, at_start: bool) -> list[int]:
+        ids = (self.first if at_start else self.inner).encode(text, add_special_tokens=False).ids
+        if not self._added_ids.intersection(ids):
+            return ids
+        # merges that rebuild an added token's text: in plain text it stays text
+        out: list[int] = []
+        for i in ids:
+            out += self._spell(i) if i in self._added_ids else [i]
+        return out
+
+    def _spell(self, token_id: int) -> list[int]:
+        ids: list[int] = []
+        for ch in (self.token_bytes[token_id] or b"").decode("utf-8", "replace").replace(" ", "\u2581"):
+            if ch in self._vocab and self._vocab[ch] not in self._added_ids:
+                ids.append(self._vocab[ch])
+            else:
+                ids += [self._vocab.get(f"<0x{b:02X}>", 0) for b in ch.encode()]
+        return ids
+
+    def first_bytes(self, i: int) -> bytes:
+        raw = self.token_bytes[i] or b""
+        return raw[1:] if raw.startswith(b" ") else raw
+
+
+def _metaspace_without_first_prefix(spec: Any) -> bool:
+    """Switch a Metaspace ``prepend_scheme: first`` to ``never`` in place; True if one was."""
+    if not isinstance(spec, dict):
+        return False
+    if spec.get("type") == "Sequence":
+        return any([_metaspace_without_first_prefix(s) for s in spec.get("pretokenizers", [])])
+    if spec.get("type") == "Metaspace" and spec.get("prepend_scheme", "always") == "first":
+        spec["prepend_scheme"] = "never"
+        return True
+    return False
+
+
+def _is_sentencepiece_json(data: dict) -> bool:
+    """A tokenizer.json converted from a sentencepiece BPE model (``▁`` for spaces, byte fallback)."""
+    model = data.get("model") or {}
+    parts = [data.get("pre_tokenizer"), data.get("normalizer"), data.get("decoder")]
+    shape = json.dumps(parts, ensure_ascii=False)
+    return bool(model.get("byte_fallback")) or "Metaspace" in shape or "\u2581" in shape
 
 
 # ---------------------------------------------------------------------------------------------
@@ -768,7 +865,11 @@ def _check_phi_ids(added: Sequence[AddedToken], regular: int, source: Path) -> N
             )
 
 
-def _load_tokenizer_json(path: Path) -> tuple[_BPEBackend, list[AddedToken]]:
+def _load_tokenizer_json(
+    path: Path, sentencepiece_model: Path | None = None
+) -> tuple[_BPEBackend | _SentencePieceBackend | _TokenizersBackend, list[AddedToken]]:
+    """The back-end of a tokenizer.json: tiktoken for byte-level BPE; for a sentencepiece-style file
+    the sentencepiece model it came from when it is there, else Hugging Face tokenizers."""
     data = _read_json(path)
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or "vocab" not in model:
@@ -776,18 +877,29 @@ def _load_tokenizer_json(path: Path) -> tuple[_BPEBackend, list[AddedToken]]:
             f"{path}: not a BPE tokenizer.json (model type {model and model.get('type')!r}); "
             "re-download it, or use a checkpoint with a byte-level BPE or sentencepiece tokenizer"
         )
+    try:
+        added = [
+            AddedToken(
+                t["content"],
+                int(t["id"]),
+                special=bool(t.get("special", False)),
+                rstrip=bool(t.get("rstrip", False)),
+                lstrip=bool(t.get("lstrip", False)),
+            )
+            for t in data.get("added_tokens") or []
+        ]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TokenizerError(
+            f"{path}: an added_tokens entry lacks 'content' or an integer 'id' ({exc}); "
+            "re-download the tokenizer files"
+        ) from exc
+    if _is_sentencepiece_json(data):
+        if sentencepiece_model is not None:
+            backend = _SentencePieceBackend(sentencepiece_model)
+            return backend, _sentencepiece_added(backend, {t.content: t for t in added})
+        return _TokenizersBackend(data, added, path), added
     if data.get("normalizer") is not None:
         raise TokenizerError(f"{path}: tokenizers with a normalizer are not supported")
-    added = [
-        AddedToken(
-            t["content"],
-            int(t["id"]),
-            special=bool(t.get("special", False)),
-            rstrip=bool(t.get("rstrip", False)),
-            lstrip=bool(t.get("lstrip", False)),
-        )
-        for t in data.get("added_tokens") or []
-    ]
     pattern = _pre_tokenizer_pattern(data.get("pre_tokenizer"), path)
     ranks = _bpe_ranks(model["vocab"], model.get("merges") or [], added, path)
     _check_phi_ids(added, len(ranks), path)
@@ -813,6 +925,13 @@ def _load_vocab_merges(directory: Path, tokenizer_config: dict) -> tuple[_BPEBac
 def _load_sentencepiece(path: Path, tokenizer_config: dict) -> tuple[_SentencePieceBackend, list[AddedToken]]:
     backend = _SentencePieceBackend(path)
     configured = {t.content: t for t in _added_from_config(tokenizer_config, {})}
+    return backend, _sentencepiece_added(backend, configured)
+
+
+def _sentencepiece_added(
+    backend: _SentencePieceBackend, configured: Mapping[str, AddedToken]
+) -> list[AddedToken]:
+    """The model's control and user-defined pieces, with the flags the tokenizer files give them."""
     added = []
     for content, token_id, kind in backend.added_tokens():
         flags = configured.get(content) or PHI_ADDED_TOKENS.get(content)
@@ -822,7 +941,124 @@ def _load_sentencepiece(path: Path, tokenizer_config: dict) -> tuple[_SentencePi
             )
         else:
             added.append(AddedToken(content, token_id, special=True))
-    return backend, added
+    return added
+
+
+def sentencepiece_tokenizer_json(
+    path: str | Path, added_tokens: Mapping[str, AddedToken] | None = None
+) -> dict:
+    """The Hugging Face ``tokenizer.json`` that tokenizes like the sentencepiece BPE model at ``path``.
+
+    The model's own normalizer (its precompiled character map, then the removal of leading,
+    trailing and repeated spaces where the model does that), spaces as ``▁``, BPE merges ranked by
+    piece score (ties: shorter left part first), byte fallback, and the control and user-defined
+    pieces as added tokens with the flags of ``added_tokens`` (content -> :class:`AddedToken`;
+    default: special, no stripping). Models that add a dummy prefix are refused: no tokenizer.json
+    puts it exactly where sentencepiece does. transformers reads the result with
+    ``"tokenizer_class": "PreTrainedTokenizerFast"`` (a Llama tokenizer class would rebuild the
+    normalizer and pre-tokenizer its own way).
+    """
+    import base64
+
+    import sentencepiece as spm
+
+    path = Path(path)
+    proto = path.read_bytes()
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    spec = {"charsmap": b"", "dummy": True, "extra": True, "escape": True}
+    model_type, byte_fallback = 1, False
+    for field, _, value in _proto_fields(proto):
+        if field == 2:  # TrainerSpec
+            for f, _, v in _proto_fields(value):
+                if f == 3:
+                    model_type = v
+                elif f == 35:
+                    byte_fallback = bool(v)
+        elif field == 3:  # NormalizerSpec
+            for f, _, v in _proto_fields(value):
+                key = {2: "charsmap", 3: "dummy", 4: "extra", 5: "escape"}.get(f)
+                if key:
+                    spec[key] = v if key == "charsmap" else bool(v)
+    if model_type != 2 or not spec["escape"]:
+        raise TokenizerError(
+            f"{path}: only sentencepiece BPE models that write spaces as ▁ can be written as "
+            "tokenizer.json"
+        )
+    if spec["dummy"]:
+        # Metaspace's "first" prefix misses text whose leading space the normalizer removed, or
+        # that starts with a space; "always" also prefixes text after an added token
+        raise TokenizerError(
+            f"{path}: a model with a dummy prefix (add_dummy_prefix) has no exact tokenizer.json "
+            "form; train it with add_dummy_prefix=False"
+        )
+    added_tokens = added_tokens or {}
+    vocab, added, normal = {}, [], {}
+    for i, kind in enumerate(_SentencePieceBackend(path).types):
+        piece = sp.id_to_piece(i)
+        vocab[piece] = i
+        if kind == _SP_NORMAL:
+            normal[piece] = (-sp.get_score(i), i)
+        elif kind != _SP_BYTE:  # unknown, control, user-defined, unused
+            added.append(added_tokens.get(piece) or AddedToken(piece, i, special=True))
+    ranked = []
+    for piece, rank in normal.items():
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in normal and right in normal:
+                ranked.append((rank, k, left, right))
+    merges = [[left, right] for _, _, left, right in sorted(ranked)]
+    normalizers = []
+    if spec["charsmap"]:
+        charsmap = base64.b64encode(spec["charsmap"]).decode()
+        normalizers.append({"type": "Precompiled", "precompiled_charsmap": charsmap})
+    if spec["extra"]:
+        normalizers += [
+            {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "},
+            {"type": "Replace", "pattern": {"Regex": "^ | $"}, "content": ""},
+        ]
+    decoders = [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "}]
+    if byte_fallback:
+        decoders.append({"type": "ByteFallback"})
+    decoders.append({"type": "Fuse"})
+    unk = sp.id_to_piece(sp.unk_id()) if sp.unk_id() >= 0 else None
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": vocab[t.content],
+                "content": t.content,
+                "single_word": False,
+                "lstrip": t.lstrip,
+                "rstrip": t.rstrip,
+                "normalized": False,
+                "special": t.special,
+            }
+            for t in sorted(added, key=lambda t: vocab[t.content])
+        ],
+        "normalizer": {"type": "Sequence", "normalizers": normalizers} if normalizers else None,
+        "pre_tokenizer": {
+            "type": "Metaspace",
+            "replacement": "▁",
+            "prepend_scheme": "never",
+            "split": False,
+        },
+        "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": unk,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": byte_fallback,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": merges,
+        },
+    }
 
 
 def _int_list(value: Any) -> list[int]:
@@ -847,7 +1083,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer | None:
         raise TokenizerError(f"{directory}: not a directory; pass the checkpoint's directory")
     tokenizer_config = _read_optional_json(directory / "tokenizer_config.json")
     if (directory / "tokenizer.json").is_file():
-        backend, added = _load_tokenizer_json(directory / "tokenizer.json")
+        sp_model = directory / "tokenizer.model"
+        backend, added = _load_tokenizer_json(
+            directory / "tokenizer.json", sp_model if sp_model.is_file() else None
+        )
+        _added_from_config(tokenizer_config, {})  # a broken added_tokens_decoder is still reported
     elif (directory / "vocab.json").is_file():
         if not (directory / "merges.txt").is_file():
             raise TokenizerError(

@@ -1,4 +1,4 @@
-"""The CPU quantized decode kernel (csrc/cpu_kernels.c) against MLX's own quantized_matmul and dequantize."""
+"""The CPU quantized decode kernel (phiflash_mlx/cpu/csrc/cpu_kernels.c) against MLX's own quantized_matmul and dequantize."""
 
 import sys
 
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from phiflash_mlx import cpu_kernels
+from phiflash_mlx.cpu import kernels as cpu_kernels
 
 needs_kernel = pytest.mark.skipif(
     cpu_kernels._library() is None,
     reason="the C kernel is built on Linux only" if not sys.platform.startswith("linux")
-    else "phiflash_mlx/_cpu_kernels*.so was not built (see setup.py)")
+    else "phiflash_mlx/cpu/_cpu_kernels*.so was not built (see setup.py)")
 
 
 def test_kernel_is_built_on_linux():
@@ -190,27 +190,84 @@ def test_attend_few_declines_what_it_does_not_cover():
 
 
 @needs_kernel
-def test_loaded_models_use_the_attention_kernel_and_match_without_it():
-    """phiflash_mlx.load gives CPU models the kernel; prompt and decode logits equal the MLX-op path."""
+@pytest.mark.parametrize("golden", range(2))
+def test_loaded_models_use_the_kernels_and_match_without_them(golden):
+    """phiflash_mlx.load gives CPU models the attention kernel and the Mamba decode step; prompt and
+    decode logits equal the MLX-op path within 1e-4 (float32) and the greedy ids are the same."""
     import phiflash_mlx
     from conftest import GOLDEN_MODELS, golden_path
+    from phiflash_mlx.models.phi4flash import Mamba
 
-    model, _ = phiflash_mlx.load(str(golden_path(GOLDEN_MODELS[-1])))
+    model, _ = phiflash_mlx.load(str(golden_path(GOLDEN_MODELS[golden % len(GOLDEN_MODELS)])))
     layers = [m for _, m in model.named_modules() if hasattr(m, "few_query_kernel")]
     assert layers and all(m.few_query_kernel is cpu_kernels.attend_few for m in layers)
+    mambas = [m for _, m in model.named_modules() if isinstance(m, Mamba)]
+    assert mambas and all(type(m) is not Mamba for m in mambas)
 
     def run():
         cache = model.make_cache()
         out = [np.asarray(model(mx.array([[5, 9, 2, 7, 1, 3]]), cache=cache))]
         for t in (4, 8, 15, 16, 23, 42):
             out.append(np.asarray(model(mx.array([[t]]), cache=cache)))
-        return out
+        tok = int(np.argmax(out[-1][0, -1]))
+        greedy = []
+        for _ in range(8):
+            logits = np.asarray(model(mx.array([[tok]]), cache=cache))
+            tok = int(np.argmax(logits[0, -1]))
+            greedy.append(tok)
+            out.append(logits)
+        return out, greedy
 
-    fast = run()
+    fast, fast_ids = run()
     for m in layers:
         m.few_query_kernel = None
-    for a, b in zip(fast, run()):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for m in mambas:
+        m.__class__ = Mamba
+    plain, plain_ids = run()
+    for a, b in zip(fast, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert fast_ids == plain_ids
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 3), di=st.integers(1, 200), r=st.integers(1, 12), n=st.integers(1, 20),
+       gated=st.booleans(), bias=st.booleans(), threads=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_ssm_step_equals_mlx_ops(b, di, r, n, gated, bias, threads, seed):
+    """The C Mamba step (dt_proj, softplus, state update, D*u, gate) against the model's MLX ops."""
+    from phiflash_mlx.models.phi4flash_kernels import selective_state_update_ops
+
+    ks = mx.random.split(mx.random.key(seed), 8)
+    u = mx.random.normal((b, di), key=ks[0])
+    dbc = mx.random.normal((b, r + 2 * n), key=ks[1])
+    z = mx.random.normal((b, di), key=ks[2]) if gated else None
+    w = mx.random.normal((di, r), key=ks[3]) * 2.0               # pre-activations past softplus's 20 too
+    bdt = mx.random.normal((di,), key=ks[4]) if bias else None
+    A_log = mx.random.normal((di, n), key=ks[5]) * 0.5
+    D = mx.random.normal((di,), key=ks[6])
+    state = mx.random.normal((b, di, n), key=ks[7])
+    y, s = cpu_kernels.ssm_step(u, dbc, z, w, bdt, A_log, D, state, n_threads=threads)
+    delta = dbc[:, :r] @ w.T + (bdt if bias else 0)
+    wy, ws = selective_state_update_ops(state, u, delta, -mx.exp(A_log), dbc[:, r:r + n], dbc[:, r + n:], D, z)
+    np.testing.assert_allclose(np.asarray(s), np.asarray(ws), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(wy), rtol=1e-5, atol=1e-5)
+
+
+def test_library_from_older_sources_is_declined(monkeypatch):
+    """A _cpu_kernels library built before a kernel was added (a stale in-place build) is not used:
+    one warning, MLX's own ops, no AttributeError at the first quantized product."""
+    other = cpu_kernels.library_path("_blas_shim")
+    if other is None:
+        pytest.skip("needs some other compiled library to stand in for a stale one")
+    monkeypatch.setattr(cpu_kernels, "library_path", lambda stem: other)
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    monkeypatch.setattr(cpu_kernels, "_lib_tried", False)
+    assert cpu_kernels._library() is None
+    layer = nn.QuantizedLinear(256, 512, bias=False, group_size=64, bits=4)
+    cpu_kernels.use_cpu_kernels(layer)
+    x = mx.random.normal((1, 2, 256))
+    want = mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, transpose=True, group_size=64, bits=4)
+    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_switch_off_by_environment():
@@ -219,7 +276,7 @@ def test_switch_off_by_environment():
     import subprocess
 
     code = ("import phiflash_mlx, mlx.core as mx\n"
-            "from phiflash_mlx import cpu_kernels\n"
+            "from phiflash_mlx.cpu import kernels as cpu_kernels\n"
             "from phiflash_mlx.demo import demo_model_path\n"
             "m, _ = phiflash_mlx.load(str(demo_model_path()))\n"
             "mx.eval(m(mx.array([[1, 2, 3]])))\n"

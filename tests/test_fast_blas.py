@@ -1,4 +1,4 @@
-"""The Linux fast-BLAS route (phiflash_mlx/_blas.py + csrc/blas_shim.c).
+"""The Linux fast-BLAS route (phiflash_mlx/cpu/blas.py + cpu/csrc/blas_shim.c).
 
 The route is fixed when ``mlx.core`` is first imported, so every check that
 depends on it runs in a fresh interpreter. Each subprocess prints one JSON
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 import phiflash_mlx  # noqa: E402  (imported after the skip marker on purpose)
-from phiflash_mlx import _blas  # noqa: E402
+from phiflash_mlx.cpu import blas as _blas  # noqa: E402
 
 # The directory that holds the phiflash_mlx under test, so that subprocesses
 # import the same copy (source tree with an in-place shim, or site-packages).
@@ -73,7 +73,7 @@ def shim_mapped():
         return "_blas_shim" in maps.read()
 
 def probe(**extra):
-    from phiflash_mlx._blas import blas_info
+    from phiflash_mlx.cpu.blas import blas_info
     out = dict(info=blas_info(), mapped=shim_mapped(),
                providers={s: provider(s) for s in ("cblas_sgemm", "cblas_dgemm", "cblas_cgemm")})
     out.update(extra)
@@ -85,7 +85,7 @@ def probe(**extra):
 def shim_built():
     if _blas._shim_path() is None:
         pytest.fail(
-            "phiflash_mlx/_blas_shim*.so was not built: reinstall with a C compiler "
+            "phiflash_mlx/cpu/_blas_shim*.so was not built: reinstall with a C compiler "
             "(pip install -e .) so that MLX can use OpenBLAS"
         )
     return _blas._shim_path()
@@ -95,7 +95,7 @@ def test_route_is_active_and_mlx_calls_the_shim(tmp_path, shim_built):
     code = PROBE + """
 import phiflash_mlx
 import mlx.core as mx
-from phiflash_mlx._blas import blas_info
+from phiflash_mlx.cpu.blas import blas_info
 before = blas_info()["calls"]
 a = mx.ones((64, 32)); b = mx.ones((32, 16))
 mx.eval(a @ b)                                             # cblas_sgemm
@@ -159,7 +159,7 @@ ref = np.array(big)[5:69, 3:83].astype(np.float64) @ w.astype(np.float64)
 saved["view"] = np.array(out); saved["view_ref"] = ref
 saved["addmm"] = np.array(am); saved["addmm_ref"] = 2.0 * bias.astype(np.float64) + 0.5 * ref
 np.savez(sys.argv[-1] if len(sys.argv) > 1 else "out.npz", **saved)
-from phiflash_mlx._blas import blas_info
+from phiflash_mlx.cpu.blas import blas_info
 print(json.dumps({"active": blas_info()["active"]}))
 """
 
@@ -207,7 +207,7 @@ def work():
 ts = [threading.Thread(target=work) for _ in range(3)]
 for t in ts: t.start()
 for t in ts: t.join()
-from phiflash_mlx._blas import blas_info
+from phiflash_mlx.cpu.blas import blas_info
 print(json.dumps({"max_err": max(errs), "n": len(errs), "active": blas_info()["active"]}))
 """
     out, _ = run_py(code, tmp_path)
@@ -263,7 +263,7 @@ def test_reload_and_preload_keep_the_route(tmp_path, shim_built):
 import importlib
 import phiflash_mlx
 import mlx.core as mx
-from phiflash_mlx import _blas
+from phiflash_mlx.cpu import blas as _blas
 importlib.reload(_blas)
 _blas.enable()
 mx.eval(mx.ones((8, 8)) @ mx.ones((8, 8)))
@@ -381,7 +381,7 @@ import mlx.core as mx
 model, _ = phiflash_mlx.load(sys.argv[1], tokenizer=False)
 ids = np.load(sys.argv[1] + "/vectors.npz")["input_ids_long"]
 np.save("logits.npy", np.array(model(mx.array(ids))))
-from phiflash_mlx._blas import blas_info
+from phiflash_mlx.cpu.blas import blas_info
 print(json.dumps({"active": blas_info()["active"]}))
 """
 

@@ -550,3 +550,183 @@ def test_load_returns_the_tokenizer_of_a_released_layout(phi_dirs, tmp_path, lay
     ids = tok.apply_chat_template([{"role": "user", "content": "How to solve 3*x^2+4*x+5=1?"}])
     assert ids[0] == 200021 and ids[-2:] == [200020, 200019]
     assert tok.decode(ids) == "<|user|>How to solve 3*x^2+4*x+5=1?<|end|><|assistant|>"
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo checkpoint's Hugging Face files: transformers / mlx-lm tokenize and frame chats as we do
+# ---------------------------------------------------------------------------------------------
+
+DEMO = Path(__file__).resolve().parents[1] / "phiflash_mlx" / "demo" / "model"
+
+# Conversations as the demo sees them: a system message, several turns, odd whitespace, unicode.
+DEMO_CONVERSATIONS = [
+    [{"role": "user", "content": "What is 457 + 68?"}],
+    [{"role": "system", "content": "You are a careful calculator."},
+     {"role": "user", "content": "Subtract 68 from 403."}],
+    [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"},
+     {"role": "user", "content": "  Tom has 457 apples.\nTom gets 68 more apples.  "}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 12 * 7?"},
+     {"role": "assistant", "content": "84"}, {"role": "user", "content": "And 84 - 9?"},
+     {"role": "assistant", "content": "75"}, {"role": "user", "content": "héllo ∑ 🎉\ttab"}],
+]
+
+
+def _demo_texts() -> list[str]:
+    from phiflash_mlx.demo import tasks
+
+    texts = ["", " ", "\n", "  two  spaces  ", "ﬁ Ａ ①…", "\x00\x07\x7f", "日本 \u3000 \u00a0 😀"]
+    for p in tasks.problems(40, seed=3):
+        texts += [p.question, p.trace, str(p.answer), f" {p.question}\n\n{p.trace} "]
+    return texts
+
+
+def _demo_flags() -> dict:
+    from phiflash_mlx.tokenizer import AddedToken
+
+    config = json.loads((DEMO / "tokenizer_config.json").read_text())
+    return {e["content"]: AddedToken(e["content"], int(i), e["special"], rstrip=e["rstrip"],
+                                     lstrip=e["lstrip"])
+            for i, e in config["added_tokens_decoder"].items()}
+
+
+def test_demo_tokenizer_json_is_the_form_of_its_sentencepiece_model():
+    """The shipped tokenizer.json is what the training script writes from tokenizer.model."""
+    from phiflash_mlx.tokenizer import sentencepiece_tokenizer_json
+
+    shipped = json.loads((DEMO / "tokenizer.json").read_text(encoding="utf-8"))
+    assert shipped == sentencepiece_tokenizer_json(DEMO / "tokenizer.model", _demo_flags())
+    config = json.loads((DEMO / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == PHI_CHAT_TEMPLATE
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+def test_demo_tokenizer_json_encodes_task_text_like_sentencepiece():
+    """Oracle: the sentencepiece library on tokenizer.model; subject: Hugging Face tokenizers on the
+    shipped tokenizer.json (what transformers and mlx-lm use)."""
+    import random
+
+    import sentencepiece as spm
+
+    sp, hf = _demo_sp(spm), _demo_hf_tokenizers()
+    rng = random.Random(0)
+    alphabet = list("abcXYZ 0123456789+-*=.,:?!'\"\n\t\r") + [
+        "é", "ß", "ﬁ", "Ａ", "∑", "日本", "\u3000", "\u00a0", "\u200b", "😀", "\x00", "\x7f", "\u2028", "①", "▁"]
+    texts = _demo_texts() + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 20))) for _ in range(500)]
+    for t in texts:
+        ids = sp.encode(t)
+        assert hf.encode(t, add_special_tokens=False).ids == ids, repr(t)
+        assert hf.decode(ids) == sp.decode(ids), repr(t)
+
+
+@settings(max_examples=40, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("ab 12+.\n\t") + ["é", "ﬁ", "Ａ", "\u3000", "😀", "\x01"]),
+                    max_size=24))
+def test_demo_tokenizer_json_encodes_like_sentencepiece(text):
+    import sentencepiece as spm
+
+    assert _demo_hf_tokenizers().encode(text, add_special_tokens=False).ids == _demo_sp(spm).encode(text)
+
+
+_DEMO_CACHE: dict = {}
+
+
+def _demo_sp(spm):
+    if "sp" not in _DEMO_CACHE:
+        _DEMO_CACHE["sp"] = spm.SentencePieceProcessor(model_file=str(DEMO / "tokenizer.model"))
+    return _DEMO_CACHE["sp"]
+
+
+def _demo_hf_tokenizers():
+    if "hf" not in _DEMO_CACHE:
+        _DEMO_CACHE["hf"] = hf_tokenizers.Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    return _DEMO_CACHE["hf"]
+
+
+def test_sentencepiece_json_refuses_a_dummy_prefix(sp_dir):
+    """No tokenizer.json puts sentencepiece's dummy prefix exactly where sentencepiece does."""
+    from phiflash_mlx.tokenizer import sentencepiece_tokenizer_json
+
+    with pytest.raises(TokenizerError, match="dummy prefix.*add_dummy_prefix=False"):
+        sentencepiece_tokenizer_json(sp_dir / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def transformers_demo():
+    transformers = pytest.importorskip("transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoTokenizer.from_pretrained(str(DEMO))
+
+
+@pytest.mark.parametrize("n", range(len(DEMO_CONVERSATIONS)))
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_transformers_frames_demo_chats_like_us(transformers_demo, n, add_generation_prompt):
+    """transformers' AutoTokenizer on the demo (what mlx_lm.chat / mlx_lm.server use) gives our ids."""
+    messages = DEMO_CONVERSATIONS[n]
+    ours = load_tokenizer(DEMO)
+    theirs = transformers_demo.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+    )
+    assert theirs == ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    assert transformers_demo.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=False
+    ) == ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+
+def test_transformers_encodes_and_decodes_demo_text_like_us(transformers_demo):
+    ours = load_tokenizer(DEMO)
+    for text in _demo_texts():
+        ids = ours.encode(text)
+        assert transformers_demo.encode(text, add_special_tokens=False) == ids, repr(text)
+        assert transformers_demo.decode(ids) == ours.decode(ids)
+    assert set(transformers_demo.convert_tokens_to_ids(["<|end|>", "<|endoftext|>"])) == set(
+        ours.eos_token_ids
+    )
+
+
+@pytest.mark.parametrize("tokenizer_class", ["PreTrainedTokenizerFast", "LlamaTokenizer"])
+def test_tokenizer_files_rewritten_by_transformers_load(transformers_demo, tmp_path, tokenizer_class):
+    """``mlx_lm.convert`` writes the tokenizer back with transformers' ``save_pretrained`` (only
+    tokenizer.json, tokenizer_config.json and chat_template.jinja; no tokenizer.model). Those files
+    load, and tokenize like the demo. With the demo's earlier ``LlamaTokenizer`` class transformers
+    writes a differently-normalized tokenizer.json; we then tokenize as that file says (as
+    transformers does)."""
+    transformers = pytest.importorskip("transformers")
+    source = tmp_path / "source"
+    shutil.copytree(DEMO, source)
+    if tokenizer_class == "LlamaTokenizer":
+        (source / "tokenizer.json").unlink()
+        config = json.loads((source / "tokenizer_config.json").read_text())
+        config["tokenizer_class"] = "LlamaTokenizer"
+        (source / "tokenizer_config.json").write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(tmp_path / "out"))
+        reread = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    out = tmp_path / "out"
+    assert not (out / "tokenizer.model").exists() and (out / "tokenizer.json").is_file()
+    for name in ("generation_config.json", "config.json"):
+        shutil.copy(DEMO / name, out / name)
+    tok = load_tokenizer(out)
+    demo = load_tokenizer(DEMO)
+    assert tok.eos_token_ids == demo.eos_token_ids == (6, 7)
+    texts = _demo_texts()
+    for text in texts:
+        assert tok.encode(text) == reread.encode(text, add_special_tokens=False), repr(text)
+    for messages in DEMO_CONVERSATIONS:
+        assert tok.apply_chat_template(messages) == reread.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        rendered = demo.apply_chat_template(messages, tokenize=False)
+        assert tok.apply_chat_template(messages, tokenize=False) == rendered
+    if tokenizer_class == "PreTrainedTokenizerFast":  # the same tokenizer as the demo's own files
+        for text in texts:
+            assert tok.encode(text) == demo.encode(text), repr(text)
+        for messages in DEMO_CONVERSATIONS:
+            assert tok.apply_chat_template(messages) == demo.apply_chat_template(messages)
+    ids = demo.encode("What is 457 + 68? héllo 🎉")
+    assert tok.decode(ids) == demo.decode(ids) == "What is 457 + 68? héllo 🎉"
+    # plain text that spells added tokens stays text (split by BPE here, letter by letter with
+    # tokenizer.model; both decode to the text)
+    plain = tok.encode("x <|end|> <think>5</think>")
+    assert not set(plain) & {t.id for t in tok.added_tokens.values()}
+    assert tok.decode(plain) == "x <|end|> <think>5</think>"

@@ -36,7 +36,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
 from ..models.phi4flash import Model, ModelArgs
-from ..tokenizer import load_tokenizer
+from ..tokenizer import PHI_CHAT_TEMPLATE, AddedToken, load_tokenizer, sentencepiece_tokenizer_json
 from . import tasks
 
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"]
@@ -92,6 +92,8 @@ def train_tokenizer(out: Path, seed: int, vocab_size: int = 640) -> None:
 
 
 def write_tokenizer_files(out: Path) -> None:
+    """tokenizer_config.json (with the chat template), generation_config.json and tokenizer.json: the
+    Hugging Face form of tokenizer.model, so transformers and mlx-lm tokenize and frame chats as we do."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
@@ -100,7 +102,8 @@ def write_tokenizer_files(out: Path) -> None:
                            "single_word": False, "special": t in CHAT_TOKENS}
              for t in SPECIAL_PIECES}
     config = {
-        "tokenizer_class": "LlamaTokenizer",
+        # tokenizer.json as written (LlamaTokenizer would replace its normalizer and dummy-prefix rule)
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": added,
         "bos_token": None,
         "eos_token": "<|endoftext|>",
@@ -110,8 +113,13 @@ def write_tokenizer_files(out: Path) -> None:
         "add_eos_token": False,
         "model_max_length": 512,
         "clean_up_tokenization_spaces": False,
+        "chat_template": PHI_CHAT_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    flags = {e["content"]: AddedToken(e["content"], int(i), e["special"], rstrip=e["rstrip"], lstrip=e["lstrip"])
+             for i, e in added.items()}
+    hf_json = sentencepiece_tokenizer_json(out / "tokenizer.model", flags)
+    (out / "tokenizer.json").write_text(json.dumps(hf_json, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     generation = {"eos_token_id": [ids["<|end|>"], ids["<|endoftext|>"]], "pad_token_id": ids["<|endoftext|>"],
                   "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

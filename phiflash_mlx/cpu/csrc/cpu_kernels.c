@@ -671,3 +671,72 @@ PHF_EXPORT int phf_attend(const float *q, long q_bs, long q_hs, const float *k, 
     run_shares(attend_share, &a, threads);
     return a.failed ? -1 : 0;
 }
+
+/* ---- the Mamba decode step after x_proj (CPU decode) -----------------------------------------
+ *
+ * For one token of b sequences, per channel d of d_inner (SAMBAY.md 4.5, steps 6-9):
+ *
+ *   delta = softplus(w_dt[d] . dt + b_dt[d])            (dt_proj and mamba_ssm's softplus, threshold 20)
+ *   s[d, i] = exp(delta * A[d, i]) * s[d, i] + delta * u[d] * B[i]
+ *   y[d] = sum_i s[d, i] * C[i] + D[d] * u[d]          (times z[d] * sigmoid(z[d]) when z is given)
+ *
+ * with dt, B, C the R, N and N columns of x_proj's output. In MLX ops this is a float32 GEMV on the
+ * BLAS and about fifteen single-threaded element-wise passes over (d_inner x N) arrays; here one
+ * pass, the channels split over the pool. The new state is written to `state_out` (may equal
+ * `state`). */
+
+typedef struct {
+    const float *u, *dbc, *z, *w_dt, *b_dt, *A, *D, *state;
+    float *y, *state_out;
+    long B, Di, R, N;
+    int shares;
+} ssm_t;
+
+static inline float softplus20(float x) { return x <= 20.0f ? log1pf(expf(x)) : x; }
+
+static void ssm_share(void *arg, int share) {
+    const ssm_t *a = (const ssm_t *)arg;
+    const long units = a->B * a->Di;
+    const long u0 = units * share / a->shares, u1 = units * (share + 1) / a->shares;
+    for (long unit = u0; unit < u1; unit++) {
+        const long b = unit / a->Di, d = unit % a->Di;
+        const float *dt = a->dbc + b * (a->R + 2 * a->N), *Bv = dt + a->R, *Cv = Bv + a->N;
+        const float *w = a->w_dt + d * a->R;
+        float acc = 0.0f;
+        for (long r = 0; r < a->R; r++) acc += w[r] * dt[r];
+        if (a->b_dt) acc += a->b_dt[d];
+        const float delta = softplus20(acc), ud = a->u[b * a->Di + d], du = delta * ud;
+        const float *Ad = a->A + d * a->N;
+        const float *s = a->state + (b * a->Di + d) * a->N;
+        float *so = a->state_out + (b * a->Di + d) * a->N;
+        float y = 0.0f;
+        for (long i = 0; i < a->N; i++) {
+            const float v = expf(delta * Ad[i]) * s[i] + du * Bv[i];
+            so[i] = v;
+            y += v * Cv[i];
+        }
+        y += a->D[d] * ud;
+        if (a->z) {
+            const float z = a->z[b * a->Di + d];
+            y = y * z * (1.0f / (1.0f + expf(-z)));
+        }
+        a->y[b * a->Di + d] = y;
+    }
+}
+
+/*
+ * u, z, y: [B, Di]; dbc: [B, R + 2N] (x_proj's output: dt | B | C); w_dt: [Di, R]; b_dt: [Di] or NULL;
+ * A: [Di, N] (= -exp(A_log)); D: [Di]; state, state_out: [B, Di, N]; z NULL for no gate. All
+ * contiguous float32. Returns 0, or -1 for a bad shape.
+ */
+PHF_EXPORT int phf_ssm_step(const float *u, const float *dbc, const float *z, const float *w_dt, const float *b_dt,
+                            const float *A, const float *D, const float *state, float *y, float *state_out, long B,
+                            long Di, long R, long N, int threads) {
+    if (B <= 0 || Di <= 0 || R <= 0 || N <= 0) return -1;
+    ssm_t a = {u, dbc, z, w_dt, b_dt, A, D, state, y, state_out, B, Di, R, N, 1};
+    if (threads < 1 || B * Di * N < (1L << 14)) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    a.shares = threads;
+    run_shares(ssm_share, &a, threads);
+    return 0;
+}
