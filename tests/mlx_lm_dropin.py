@@ -164,7 +164,32 @@ def check_prompt_cache_file(model: str, prompt: list[int], n: int, file: str):
     }
 
 
+def check_quantized_kv(model: str, prompt: list[int], n: int, bits: int, group_size: int):
+    """Prefill, turn every cache that mlx-lm can quantize (the KVCache of the full-attention layer)
+    into its QuantizedKVCache, then n greedy tokens; also the logits of each step."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    m = _model(model)
+    cache = make_prompt_cache(m)
+    logits = m(mx.array([prompt]), cache=cache)[:, -1]
+    quantized = []
+    for i, c in enumerate(cache):
+        if type(c) is KVCache:
+            cache[i] = c.to_quantized(group_size=group_size, bits=bits)
+            quantized.append(i)
+    tokens, steps = [], []
+    for _ in range(n):
+        token = int(mx.argmax(logits, axis=-1).item())
+        tokens.append(token)
+        logits = m(mx.array([[token]]), cache=cache)[:, -1]
+        steps.append(logits.astype(mx.float32)[0].tolist())
+    return {"quantized_layers": quantized, "types": [type(c).__name__ for c in cache], "tokens": tokens,
+            "step_logits": steps}
+
+
 API_CHECKS = {
+    "quantized_kv": check_quantized_kv,
     "greedy": check_greedy,
     "batch": check_batch,
     "batch_generate": check_batch_generate,

@@ -821,3 +821,40 @@ def test_ctrl_c_while_modules_load():
         assert b"Traceback" not in err, err
         codes.append(p.returncode)
     assert set(codes) <= {0, 130} and 130 in codes, codes
+
+
+def test_ctrl_c_while_modules_load_through_the_installed_entry_point():
+    """The `phiflash` script runs `phiflash_mlx.cli:main`; importing that module does not load MLX (the
+    package's public names are imported on first use), so MLX's import happens inside main()'s handlers."""
+    probe = subprocess.run([sys.executable, "-c", "import sys, phiflash_mlx.cli; print('mlx.core' in sys.modules)"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "False", probe.stderr
+    start = ("import sys; from phiflash_mlx.cli import main; print('up', flush=True); sys.exit(main(['info']))")
+    codes = []
+    for delay in (0.02, 0.06, 0.12):
+        p = subprocess.Popen([sys.executable, "-c", start], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            assert p.stdout.readline() == b"up\n"
+            time.sleep(delay)
+            p.send_signal(signal.SIGINT)
+            _, err = p.communicate(timeout=120)
+        finally:
+            p.kill()
+        assert b"Traceback" not in err, err
+        codes.append(p.returncode)
+    assert set(codes) <= {0, 130} and 130 in codes, codes
+
+
+def test_lone_surrogates_in_library_prompts_become_replacement_characters():
+    """A str may hold a lone surrogate (JSON "\\ud800" decodes to one); it has no UTF-8 form, so the
+    tokenizer encodes U+FFFD instead, as the command line does for bytes that are not UTF-8."""
+    import phiflash_mlx
+    from phiflash_mlx.demo import demo_model_path
+    model, tok = phiflash_mlx.load(str(demo_model_path()))
+    assert tok.encode("ok \ud800 x") == tok.encode("ok \ufffd x")
+    assert tok.encode("\udfff") == tok.encode("\ufffd")
+    messages = [{"role": "user", "content": "What is 1 + 2?\ud800"}]
+    assert tok.apply_chat_template(messages) == tok.apply_chat_template(
+        [{"role": "user", "content": "What is 1 + 2?\ufffd"}])
+    assert isinstance(phiflash_mlx.generate(model, tok, messages, max_tokens=3, temp=0), str)

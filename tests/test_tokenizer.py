@@ -600,18 +600,31 @@ def test_demo_tokenizer_json_is_the_form_of_its_sentencepiece_model():
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
 
 
+def test_demo_tokenizer_json_encodes_task_text_like_sentencepiece():
+    """Oracle: the sentencepiece library on tokenizer.model; subject: Hugging Face tokenizers on the
+    shipped tokenizer.json (what transformers and mlx-lm use)."""
+    import random
+
+    import sentencepiece as spm
+
+    sp, hf = _demo_sp(spm), _demo_hf_tokenizers()
+    rng = random.Random(0)
+    alphabet = list("abcXYZ 0123456789+-*=.,:?!'\"\n\t\r") + [
+        "é", "ß", "ﬁ", "Ａ", "∑", "日本", "\u3000", "\u00a0", "\u200b", "😀", "\x00", "\x7f", "\u2028", "①", "▁"]
+    texts = _demo_texts() + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 20))) for _ in range(500)]
+    for t in texts:
+        ids = sp.encode(t)
+        assert hf.encode(t, add_special_tokens=False).ids == ids, repr(t)
+        assert hf.decode(ids) == sp.decode(ids), repr(t)
+
+
 @settings(max_examples=40, deadline=None)
 @given(text=st.text(alphabet=st.sampled_from(list("ab 12+.\n\t") + ["é", "ﬁ", "Ａ", "\u3000", "😀", "\x01"]),
                     max_size=24))
 def test_demo_tokenizer_json_encodes_like_sentencepiece(text):
-    """Oracle: the sentencepiece library on tokenizer.model; subject: Hugging Face tokenizers on the
-    shipped tokenizer.json (what transformers and mlx-lm use)."""
     import sentencepiece as spm
 
-    sp = _demo_sp(spm)
-    hf = _demo_hf_tokenizers()
-    for t in [text, *(_demo_texts() if text == "" else [])]:
-        assert hf.encode(t, add_special_tokens=False).ids == sp.encode(t), repr(t)
+    assert _demo_hf_tokenizers().encode(text, add_special_tokens=False).ids == _demo_sp(spm).encode(text)
 
 
 _DEMO_CACHE: dict = {}
@@ -712,3 +725,8 @@ def test_tokenizer_files_rewritten_by_transformers_load(transformers_demo, tmp_p
             assert tok.apply_chat_template(messages) == demo.apply_chat_template(messages)
     ids = demo.encode("What is 457 + 68? héllo 🎉")
     assert tok.decode(ids) == demo.decode(ids) == "What is 457 + 68? héllo 🎉"
+    # plain text that spells added tokens stays text (split by BPE here, letter by letter with
+    # tokenizer.model; both decode to the text)
+    plain = tok.encode("x <|end|> <think>5</think>")
+    assert not set(plain) & {t.id for t in tok.added_tokens.values()}
+    assert tok.decode(plain) == "x <|end|> <think>5</think>"
