@@ -202,6 +202,7 @@ class GenerationResponse:
     generation_tps: float = 0.0
     peak_memory: float = 0.0                # GB
     finish_reason: Optional[str] = None     # "stop", "length" or None while generating
+    cached_tokens: int = 0                  # prompt tokens restored from a checkpoint, not prefilled
 
 
 def peak_memory_gb() -> float:
@@ -227,22 +228,30 @@ def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
     return [int(t) for t in prompt]
 
 
-def prefill(model, ids: Sequence[int], cache, step_size: int = 512, progress=None) -> mx.array:
+def prefill(model, ids: Sequence[int], cache, step_size: int = 512, progress=None, cuts: Sequence[int] = (),
+            at_cut=None) -> mx.array:
     """Feed `ids` through the model in chunks of `step_size` (no T×T attention for long prompts);
-    returns the logits (1, V) of the last token."""
+    returns the logits (1, V) of the last token. Chunks also end at each position in `cuts`, where
+    `at_cut(position)` is called (a checkpoint can be taken there); the last token is fed alone."""
     if not ids:
         raise PhiflashError("the prompt is empty")
     if step_size < 1:
         raise PhiflashError(f"prefill step size must be positive, got {step_size}")
     ids = list(ids)
+    cuts = sorted(c for c in set(cuts) if 0 < c < len(ids))
     done = 0
     while len(ids) - done > 1:
         n = min(step_size, len(ids) - done - 1)
+        nxt = next((c for c in cuts if c > done), None)
+        if nxt is not None:
+            n = min(n, nxt - done)
         model(mx.array([ids[done:done + n]]), cache=cache)
         mx.eval([c.state for c in cache])                    # logits of these chunks are never computed
         done += n
         if progress is not None:
             progress(done, len(ids))
+        if at_cut is not None and done in cuts:
+            at_cut(done)
     logits = model(mx.array([ids[-1:]]), cache=cache)[:, -1]
     if progress is not None:
         progress(len(ids), len(ids))
@@ -285,9 +294,30 @@ class Generator:
         return set(getattr(tok, "eos_token_ids", ()) or ()) if tok is not None else set()
 
     def stream(self, new_ids: Sequence[int], max_tokens: int = 4096, sampling: SamplingParams | None = None,
-               stop: Sequence[str] = (), stop_on_eos: bool = True, progress=None) -> Iterator[GenerationResponse]:
+               stop: Sequence[str] = (), stop_on_eos: bool = True, progress=None,
+               max_thinking_tokens: Optional[int] = None, thinking_message: str = "",
+               checkpoints=None, cuts: Sequence[int] = ()) -> Iterator[GenerationResponse]:
+        """Generate after feeding `new_ids`. `max_thinking_tokens` closes the <think> section after
+        that many tokens (see serving.thinking). `checkpoints` (a serving.CheckpointStore): a fresh
+        generator resumes from the longest snapshot that is a prefix of its prompt, and snapshots
+        are saved at `cuts` (positions in the prompt), before the prompt's last token and at the end
+        of the generation."""
         sampling = sampling or SamplingParams()
         sampler = Sampler(sampling)
+        cached = 0
+        if checkpoints is not None and not self.tokens and not self.pending:
+            cached, restored = checkpoints.lookup(new_ids)
+            if restored is not None:
+                self.cache, self.tokens = restored, list(new_ids[:cached])
+                new_ids = list(new_ids[cached:])
+        budget = None
+        if max_thinking_tokens is not None:
+            from .serving.thinking import THINK_OPEN as _OPEN, ThinkingBudget
+            if self.tokenizer is None:
+                raise PhiflashError("a thinking budget needs a tokenizer")
+            before = list(self.tokens[-8:]) + list(new_ids)
+            opened = self.tokenizer.decode(before[-8:]).rstrip().endswith(_OPEN) if before else False
+            budget = ThinkingBudget(self.tokenizer, max_thinking_tokens, thinking_message, inside=opened)
         feed = self.pending + list(new_ids)
         if max_tokens < 0:
             raise PhiflashError(f"max_tokens must be >= 0, got {max_tokens}")
@@ -307,9 +337,19 @@ class Generator:
 
         t0 = time.perf_counter()
         saved = self._snapshot()
+        base = len(self.tokens)
+        prompt_all = list(self.tokens) + feed
+
+        def at_cut(done):
+            checkpoints.save(prompt_all[:base + done], self.cache)
+
         try:
-            logits = prefill(self.model, feed, self.cache, self.prefill_step_size, progress)
-            token = sampler(logits)
+            if checkpoints is not None:
+                cut_at = [c - base for c in cuts if base < c < len(prompt_all)] + [len(feed) - 1]
+                logits = prefill(self.model, feed, self.cache, self.prefill_step_size, progress, cut_at, at_cut)
+            else:
+                logits = prefill(self.model, feed, self.cache, self.prefill_step_size, progress)
+            token = sampler(budget.apply(logits) if budget is not None else logits)
             mx.eval(token)
         except BaseException:                  # interrupted prefill: the turn never happened
             self._restore(saved)
@@ -319,7 +359,7 @@ class Generator:
         t1 = time.perf_counter()
         prompt_tps = len(feed) / max(t1 - t0, 1e-9)
         n = 0
-        stats = dict(prompt_tokens=len(feed), prompt_tps=prompt_tps)
+        stats = dict(prompt_tokens=len(feed) + cached, prompt_tps=prompt_tps, cached_tokens=cached)
 
         def pieces(text, token_id, finish=None):
             out = []
@@ -349,6 +389,9 @@ class Generator:
             saved = self._snapshot()
             try:
                 logits = self.model(mx.array([[tid]]), cache=self.cache)[:, -1]
+                if budget is not None:
+                    budget.observe(tid)
+                    logits = budget.apply(logits)
                 next_token = sampler(logits)
                 mx.async_eval(next_token)
             except BaseException:              # Ctrl-C inside the model call: keep the cache consistent
@@ -370,6 +413,8 @@ class Generator:
             tail = stops.feed(detok.finalize()) + stops.flush()
         elapsed = time.perf_counter() - t1
         stats.update(generation_tokens=n, generation_tps=n / max(elapsed, 1e-9), peak_memory=peak_memory_gb())
+        if checkpoints is not None:
+            checkpoints.save(self.tokens, self.cache)
         final = pieces(tail, None, finish)
         final[-1].finish_reason = finish
         yield from final
@@ -382,11 +427,26 @@ def _sampling(temp, top_p, top_k, min_p, seed) -> SamplingParams:
 def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256, temp: float = 0.6, top_p: float = 0.95,
                     top_k: int = 0, min_p: float = 0.0, seed: Optional[int] = None, stop: Sequence[str] = (),
                     max_context: int = DEFAULT_MAX_CONTEXT, prefill_step_size: int = 512,
-                    generator: Optional[Generator] = None) -> Iterator[GenerationResponse]:
+                    generator: Optional[Generator] = None, max_thinking_tokens: Optional[int] = None,
+                    thinking_message: str = "", prompt_cache=None) -> Iterator[GenerationResponse]:
     """Yield `GenerationResponse` pieces as tokens are produced. Pass a `Generator` to continue a
-    conversation in its cache (then `prompt` holds only the new turn's messages or ids)."""
+    conversation in its cache (then `prompt` holds only the new turn's messages or ids).
+
+    `max_thinking_tokens`: close the <think> section after that many tokens (0 skips thinking),
+    optionally after `thinking_message`. `prompt_cache`: a `phiflash_mlx.serving.CheckpointStore`;
+    the prompt resumes from its longest matching snapshot and new snapshots are saved (before the
+    last user message, at the end of the prompt, at the end of the answer)."""
     gen = generator or Generator(model, tokenizer, max_context, prefill_step_size)
-    yield from gen.stream(prompt_ids(tokenizer, prompt), max_tokens, _sampling(temp, top_p, top_k, min_p, seed), stop)
+    ids = prompt_ids(tokenizer, prompt)
+    cuts = ()
+    if prompt_cache is not None and tokenizer is not None and not isinstance(prompt, str):
+        messages = list(prompt)
+        if messages and isinstance(messages[0], dict):
+            from .serving.checkpoints import message_cuts
+            cuts = message_cuts(tokenizer, messages, ids)
+    yield from gen.stream(ids, max_tokens, _sampling(temp, top_p, top_k, min_p, seed), stop,
+                          max_thinking_tokens=max_thinking_tokens, thinking_message=thinking_message,
+                          checkpoints=prompt_cache, cuts=cuts)
 
 
 def generate(model, tokenizer, prompt: Prompt, verbose: bool = False, **kwargs) -> str:

@@ -99,6 +99,7 @@ PHI_ADDED_TOKENS: dict[str, AddedToken] = {
 
 # Regular byte-level tokens of the o200k-derived vocabulary (ids 0..199997, spec 6.1).
 _PHI_REGULAR_VOCAB = 199998
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Pre-tokenizer regexes. O200K is the one of the Phi-4 family (spec 6.1); GPT2 is what a plain
 # ByteLevel pre-tokenizer with ``use_regex`` uses.
@@ -539,6 +540,8 @@ class Tokenizer:
         items: list[str | AddedToken] = []
         absorb = False  # an rstrip token is waiting for the whitespace after it
         for text, allow in parts:
+            # a lone surrogate (e.g. from JSON "\ud800") has no UTF-8 form: U+FFFD, as for bad bytes
+            text = _SURROGATE.sub("\ufffd", text)
             pieces: list[str | AddedToken] = [text]
             if allow and self._added_re is not None:
                 pieces, pos = [], 0

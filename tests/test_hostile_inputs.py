@@ -844,3 +844,17 @@ def test_ctrl_c_while_modules_load_through_the_installed_entry_point():
         assert b"Traceback" not in err, err
         codes.append(p.returncode)
     assert set(codes) <= {0, 130} and 130 in codes, codes
+
+
+def test_lone_surrogates_in_library_prompts_become_replacement_characters():
+    """A str may hold a lone surrogate (JSON "\\ud800" decodes to one); it has no UTF-8 form, so the
+    tokenizer encodes U+FFFD instead, as the command line does for bytes that are not UTF-8."""
+    import phiflash_mlx
+    from phiflash_mlx.demo import demo_model_path
+    model, tok = phiflash_mlx.load(str(demo_model_path()))
+    assert tok.encode("ok \ud800 x") == tok.encode("ok \ufffd x")
+    assert tok.encode("\udfff") == tok.encode("\ufffd")
+    messages = [{"role": "user", "content": "What is 1 + 2?\ud800"}]
+    assert tok.apply_chat_template(messages) == tok.apply_chat_template(
+        [{"role": "user", "content": "What is 1 + 2?\ufffd"}])
+    assert isinstance(phiflash_mlx.generate(model, tok, messages, max_tokens=3, temp=0), str)

@@ -5,6 +5,7 @@ main thread, as in real use). The reasoning split is checked in-process against 
 since the tiny test model never writes <think> sections.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -26,9 +27,9 @@ MAX_CONTEXT = 512
 QUESTION = [{"role": "user", "content": "what is 3 plus 4?"}]
 
 
-def _start_server(model_dir, log_file, *extra):
+def _start_server(model_dir, log_file, *extra, max_context=MAX_CONTEXT):
     cmd = [sys.executable, "-m", "phiflash_mlx.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-           "--port", "0", "--log-level", "warning", "--max-context", str(MAX_CONTEXT), *extra]
+           "--port", "0", "--log-level", "warning", "--max-context", str(max_context), *extra]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     log = open(log_file, "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -86,6 +87,7 @@ def _stream_chat(client, messages=QUESTION, **kw):
         for choice in chunk.choices:
             content.append(choice.delta.content or "")
             reasoning.append(getattr(choice.delta, "reasoning_content", None) or "")
+            assert getattr(choice.delta, "reasoning", None) == getattr(choice.delta, "reasoning_content", None)
             finish = choice.finish_reason or finish
     return "".join(content), "".join(reasoning), finish, usage
 
@@ -283,6 +285,7 @@ def test_reasoning_goes_to_reasoning_content(model_dir):
         message = _chat(client).choices[0].message
         assert message.content == "the answer is 7."
         assert message.reasoning_content == "add the ones "
+        assert message.reasoning == "add the ones "                 # mlx-lm clients read this name
         content, reasoning, finish, usage = _stream_chat(client)
         assert (content, reasoning, finish) == ("the answer is 7.", "add the ones ", "stop")
         assert usage.completion_tokens == len(ScriptedEngine.PIECES)
@@ -315,9 +318,34 @@ def test_port_in_use_is_a_clear_error(server, model_dir):
     assert out.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in out.stderr
 
 
-def test_a_request_that_leaves_while_queued_never_runs(client, server):
+@pytest.fixture(scope="module")
+def queued_server(model_dir, tmp_path_factory):
+    """One generation at a time and a queue of one: the queueing and shutdown cases."""
+    log_file = tmp_path_factory.mktemp("servelog") / "serve1.log"
+    proc, url = _start_server(model_dir, log_file, "--max-batch", "1", "--max-queue", "1", max_context=4096)
+    yield url
+    proc.terminate()
+    try:
+        assert proc.wait(timeout=15) == 0, log_file.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _wait_health(server, predicate, timeout=20):
+    deadline = time.time() + timeout
+    status = _health(server)
+    while time.time() < deadline and not predicate(status):
+        time.sleep(0.05)
+        status = _health(server)
+    return status
+
+
+def test_a_request_that_leaves_while_queued_never_runs(queued_server):
+    server = queued_server
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
     before = _health(server)
-    stream = client.chat.completions.create(model="tiny-chat", messages=QUESTION, stream=True, max_tokens=400,
+    stream = client.chat.completions.create(model="tiny-chat", messages=QUESTION, stream=True, max_tokens=3000,
                                             temperature=0, extra_body={"ignore_eos": True})
     for chunk in stream:                                                 # the first request is running
         if chunk.choices and chunk.choices[0].delta.content:
@@ -326,12 +354,208 @@ def test_a_request_that_leaves_while_queued_never_runs(client, server):
         httpx.post(server + "/v1/chat/completions", timeout=0.5,
                    json={"messages": QUESTION, "max_tokens": 50, "ignore_eos": True})
     stream.close()
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        status = _health(server)
-        if status["cancelled"] == before["cancelled"] + 2 and not status["busy"] and not status["queued"]:
-            break
-        time.sleep(0.05)
+    status = _wait_health(server, lambda s: s["cancelled"] == before["cancelled"] + 2 and not s["busy"]
+                          and not s["queued"])
     assert status["cancelled"] == before["cancelled"] + 2, status
     assert status["completed"] == before["completed"], status
     assert status["last"] == {"outcome": "cancelled", "generation_tokens": 0}
+
+
+def test_a_full_queue_answers_503(queued_server):
+    server = queued_server
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
+    stream = client.chat.completions.create(model="tiny-chat", messages=QUESTION, stream=True, max_tokens=3000,
+                                            temperature=0, extra_body={"ignore_eos": True})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    waiting = threading.Thread(target=lambda: httpx.post(server + "/v1/chat/completions", timeout=30,
+                                                         json={"messages": QUESTION, "max_tokens": 2}))
+    waiting.start()
+    _wait_health(server, lambda s: s["queued"] == 1)
+    r = httpx.post(server + "/v1/chat/completions", timeout=10, json={"messages": QUESTION, "max_tokens": 2})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full", r.text
+    stream.close()
+    waiting.join(timeout=30)
+
+
+# --- client compatibility ------------------------------------------------------------------------
+
+def test_stream_null_is_false_and_usage_reports_cached_tokens_and_timings(server):
+    body = {"messages": QUESTION, "max_tokens": 6, "temperature": 0, "stream": None}
+    first = httpx.post(server + "/v1/chat/completions", json=body, timeout=30)
+    assert first.status_code == 200, first.text
+    out = first.json()
+    assert out["object"] == "chat.completion"
+    assert set(out["timings"]) >= {"prompt_n", "prompt_ms", "prompt_per_second", "predicted_n", "predicted_ms",
+                                   "predicted_per_second", "cache_n"}
+    assert out["timings"]["predicted_n"] == out["usage"]["completion_tokens"]
+    # the next turn of the same conversation (the answer sent back as content) resumes from a checkpoint
+    answer = out["choices"][0]["message"]["content"]
+    turn2 = QUESTION + [{"role": "assistant", "content": answer}, {"role": "user", "content": "and 5 plus 6?"}]
+    second = httpx.post(server + "/v1/chat/completions", json=dict(body, messages=turn2), timeout=30).json()
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert 0 < cached < second["usage"]["prompt_tokens"], second["usage"]
+    assert second["timings"]["cache_n"] == cached
+    assert second["timings"]["prompt_n"] == second["usage"]["prompt_tokens"] - cached
+
+
+def test_a_lone_surrogate_is_a_400(server):
+    raw = b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}], "max_tokens": 2}'
+    r = httpx.post(server + "/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "messages.0.content" and "surrogate" in r.json()["error"]["message"]
+    r = httpx.post(server + "/v1/completions", content=b'{"prompt": "\\udfff", "max_tokens": 2}',
+                   headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+
+
+def test_eight_concurrent_streams_each_get_their_sequential_text(client, server):
+    questions = [[{"role": "user", "content": f"what is {a} plus {b}?"}] for a, b in
+                 [(3, 4), (12, 30), (7, 9), (21, 3), (5, 5), (30, 6), (1, 2), (18, 27)]]
+    alone = [_stream_chat(client, q, max_tokens=24)[0] for q in questions]
+    results = [None] * len(questions)
+
+    def run(i):
+        results[i] = _stream_chat(client, questions[i], max_tokens=24)[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(questions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == alone
+
+
+def test_disconnecting_clients_leave_the_others_undisturbed(client, server):
+    questions = [[{"role": "user", "content": f"what is {a} plus {a + 3}?"}] for a in range(4)]
+    kw = dict(max_tokens=40, extra_body={"ignore_eos": True})
+    alone = [_stream_chat(client, q, **kw)[0] for q in questions[:2]]
+    results = {}
+
+    def keep(i):
+        results[i] = _stream_chat(client, questions[i], **kw)[0]
+
+    def leave(i):
+        stream = client.chat.completions.create(model="tiny-chat", messages=questions[i], stream=True,
+                                                max_tokens=400, temperature=0, extra_body={"ignore_eos": True})
+        for n, _ in enumerate(stream):
+            if n == 3:
+                break
+        stream.close()
+
+    threads = [threading.Thread(target=f, args=(i,)) for f, i in ((keep, 0), (leave, 2), (keep, 1), (leave, 3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == {0: alone[0], 1: alone[1]}
+
+
+# --- limits and host checks ----------------------------------------------------------------------
+
+def test_a_body_over_the_limit_is_413(server):
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * (5 << 20)}]}).encode()
+    r = httpx.post(server + "/v1/chat/completions", content=big, headers={"Content-Type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text[:300]
+
+    def chunks():                                                      # no Content-Length: counted as it comes
+        for _ in range(6):
+            yield b"x" * (1 << 20)
+    r = httpx.post(server + "/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 413, r.text[:300]
+    assert _health(server)["status"] == "ok"
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({"Host": "evil.example:8080"}, 403),
+    ({"Host": "localhost"}, 200),
+    ({"Origin": "http://evil.example"}, 403),
+    ({"Origin": "null"}, 403),
+    ({"Origin": "http://localhost:3000"}, 200),
+])
+def test_host_and_origin_must_name_this_server(server, headers, status):
+    r = httpx.get(server + "/v1/models", headers=headers, timeout=10)
+    assert r.status_code == status, r.text
+    if status == 403:
+        assert r.json()["error"]["code"] in ("host_not_allowed", "origin_not_allowed")
+
+
+def test_allowed_hosts_option():
+    from phiflash_mlx.serving.http import allowed_hosts_for
+    assert allowed_hosts_for("127.0.0.1") >= {"localhost", "127.0.0.1", "::1"}
+    assert "box.lan" in allowed_hosts_for("127.0.0.1", ["box.lan"])
+    assert allowed_hosts_for("127.0.0.1", ["*"]) is None
+    assert allowed_hosts_for("0.0.0.0") is None and allowed_hosts_for("0.0.0.0", ["a.b"]) == {"a.b"}
+    assert allowed_hosts_for("192.168.1.5") == {"192.168.1.5"}
+
+
+def test_parsing_and_tokenizing_run_off_the_event_loop(model_dir):
+    """While a request is stuck in tokenization, other endpoints answer: if the template ran on the
+    event loop, /health could not answer and the test would time out."""
+    from fastapi.testclient import TestClient
+    import phiflash_mlx
+    from phiflash_mlx.serving.http import create_app
+    model, tokenizer = phiflash_mlx.load(str(model_dir))
+    entered, release = threading.Event(), threading.Event()
+    template = tokenizer.apply_chat_template
+
+    class SlowTokenizer:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def apply_chat_template(self, *a, **kw):
+            entered.set()
+            assert release.wait(30)
+            return template(*a, **kw)
+
+    app = create_app(model, SlowTokenizer(), "tiny-chat", engine=ScriptedEngine())
+    with TestClient(app) as http:
+        done = {}
+        t = threading.Thread(target=lambda: done.setdefault("r", http.post(
+            "/v1/chat/completions", json={"messages": QUESTION})))
+        t.start()
+        assert entered.wait(30)
+        assert http.get("/health").status_code == 200            # answered while tokenizing
+        release.set()
+        t.join(30)
+        assert done["r"].status_code == 200
+
+
+# --- shutdown -----------------------------------------------------------------------------------
+
+def test_sigterm_stops_within_the_grace_and_queued_requests_get_503(model_dir, tmp_path):
+    import signal
+    log_file = tmp_path / "serve.log"
+    proc, url = _start_server(model_dir, log_file, "--max-batch", "1", "--shutdown-grace", "1", max_context=8192)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        stream = client.chat.completions.create(model="tiny-chat", messages=QUESTION, stream=True,
+                                                max_tokens=8000, temperature=0, extra_body={"ignore_eos": True})
+        next(iter(stream))
+        queued = {}
+        t = threading.Thread(target=lambda: queued.setdefault("r", httpx.post(
+            url + "/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 5}, timeout=30)))
+        t.start()
+        _wait_health(url, lambda s: s["queued"] == 1)
+        start = time.time()
+        proc.send_signal(signal.SIGTERM)
+        t.join(timeout=30)
+        assert queued["r"].status_code == 503, queued["r"].text
+        assert queued["r"].json()["error"]["code"] == "shutting_down"
+        with pytest.raises(httpx.TransportError):                         # no longer accepting
+            time.sleep(0.3)
+            httpx.get(url + "/health", timeout=2)
+        tail = []
+        with pytest.raises(openai.APIError, match="shutting down"):      # the running stream is cancelled
+            for chunk in stream:
+                tail.append(chunk)
+        assert proc.wait(timeout=15) == 0, log_file.read_text()
+        assert time.time() - start < 8
+        assert len(tail) < 8000
+    finally:
+        if proc.poll() is None:
+            proc.kill()

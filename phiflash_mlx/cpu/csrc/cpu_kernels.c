@@ -672,23 +672,25 @@ PHF_EXPORT int phf_attend(const float *q, long q_bs, long q_hs, const float *k, 
     return a.failed ? -1 : 0;
 }
 
-/* ---- the Mamba decode step after x_proj (CPU decode) -----------------------------------------
+/* ---- the Mamba selective scan after x_proj (CPU decode and prefill) ---------------------------
  *
- * For one token of b sequences, per channel d of d_inner (SAMBAY.md 4.5, steps 6-9):
+ * For L tokens of b sequences, per channel d of d_inner and token t in order (SAMBAY.md 4.5, 6-9):
  *
- *   delta = softplus(w_dt[d] . dt + b_dt[d])            (dt_proj and mamba_ssm's softplus, threshold 20)
- *   s[d, i] = exp(delta * A[d, i]) * s[d, i] + delta * u[d] * B[i]
- *   y[d] = sum_i s[d, i] * C[i] + D[d] * u[d]          (times z[d] * sigmoid(z[d]) when z is given)
+ *   delta = softplus(w_dt[d] . dt_t + b_dt[d])          (dt_proj and mamba_ssm's softplus, threshold 20)
+ *   s[d, i] = exp(delta * A[d, i]) * s[d, i] + delta * u_t[d] * B_t[i]
+ *   y_t[d] = sum_i s[d, i] * C_t[i] + D[d] * u_t[d]    (times z_t[d] * sigmoid(z_t[d]) when z is given)
  *
- * with dt, B, C the R, N and N columns of x_proj's output. In MLX ops this is a float32 GEMV on the
- * BLAS and about fifteen single-threaded element-wise passes over (d_inner x N) arrays; here one
- * pass, the channels split over the pool. The new state is written to `state_out` (may equal
- * `state`). */
+ * with dt_t, B_t, C_t the R, N and N columns of x_proj's output for token t. In MLX ops this is a
+ * float32 GEMM on the BLAS, (L x d_inner x N) intermediates and, per token, a few single-threaded
+ * element-wise passes; here the state of a channel stays in L1 for all L tokens and the channels
+ * are split over the pool. The final state goes to `state_out` (may equal `state`). */
+
+#define SSM_MAX_N 256
 
 typedef struct {
     const float *u, *dbc, *z, *w_dt, *b_dt, *A, *D, *state;
     float *y, *state_out;
-    long B, Di, R, N;
+    long B, L, Di, R, N;
     int shares;
 } ssm_t;
 
@@ -696,45 +698,47 @@ static inline float softplus20(float x) { return x <= 20.0f ? log1pf(expf(x)) : 
 
 static void ssm_share(void *arg, int share) {
     const ssm_t *a = (const ssm_t *)arg;
-    const long units = a->B * a->Di;
+    const long units = a->B * a->Di, width = a->R + 2 * a->N;
     const long u0 = units * share / a->shares, u1 = units * (share + 1) / a->shares;
+    float s[SSM_MAX_N];
     for (long unit = u0; unit < u1; unit++) {
         const long b = unit / a->Di, d = unit % a->Di;
-        const float *dt = a->dbc + b * (a->R + 2 * a->N), *Bv = dt + a->R, *Cv = Bv + a->N;
-        const float *w = a->w_dt + d * a->R;
-        float acc = 0.0f;
-        for (long r = 0; r < a->R; r++) acc += w[r] * dt[r];
-        if (a->b_dt) acc += a->b_dt[d];
-        const float delta = softplus20(acc), ud = a->u[b * a->Di + d], du = delta * ud;
-        const float *Ad = a->A + d * a->N;
-        const float *s = a->state + (b * a->Di + d) * a->N;
-        float *so = a->state_out + (b * a->Di + d) * a->N;
-        float y = 0.0f;
-        for (long i = 0; i < a->N; i++) {
-            const float v = expf(delta * Ad[i]) * s[i] + du * Bv[i];
-            so[i] = v;
-            y += v * Cv[i];
+        const float *w = a->w_dt + d * a->R, *Ad = a->A + d * a->N;
+        memcpy(s, a->state + (b * a->Di + d) * a->N, sizeof(float) * (size_t)a->N);
+        for (long t = 0; t < a->L; t++) {
+            const long row = b * a->L + t;
+            const float *dt = a->dbc + row * width, *Bv = dt + a->R, *Cv = Bv + a->N;
+            float acc = 0.0f;
+            for (long r = 0; r < a->R; r++) acc += w[r] * dt[r];
+            if (a->b_dt) acc += a->b_dt[d];
+            const float delta = softplus20(acc), ud = a->u[row * a->Di + d], du = delta * ud;
+            float y = 0.0f;
+            for (long i = 0; i < a->N; i++) {
+                s[i] = expf(delta * Ad[i]) * s[i] + du * Bv[i];
+                y += s[i] * Cv[i];
+            }
+            y += a->D[d] * ud;
+            if (a->z) {
+                const float z = a->z[row * a->Di + d];
+                y = y * z * (1.0f / (1.0f + expf(-z)));
+            }
+            a->y[row * a->Di + d] = y;
         }
-        y += a->D[d] * ud;
-        if (a->z) {
-            const float z = a->z[b * a->Di + d];
-            y = y * z * (1.0f / (1.0f + expf(-z)));
-        }
-        a->y[b * a->Di + d] = y;
+        memcpy(a->state_out + (b * a->Di + d) * a->N, s, sizeof(float) * (size_t)a->N);
     }
 }
 
 /*
- * u, z, y: [B, Di]; dbc: [B, R + 2N] (x_proj's output: dt | B | C); w_dt: [Di, R]; b_dt: [Di] or NULL;
- * A: [Di, N] (= -exp(A_log)); D: [Di]; state, state_out: [B, Di, N]; z NULL for no gate. All
- * contiguous float32. Returns 0, or -1 for a bad shape.
+ * u, z, y: [B, L, Di]; dbc: [B, L, R + 2N] (x_proj's output: dt | B | C); w_dt: [Di, R]; b_dt: [Di] or
+ * NULL; A: [Di, N] (= -exp(A_log)); D: [Di]; state, state_out: [B, Di, N]; z NULL for no gate. All
+ * contiguous float32. Returns 0, or -1 for a bad shape (N above SSM_MAX_N included).
  */
-PHF_EXPORT int phf_ssm_step(const float *u, const float *dbc, const float *z, const float *w_dt, const float *b_dt,
+PHF_EXPORT int phf_ssm_scan(const float *u, const float *dbc, const float *z, const float *w_dt, const float *b_dt,
                             const float *A, const float *D, const float *state, float *y, float *state_out, long B,
-                            long Di, long R, long N, int threads) {
-    if (B <= 0 || Di <= 0 || R <= 0 || N <= 0) return -1;
-    ssm_t a = {u, dbc, z, w_dt, b_dt, A, D, state, y, state_out, B, Di, R, N, 1};
-    if (threads < 1 || B * Di * N < (1L << 14)) threads = 1;
+                            long L, long Di, long R, long N, int threads) {
+    if (B <= 0 || L <= 0 || Di <= 0 || R <= 0 || N <= 0 || N > SSM_MAX_N) return -1;
+    ssm_t a = {u, dbc, z, w_dt, b_dt, A, D, state, y, state_out, B, L, Di, R, N, 1};
+    if (threads < 1 || B * L * Di * N < (1L << 14)) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     a.shares = threads;
     run_shares(ssm_share, &a, threads);
