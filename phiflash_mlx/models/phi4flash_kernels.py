@@ -539,11 +539,11 @@ def _with_twin_vjp(forward, twin, n_diff):
     return fn
 
 
-def _named_call(forward_spec, twin, names, values, n_diff, runner):
+def _named_call(forward_spec, twin, names, values, n_diff, runner, shape=None):
     def forward(*xs):
         spec, launch = forward_spec(**dict(zip(names, xs)))
         out = (runner or run_gpu)(spec, launch)
-        return tuple(out) if len(out) > 1 else out[0]
+        return tuple(out) if len(out) > 1 else out[0].reshape(shape)
 
     def twin_fn(*xs):
         return twin(**dict(zip(names, xs)))
@@ -627,10 +627,9 @@ def gmu_gate_kernel(g, memory, runner: Runner | None = None):
     def spec_launch(g, memory):
         return _gmu_launch(g, memory)
 
-    out = _named_call(
-        spec_launch, gmu_gate_ops, ["g", "memory"], [g, memory], 2, runner
+    return _named_call(
+        spec_launch, gmu_gate_ops, ["g", "memory"], [g, memory], 2, runner, shape
     )
-    return out.reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------
