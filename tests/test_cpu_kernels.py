@@ -276,6 +276,31 @@ def test_ssm_scan_equals_mlx_ops(b, l, di, r, n, gated, fresh, threads, seed):
     np.testing.assert_allclose(np.asarray(y), np.asarray(wy), rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 20])
+def test_fused_mlp_and_gmu_equal_mlx_ops(rows, monkeypatch):
+    """The decode-step MLP (fc1, SiLU gate, fc2) and GMU (in_proj, SiLU * memory, out_proj) in one host
+    call equal the model's MLX code on plain quantized layers; blocks of rows take the model's path."""
+    from phiflash_mlx.models.phi4flash import MLP, GatedMemoryUnit, ModelArgs
+
+    monkeypatch.setattr(cpu_kernels, "KERNEL_MIN_WEIGHTS", 0)
+    args = ModelArgs.from_dict(dict(model_type="phi4flash", vocab_size=64, hidden_size=128, intermediate_size=192,
+                                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                    sliding_window=8, mamba_d_state=4, mamba_d_conv=4, mamba_expand=2,
+                                    mb_per_layer=2))
+    for cls in (MLP, GatedMemoryUnit):
+        block = cls(args)
+        nn.quantize(block, group_size=32, bits=4)
+        mx.eval(block.parameters())
+        x = mx.random.normal((1, rows, args.hidden_size))
+        memory = mx.random.normal((1, rows, args.d_inner))
+        call = (lambda b: b(x)) if cls is MLP else (lambda b: b(x, memory))
+        want = np.asarray(call(block))
+        assert cpu_kernels.use_cpu_kernels(block) > 0 and type(block) is not cls
+        got = np.asarray(call(block))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_library_from_older_sources_is_declined(monkeypatch):
     """A _cpu_kernels library built before a kernel was added (a stale in-place build) is not used:
     one warning, MLX's own ops, no AttributeError at the first quantized product."""

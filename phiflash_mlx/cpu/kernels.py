@@ -414,6 +414,83 @@ def _cpu_mamba_call(self, a, mask=None, cache=None):
     return self.out_proj(y), memory
 
 
+def _np_product(lib, module, xs: np.ndarray) -> np.ndarray | None:
+    """xs (m, k) contiguous float32 @ W.T of a quantized module, host to host (no MLX round trip)."""
+    packed = _packed(module)
+    m, k = xs.shape
+    n = packed.w.shape[0]
+    y = np.empty((m, n), dtype=np.float32)
+    fn = lib.phf_qmatmul if m >= BLOCK_ROWS else lib.phf_qmatvec
+    rc = fn(xs.ctypes.data, m, k, packed.w.ctypes.data, packed.scales.ctypes.data, packed.biases.ctypes.data, n,
+            module.bits, module.group_size, y.ctypes.data, threads(), 1)
+    return None if rc != 0 else y
+
+
+def _np_silu(g: np.ndarray) -> np.ndarray:
+    return g / (1.0 + np.exp(-g))
+
+
+def _gated_pair_applies(first, second, x) -> bool:
+    """Both products of a gated block on the C kernels for a few rows (a decode step)."""
+    ok = all(type(m) is CPUQuantizedLinear and _kernel_applies(m) and "bias" not in m for m in (first, second))
+    return ok and x.size // x.shape[-1] < BLOCK_ROWS and _library() is not None
+
+
+def _cpu_mlp_call(self, x):
+    """MLP.__call__ for CPUs: a decode step runs fc1, SiLU(gate) * value and fc2 in one host call
+    (one evaluation instead of two, no MLX element-wise ops in between); the model's code elsewhere."""
+    if not (hasattr(self, "fc1") and hasattr(self, "fc2") and _gated_pair_applies(self.fc1, self.fc2, x)):
+        return super(type(self), self).__call__(x)
+    lib = _library()
+    fc1, fc2 = self.fc1, self.fc2
+
+    def slow(x):
+        gate, value = mx.split(nn.QuantizedLinear.__call__(fc1, x), 2, axis=-1)
+        return nn.QuantizedLinear.__call__(fc2, nn.silu(gate) * value)
+
+    def fast(x):
+        xs = _as_float32(x.reshape(-1, x.shape[-1]))
+        h = _np_product(lib, fc1, xs)
+        if h is None:
+            return None
+        half = h.shape[-1] // 2
+        y = _np_product(lib, fc2, np.ascontiguousarray(_np_silu(h[:, :half]) * h[:, half:], dtype=np.float32))
+        if y is None:
+            return None
+        out = mx.array(y).reshape(*x.shape[:-1], y.shape[-1])
+        return out if x.dtype == mx.float32 else out.astype(x.dtype)
+
+    return _host_call(fast, slow, x)
+
+
+def _cpu_gmu_call(self, a, memory):
+    """GatedMemoryUnit.__call__ for CPUs: in_proj, SiLU(.) * memory and out_proj in one host call for a
+    decode step."""
+    if not (hasattr(self, "in_proj") and hasattr(self, "out_proj") and memory is not None
+            and memory.shape[:-1] == a.shape[:-1] and _gated_pair_applies(self.in_proj, self.out_proj, a)):
+        return super(type(self), self).__call__(a, memory)
+    lib = _library()
+    inp, outp = self.in_proj, self.out_proj
+
+    def slow(a, memory):
+        g = nn.QuantizedLinear.__call__(inp, a)
+        return nn.QuantizedLinear.__call__(outp, (nn.silu(g) * memory).astype(a.dtype))
+
+    def fast(a, memory):
+        xs = _as_float32(a.reshape(-1, a.shape[-1]))
+        mem = _as_float32(memory.reshape(-1, memory.shape[-1]))
+        g = _np_product(lib, inp, xs)
+        if g is None or g.shape != mem.shape:
+            return None
+        y = _np_product(lib, outp, np.ascontiguousarray(_np_silu(g) * mem, dtype=np.float32))
+        if y is None:
+            return None
+        out = mx.array(y).reshape(*a.shape[:-1], y.shape[-1])
+        return out if a.dtype == mx.float32 else out.astype(a.dtype)
+
+    return _host_call(fast, slow, a, memory)
+
+
 _CPU_CLASSES: dict = {}
 
 
@@ -431,7 +508,7 @@ def use_cpu_kernels(model: nn.Module) -> int:
     """Switch every QuantizedLinear / QuantizedEmbedding of `model` (ours or any mlx-lm model) to the
     CPU versions above, and give our differential-attention layers the few-query attention kernel;
     returns how many modules changed."""
-    from ..models.phi4flash import Mamba
+    from ..models.phi4flash import MLP, GatedMemoryUnit, Mamba
 
     count = 0
     for _, module in model.named_modules():
@@ -440,6 +517,12 @@ def use_cpu_kernels(model: nn.Module) -> int:
             count += 1
         if type(module) is Mamba and _library() is not None:
             module.__class__ = _cpu_subclass(type(module), _cpu_mamba_call)
+            count += 1
+        elif type(module) is MLP and _library() is not None:
+            module.__class__ = _cpu_subclass(type(module), _cpu_mlp_call)
+            count += 1
+        elif type(module) is GatedMemoryUnit and _library() is not None:
+            module.__class__ = _cpu_subclass(type(module), _cpu_gmu_call)
             count += 1
         if type(module) is nn.QuantizedLinear:
             module.__class__ = CPUQuantizedLinear
