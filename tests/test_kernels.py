@@ -882,3 +882,15 @@ def test_lane_parallel_scan_threads_are_independent(case):
                                         layout="lanes")
     for a, b in zip(fwd, rev):
         np.testing.assert_array_equal(np.array(a), np.array(b))
+
+
+@needs_harness
+def test_mac_check_script_runs_through_the_harness():
+    """scripts/check_kernels.py (the one-command Mac check) runs its checks here with --harness."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "scripts", "check_kernels.py"),
+                           "--harness", "--quick"], capture_output=True, text=True, cwd=root,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "---- paste from here ----" in proc.stdout and " 0 failed" in proc.stdout
+    assert proc.stdout.count("| PASS |") >= 9
