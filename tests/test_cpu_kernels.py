@@ -253,6 +253,54 @@ def test_ssm_step_equals_mlx_ops(b, di, r, n, gated, bias, threads, seed):
     np.testing.assert_allclose(np.asarray(y), np.asarray(wy), rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(1, 2), l=st.integers(1, 7), di=st.integers(1, 70), r=st.integers(1, 8), n=st.integers(1, 16),
+       gated=st.booleans(), fresh=st.booleans(), threads=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_ssm_scan_equals_mlx_ops(b, l, di, r, n, gated, fresh, threads, seed):
+    """The C scan over a prompt (from a given state or from zeros) against the model's scan ops."""
+    from phiflash_mlx.models.phi4flash_kernels import selective_scan_ops
+
+    ks = mx.random.split(mx.random.key(seed), 7)
+    u = mx.random.normal((b, l, di), key=ks[0])
+    dbc = mx.random.normal((b, l, r + 2 * n), key=ks[1])
+    z = mx.random.normal((b, l, di), key=ks[2]) if gated else None
+    w = mx.random.normal((di, r), key=ks[3])
+    A_log = mx.random.normal((di, n), key=ks[4]) * 0.5
+    D = mx.random.normal((di,), key=ks[5])
+    state = None if fresh else mx.random.normal((b, di, n), key=ks[6])
+    y, s = cpu_kernels.ssm_scan(u, dbc, z, w, None, A_log, D, state, n_threads=threads)
+    wy, ws = selective_scan_ops(u, dbc[..., :r] @ w.T, -mx.exp(A_log), dbc[..., r:r + n], dbc[..., r + n:], D, z,
+                                None, state)
+    np.testing.assert_allclose(np.asarray(s), np.asarray(ws), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(wy), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 20])
+def test_fused_mlp_and_gmu_equal_mlx_ops(rows, monkeypatch):
+    """The decode-step MLP (fc1, SiLU gate, fc2) and GMU (in_proj, SiLU * memory, out_proj) in one host
+    call equal the model's MLX code on plain quantized layers; blocks of rows take the model's path."""
+    from phiflash_mlx.models.phi4flash import MLP, GatedMemoryUnit, ModelArgs
+
+    monkeypatch.setattr(cpu_kernels, "KERNEL_MIN_WEIGHTS", 0)
+    args = ModelArgs.from_dict(dict(model_type="phi4flash", vocab_size=64, hidden_size=128, intermediate_size=192,
+                                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                    sliding_window=8, mamba_d_state=4, mamba_d_conv=4, mamba_expand=2,
+                                    mb_per_layer=2))
+    for cls in (MLP, GatedMemoryUnit):
+        block = cls(args)
+        nn.quantize(block, group_size=32, bits=4)
+        mx.eval(block.parameters())
+        x = mx.random.normal((1, rows, args.hidden_size))
+        memory = mx.random.normal((1, rows, args.d_inner))
+        call = (lambda b: b(x)) if cls is MLP else (lambda b: b(x, memory))
+        want = np.asarray(call(block))
+        assert cpu_kernels.use_cpu_kernels(block) > 0 and type(block) is not cls
+        got = np.asarray(call(block))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_library_from_older_sources_is_declined(monkeypatch):
     """A _cpu_kernels library built before a kernel was added (a stale in-place build) is not used:
     one warning, MLX's own ops, no AttributeError at the first quantized product."""

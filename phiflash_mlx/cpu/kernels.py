@@ -85,8 +85,8 @@ def _library() -> ctypes.CDLL | None:
         lib.phf_attend.argtypes = [ptr, lng, lng, ptr, lng, lng, lng, lng, ptr, lng, lng, lng, ptr, lng, lng,
                                    ptr, lng, lng, lng, lng, lng, lng, lng, i32, i32]
         lib.phf_attend.restype = i32
-        lib.phf_ssm_step.argtypes = [ptr] * 10 + [lng] * 4 + [i32]
-        lib.phf_ssm_step.restype = i32
+        lib.phf_ssm_scan.argtypes = [ptr] * 10 + [lng] * 5 + [i32]
+        lib.phf_ssm_scan.restype = i32
         lib.phf_simd.restype = i32
     except AttributeError as exc:             # built from older sources: rebuild to get every kernel
         _log.warning("%s is out of date (%s); using MLX's own ops. Rebuild it: python setup.py build_ext "
@@ -319,85 +319,79 @@ def _attend_c(lib, q, keys, values, mask, scale, simd, n_threads):
     return both[:, :, :r].reshape(b, hs, l, dv), both[:, :, r:].reshape(b, hs, l, dv)
 
 
-def ssm_step(u: mx.array, dbc: mx.array, z: mx.array | None, w_dt: mx.array, b_dt: mx.array | None,
-             A_log: mx.array, D: mx.array, state: mx.array, n_threads: int | None = None):
-    """The Mamba decode step after x_proj, with the C kernel (`phf_ssm_step`): dt_proj, softplus, the
-    state update, the output with D*u and, where z is given, the SiLU(z) gate. u, z (b, Di); dbc
-    (b, R + 2N) = x_proj's output [dt | B | C]; w_dt (Di, R), b_dt (Di,) or None; A_log (Di, N);
-    D (Di,); state (b, Di, N). Returns (y (b, Di), new state), float32 — the same as dt_proj followed
-    by the model's `selective_state_update`, which runs instead where the kernel cannot (gradients too)."""
-    from ..models.phi4flash_kernels import selective_state_update_ops
+def ssm_scan(u: mx.array, dbc: mx.array, z: mx.array | None, w_dt: mx.array, b_dt: mx.array | None,
+             A_log: mx.array, D: mx.array, state: mx.array | None, n_threads: int | None = None):
+    """The Mamba selective scan after x_proj, with the C kernel (`phf_ssm_scan`): dt_proj, softplus, the
+    state update, the output with D*u and, where z is given, the SiLU(z) gate, token by token. u, z
+    (b, l, Di); dbc (b, l, R + 2N) = x_proj's output [dt | B | C]; w_dt (Di, R), b_dt (Di,) or None;
+    A_log (Di, N); D (Di,); state (b, Di, N) or None (zeros). Returns (y (b, l, Di), final state),
+    float32 — the same as dt_proj followed by the model's `selective_scan` ops, which run instead where
+    the kernel cannot (and give the gradients)."""
+    from ..models.phi4flash_kernels import selective_scan_ops
 
-    Di, R = w_dt.shape
+    b, l, Di = u.shape
+    R = w_dt.shape[1]
     N = A_log.shape[1]
-    gated = z is not None
+    if state is None:
+        state = mx.zeros((b, Di, N), dtype=mx.float32)
+    arrays = {"u": u, "dbc": dbc, "z": z, "w": w_dt, "bias": b_dt, "A_log": A_log, "D": D, "state": state}
+    names = [k for k, v in arrays.items() if v is not None]
 
-    def slow(u, dbc, *rest):
-        z, w_dt, b_dt, A_log, D, state = rest if gated else (None, *rest)
-        delta = dbc[..., :R] @ w_dt.T
-        if b_dt is not None:
-            delta = delta + b_dt
-        A = -mx.exp(A_log.astype(mx.float32))
-        y, s = selective_state_update_ops(state, u, delta, A, dbc[..., R:R + N], dbc[..., R + N:], D, z)
+    def slow(*xs):
+        g = dict(zip(names, xs))
+        delta = g["dbc"][..., :R] @ g["w"].T
+        if "bias" in g:
+            delta = delta + g["bias"]
+        A = -mx.exp(g["A_log"].astype(mx.float32))
+        y, s = selective_scan_ops(g["u"], delta, A, g["dbc"][..., R:R + N], g["dbc"][..., R + N:], g["D"], g.get("z"),
+                                  None, g["state"])
         return y.astype(mx.float32), s
 
     lib = _library()
     if lib is None:
-        return slow(u, dbc, *([z] if gated else []), w_dt, b_dt, A_log, D, state)
+        return slow(*(arrays[k] for k in names))
 
-    def fast(u, dbc, *rest):
-        z, w_dt, b_dt, A_log, D, state = rest if gated else (None, *rest)
-        A = -mx.exp(A_log.astype(mx.float32))
-        arrays = [x for x in (u, dbc, z, w_dt, b_dt, A, D, state) if x is not None]
-        arrays = [x if x.dtype == mx.float32 else x.astype(mx.float32) for x in arrays]
-        mx.eval(*arrays)
-        npa = [np.ascontiguousarray(np.asarray(x)) for x in arrays]
-        un, dn = npa[0], npa[1]
-        rest_n = npa[2:]
-        zn = rest_n.pop(0) if gated else None
-        wn = rest_n.pop(0)
-        bn = rest_n.pop(0) if b_dt is not None else None
-        an, Dn, sn = rest_n
-        b = un.shape[0]
-        y = np.empty((b, Di), dtype=np.float32)
+    def fast(*xs):
+        g = dict(zip(names, xs))
+        g["A"] = -mx.exp(g.pop("A_log").astype(mx.float32))
+        g = {k: (v if v.dtype == mx.float32 else v.astype(mx.float32)) for k, v in g.items()}
+        mx.eval(*g.values())
+        n = {k: np.ascontiguousarray(np.asarray(v)) for k, v in g.items()}
+        y = np.empty((b, l, Di), dtype=np.float32)
         s_out = np.empty((b, Di, N), dtype=np.float32)
-        rc = lib.phf_ssm_step(un.ctypes.data, dn.ctypes.data, None if zn is None else zn.ctypes.data, wn.ctypes.data,
-                              None if bn is None else bn.ctypes.data, an.ctypes.data, Dn.ctypes.data, sn.ctypes.data,
-                              y.ctypes.data, s_out.ctypes.data, b, Di, R, N, n_threads or threads())
+        ptr = lambda k: n[k].ctypes.data if k in n else None  # noqa: E731
+        rc = lib.phf_ssm_scan(ptr("u"), ptr("dbc"), ptr("z"), ptr("w"), ptr("bias"), ptr("A"), ptr("D"), ptr("state"),
+                              y.ctypes.data, s_out.ctypes.data, b, l, Di, R, N, n_threads or threads())
         if rc != 0:
             return None
         return mx.array(y), mx.array(s_out)
 
-    args = [u, dbc, *([z] if gated else []), w_dt, *([b_dt] if b_dt is not None else []), A_log, D, state]
-
-    def bind(fn):                        # _host_call passes arrays only: b_dt may be absent
-        def call(*xs):
-            xs = list(xs)
-            head = xs[:3 if gated else 2]
-            tail = xs[len(head):]
-            w = tail.pop(0)
-            bias = tail.pop(0) if b_dt is not None else None
-            return fn(*head, w, bias, *tail)
-        return call
-
-    return _host_call(bind(fast), bind(slow), *args)
+    return _host_call(fast, slow, *(arrays[k] for k in names))
 
 
-def _mamba_step_applies(mixer, a, mask, cache) -> bool:
+def ssm_step(u, dbc, z, w_dt, b_dt, A_log, D, state, n_threads=None):
+    """`ssm_scan` for one token: u, z (b, Di); dbc (b, R + 2N). Returns (y (b, Di), new state)."""
+    y, s = ssm_scan(u[:, None], dbc[:, None], None if z is None else z[:, None], w_dt, b_dt, A_log, D, state,
+                    n_threads)
+    return y[:, 0], s
+
+
+def _mamba_scan_applies(mixer, a, mask, cache) -> bool:
     names = ("in_proj", "x_proj", "dt_proj", "out_proj", "A_log", "D", "_conv", "d_inner", "dt_rank", "d_state",
              "produces_memory")
-    if a.shape[1] != 1 or mask is not None or cache is None or not all(hasattr(mixer, n) for n in names):
+    if mask is not None or not all(hasattr(mixer, n) for n in names):
         return False
-    if getattr(cache, "lengths", None) is not None or cache[1] is None:
+    if cache is not None and getattr(cache, "lengths", None) is not None:
         return False
     dt = mixer.dt_proj
-    return type(dt) is nn.Linear and dt["weight"].shape == (mixer.d_inner, mixer.dt_rank)
+    return (type(dt) is nn.Linear and dt["weight"].shape == (mixer.d_inner, mixer.dt_rank)
+            and mixer.d_state <= 256)
 
 
 def _cpu_mamba_call(self, a, mask=None, cache=None):
-    """Mamba.__call__ for CPUs: a one-token step (decode) runs dt_proj and the selective state update
-    as one C call (`ssm_step`); everything else is the model's own code."""
-    if not _mamba_step_applies(self, a, mask, cache):
+    """Mamba.__call__ for CPUs: dt_proj and the selective scan (decode steps and prompts alike) run as
+    one C call (`ssm_scan`); everything else is the model's own code."""
+    if not _mamba_scan_applies(self, a, mask, cache):
         return super(type(self), self).__call__(a, mask, cache)
     from ..models.phi4flash_kernels import gmu_gate
 
@@ -407,16 +401,94 @@ def _cpu_mamba_call(self, a, mask=None, cache=None):
     u = self._conv(x, None, cache)
     dbc = self.x_proj(u)
     dt = self.dt_proj
-    y, state = ssm_step(u[:, 0], dbc[:, 0], None if self.produces_memory else z[:, 0], dt["weight"],
-                        dt.get("bias"), self.A_log, self.D, cache[1])
-    cache[1] = state
-    cache.advance(1)
-    y = y[:, None].astype(a.dtype)
+    y, state = ssm_scan(u, dbc, None if self.produces_memory else z, dt["weight"], dt.get("bias"), self.A_log,
+                        self.D, None if cache is None else cache[1])
+    if cache is not None:
+        cache[1] = state
+        cache.advance(a.shape[1])
+    y = y.astype(a.dtype)
     memory = None
     if self.produces_memory:
         memory = y
         y = gmu_gate(z, memory)
     return self.out_proj(y), memory
+
+
+def _np_product(lib, module, xs: np.ndarray) -> np.ndarray | None:
+    """xs (m, k) contiguous float32 @ W.T of a quantized module, host to host (no MLX round trip)."""
+    packed = _packed(module)
+    m, k = xs.shape
+    n = packed.w.shape[0]
+    y = np.empty((m, n), dtype=np.float32)
+    fn = lib.phf_qmatmul if m >= BLOCK_ROWS else lib.phf_qmatvec
+    rc = fn(xs.ctypes.data, m, k, packed.w.ctypes.data, packed.scales.ctypes.data, packed.biases.ctypes.data, n,
+            module.bits, module.group_size, y.ctypes.data, threads(), 1)
+    return None if rc != 0 else y
+
+
+def _np_silu(g: np.ndarray) -> np.ndarray:
+    return g / (1.0 + np.exp(-g))
+
+
+def _gated_pair_applies(first, second, x) -> bool:
+    """Both products of a gated block on the C kernels for a few rows (a decode step)."""
+    ok = all(type(m) is CPUQuantizedLinear and _kernel_applies(m) and "bias" not in m for m in (first, second))
+    return ok and x.size // x.shape[-1] < BLOCK_ROWS and _library() is not None
+
+
+def _cpu_mlp_call(self, x):
+    """MLP.__call__ for CPUs: a decode step runs fc1, SiLU(gate) * value and fc2 in one host call
+    (one evaluation instead of two, no MLX element-wise ops in between); the model's code elsewhere."""
+    if not (hasattr(self, "fc1") and hasattr(self, "fc2") and _gated_pair_applies(self.fc1, self.fc2, x)):
+        return super(type(self), self).__call__(x)
+    lib = _library()
+    fc1, fc2 = self.fc1, self.fc2
+
+    def slow(x):
+        gate, value = mx.split(nn.QuantizedLinear.__call__(fc1, x), 2, axis=-1)
+        return nn.QuantizedLinear.__call__(fc2, nn.silu(gate) * value)
+
+    def fast(x):
+        xs = _as_float32(x.reshape(-1, x.shape[-1]))
+        h = _np_product(lib, fc1, xs)
+        if h is None:
+            return None
+        half = h.shape[-1] // 2
+        y = _np_product(lib, fc2, np.ascontiguousarray(_np_silu(h[:, :half]) * h[:, half:], dtype=np.float32))
+        if y is None:
+            return None
+        out = mx.array(y).reshape(*x.shape[:-1], y.shape[-1])
+        return out if x.dtype == mx.float32 else out.astype(x.dtype)
+
+    return _host_call(fast, slow, x)
+
+
+def _cpu_gmu_call(self, a, memory):
+    """GatedMemoryUnit.__call__ for CPUs: in_proj, SiLU(.) * memory and out_proj in one host call for a
+    decode step."""
+    if not (hasattr(self, "in_proj") and hasattr(self, "out_proj") and memory is not None
+            and memory.shape[:-1] == a.shape[:-1] and _gated_pair_applies(self.in_proj, self.out_proj, a)):
+        return super(type(self), self).__call__(a, memory)
+    lib = _library()
+    inp, outp = self.in_proj, self.out_proj
+
+    def slow(a, memory):
+        g = nn.QuantizedLinear.__call__(inp, a)
+        return nn.QuantizedLinear.__call__(outp, (nn.silu(g) * memory).astype(a.dtype))
+
+    def fast(a, memory):
+        xs = _as_float32(a.reshape(-1, a.shape[-1]))
+        mem = _as_float32(memory.reshape(-1, memory.shape[-1]))
+        g = _np_product(lib, inp, xs)
+        if g is None or g.shape != mem.shape:
+            return None
+        y = _np_product(lib, outp, np.ascontiguousarray(_np_silu(g) * mem, dtype=np.float32))
+        if y is None:
+            return None
+        out = mx.array(y).reshape(*a.shape[:-1], y.shape[-1])
+        return out if a.dtype == mx.float32 else out.astype(a.dtype)
+
+    return _host_call(fast, slow, a, memory)
 
 
 _CPU_CLASSES: dict = {}
@@ -436,7 +508,7 @@ def use_cpu_kernels(model: nn.Module) -> int:
     """Switch every QuantizedLinear / QuantizedEmbedding of `model` (ours or any mlx-lm model) to the
     CPU versions above, and give our differential-attention layers the few-query attention kernel;
     returns how many modules changed."""
-    from ..models.phi4flash import Mamba
+    from ..models.phi4flash import MLP, GatedMemoryUnit, Mamba
 
     count = 0
     for _, module in model.named_modules():
@@ -445,6 +517,12 @@ def use_cpu_kernels(model: nn.Module) -> int:
             count += 1
         if type(module) is Mamba and _library() is not None:
             module.__class__ = _cpu_subclass(type(module), _cpu_mamba_call)
+            count += 1
+        elif type(module) is MLP and _library() is not None:
+            module.__class__ = _cpu_subclass(type(module), _cpu_mlp_call)
+            count += 1
+        elif type(module) is GatedMemoryUnit and _library() is not None:
+            module.__class__ = _cpu_subclass(type(module), _cpu_gmu_call)
             count += 1
         if type(module) is nn.QuantizedLinear:
             module.__class__ = CPUQuantizedLinear

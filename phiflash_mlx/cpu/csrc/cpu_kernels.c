@@ -187,7 +187,26 @@ static void run_job(const job_t *j) {
     rows_portable(j);
 }
 
-static void qmatvec_share(void *arg, int share) { run_job(&((const job_t *)arg)[share]); }
+/* Work is handed out in chunks of rows from a shared counter rather than as one fixed slice per
+ * thread: where another process holds a core for a while (a shared machine, a laptop with a browser
+ * open), the threads that do run take the remaining chunks instead of waiting for the slow one. */
+static inline long next_chunk(long *counter) { return __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED); }
+
+typedef struct {
+    job_t job;
+    long chunk, chunks, next;
+} qmv_t;
+
+static void qmatvec_share(void *arg, int share) {
+    qmv_t *q = (qmv_t *)arg;
+    job_t j = q->job;
+    (void)share;
+    for (long c; (c = next_chunk(&q->next)) < q->chunks;) {
+        j.n0 = c * q->chunk;
+        j.n1 = (c + 1) * q->chunk < j.n ? (c + 1) * q->chunk : j.n;
+        run_job(&j);
+    }
+}
 
 /* ---- a persistent pool of worker threads ----------------------------------------------------
  * Creating threads per call costs more than a small product (measured ~130 us per call here), so
@@ -332,6 +351,7 @@ typedef struct {
     long m, k, n;
     int bits, group_size, shares, use_avx2;
     int failed;
+    long next; /* the next tile of QMM_NT output rows to take */
 } qmm_t;
 
 static void qmm_dequant_portable(const qmm_t *a, long r0, long nt, long k0, long kc, float *wd) {
@@ -421,8 +441,7 @@ __attribute__((target("avx2,fma"))) static void qmm_edge_avx2(const float *x, lo
 
 static void qmm_share(void *arg, int share) {
     qmm_t *a = (qmm_t *)arg;
-    const long n0 = a->n * share / a->shares, n1 = a->n * (share + 1) / a->shares;
-    if (n0 >= n1) return;
+    (void)share;
     /* a tile's columns: whole groups, about QMM_KC of them */
     long kc_step = a->group_size >= QMM_KC ? a->group_size : (QMM_KC / a->group_size) * a->group_size;
     float *wd = (float *)malloc(sizeof(float) * (size_t)(QMM_NT * kc_step));
@@ -430,10 +449,11 @@ static void qmm_share(void *arg, int share) {
         __atomic_store_n(&a->failed, 1, __ATOMIC_RELEASE);
         return;
     }
-    for (long k0 = 0; k0 < a->k; k0 += kc_step) {
-        const long kc = (a->k - k0 < kc_step) ? a->k - k0 : kc_step;
-        for (long r0 = n0; r0 < n1; r0 += QMM_NT) {
-            const long nt = (n1 - r0 < QMM_NT) ? n1 - r0 : QMM_NT;
+    const long tiles = (a->n + QMM_NT - 1) / QMM_NT;
+    for (long tile; (tile = next_chunk(&a->next)) < tiles;) {
+        const long r0 = tile * QMM_NT, nt = (a->n - r0 < QMM_NT) ? a->n - r0 : QMM_NT;
+        for (long k0 = 0; k0 < a->k; k0 += kc_step) {
+            const long kc = (a->k - k0 < kc_step) ? a->k - k0 : kc_step;
 #ifdef PHF_X86
             if (a->use_avx2 && a->bits != 2) {
                 qmm_dequant_avx2(a, r0, nt, k0, kc, wd);
@@ -474,7 +494,7 @@ PHF_EXPORT int phf_qmatmul(const float *x, long m, long k, const uint32_t *w, co
                            int simd) {
     if (!(bits == 2 || bits == 4 || bits == 8) || group_size <= 0 || m <= 0 || n <= 0 || k <= 0) return -1;
     if (group_size % 32 != 0 || k % group_size != 0) return -1;
-    qmm_t a = {x, w, scales, biases, y, m, k, n, bits, group_size, 1, 0, 0};
+    qmm_t a = {x, w, scales, biases, y, m, k, n, bits, group_size, 1, 0, 0, 0};
     a.use_avx2 = simd && phf_simd();
     if (threads < 1 || m * n * k < (1L << 20)) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
@@ -512,17 +532,18 @@ PHF_EXPORT int phf_qmatvec(const float *x, long m, long k, const uint32_t *w, co
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (n < 8L * threads) threads = (int)(n / 8) > 0 ? (int)(n / 8) : 1;
 
-    job_t jobs[MAX_THREADS];
-    long chunk = (n + threads - 1) / threads;
-    for (int t = 0; t < threads; t++) {
-        job_t *jb = &jobs[t];
-        jb->x = x; jb->xsum = xsum; jb->w = w; jb->scales = scales; jb->biases = biases; jb->y = y;
-        jb->m = m; jb->k = k; jb->n = n; jb->bits = bits; jb->group_size = group_size;
-        jb->use_avx2 = use_avx2;
-        jb->n0 = t * chunk < n ? t * chunk : n;
-        jb->n1 = (t + 1) * chunk < n ? (t + 1) * chunk : n;
-    }
-    run_shares(qmatvec_share, jobs, threads);
+    qmv_t q;
+    job_t *jb = &q.job;
+    jb->x = x; jb->xsum = xsum; jb->w = w; jb->scales = scales; jb->biases = biases; jb->y = y;
+    jb->m = m; jb->k = k; jb->n = n; jb->bits = bits; jb->group_size = group_size;
+    jb->use_avx2 = use_avx2;
+    jb->n0 = 0; jb->n1 = n;
+    /* chunks of ~64 KB of codes, at least 8 per thread */
+    q.chunk = (64L * 1024 * 8) / (k * bits) + 1;
+    if (q.chunk > n / (8L * threads) + 1) q.chunk = n / (8L * threads) + 1;
+    q.chunks = (n + q.chunk - 1) / q.chunk;
+    q.next = 0;
+    run_shares(qmatvec_share, &q, threads);
     free(xsum);
     return 0;
 }
@@ -554,6 +575,7 @@ typedef struct {
     long B, nkv, R, L, D, DV, T;
     int shares, use_avx2;
     int failed;                /* set by a share that could not allocate its scratch */
+    long next;                 /* the next unit to take */
 } attend_t;
 
 static float dot_portable(const float *a, const float *b, long n) {
@@ -592,8 +614,7 @@ __attribute__((target("avx2,fma"))) static void axpy_avx2(float *y, float a, con
 static void attend_share(void *arg, int share) {
     attend_t *a = (attend_t *)arg;
     const long half = a->nkv / 2, rows = 2 * a->R, units = a->B * half;
-    const long u0 = units * share / a->shares, u1 = units * (share + 1) / a->shares;
-    if (u0 >= u1) return;
+    (void)share;
     float *scores = (float *)malloc(sizeof(float) * (size_t)(rows * a->T));
     float *acc = (float *)malloc(sizeof(float) * (size_t)(rows * a->DV));
     if (!scores || !acc) {
@@ -610,7 +631,7 @@ static void attend_share(void *arg, int share) {
         axpy = axpy_avx2;
     }
 #endif
-    for (long u = u0; u < u1; u++) {
+    for (long u; (u = next_chunk(&a->next)) < units;) {
         const long b = u / half, h = u % half;
         /* scores: one pass over the pair's key rows, both heads of a row while it is in cache */
         const float *kh = a->k + b * a->k_bs + h * a->k_hs;
@@ -662,7 +683,7 @@ PHF_EXPORT int phf_attend(const float *q, long q_bs, long q_hs, const float *k, 
                           long R, long L, long D, long DV, long T, int threads, int simd) {
     if (B <= 0 || nkv < 2 || nkv % 2 || R <= 0 || L <= 0 || D <= 0 || DV <= 0 || T <= 0) return -1;
     attend_t a = {q, q_bs, q_hs, k, k_bs, k_hs, k_ps, k_ts, v, v_bs, v_hs, v_ts, bias, bias_bs, bias_ls, out,
-                  B, nkv, R, L, D, DV, T, 1, simd && phf_simd(), 0};
+                  B, nkv, R, L, D, DV, T, 1, simd && phf_simd(), 0, 0};
     long units = B * (nkv / 2);
     if (threads < 1 || T * nkv * D < (1L << 16)) threads = 1;   /* short caches: not worth waking */
     if (threads > MAX_THREADS) threads = MAX_THREADS;
@@ -672,69 +693,77 @@ PHF_EXPORT int phf_attend(const float *q, long q_bs, long q_hs, const float *k, 
     return a.failed ? -1 : 0;
 }
 
-/* ---- the Mamba decode step after x_proj (CPU decode) -----------------------------------------
+/* ---- the Mamba selective scan after x_proj (CPU decode and prefill) ---------------------------
  *
- * For one token of b sequences, per channel d of d_inner (SAMBAY.md 4.5, steps 6-9):
+ * For L tokens of b sequences, per channel d of d_inner and token t in order (SAMBAY.md 4.5, 6-9):
  *
- *   delta = softplus(w_dt[d] . dt + b_dt[d])            (dt_proj and mamba_ssm's softplus, threshold 20)
- *   s[d, i] = exp(delta * A[d, i]) * s[d, i] + delta * u[d] * B[i]
- *   y[d] = sum_i s[d, i] * C[i] + D[d] * u[d]          (times z[d] * sigmoid(z[d]) when z is given)
+ *   delta = softplus(w_dt[d] . dt_t + b_dt[d])          (dt_proj and mamba_ssm's softplus, threshold 20)
+ *   s[d, i] = exp(delta * A[d, i]) * s[d, i] + delta * u_t[d] * B_t[i]
+ *   y_t[d] = sum_i s[d, i] * C_t[i] + D[d] * u_t[d]    (times z_t[d] * sigmoid(z_t[d]) when z is given)
  *
- * with dt, B, C the R, N and N columns of x_proj's output. In MLX ops this is a float32 GEMV on the
- * BLAS and about fifteen single-threaded element-wise passes over (d_inner x N) arrays; here one
- * pass, the channels split over the pool. The new state is written to `state_out` (may equal
- * `state`). */
+ * with dt_t, B_t, C_t the R, N and N columns of x_proj's output for token t. In MLX ops this is a
+ * float32 GEMM on the BLAS, (L x d_inner x N) intermediates and, per token, a few single-threaded
+ * element-wise passes; here the state of a channel stays in L1 for all L tokens and the channels
+ * are split over the pool. The final state goes to `state_out` (may equal `state`). */
+
+#define SSM_MAX_N 256
 
 typedef struct {
     const float *u, *dbc, *z, *w_dt, *b_dt, *A, *D, *state;
     float *y, *state_out;
-    long B, Di, R, N;
+    long B, L, Di, R, N;
     int shares;
+    long next; /* the next chunk of SSM_CHUNK channels to take */
 } ssm_t;
+
+#define SSM_CHUNK 128
 
 static inline float softplus20(float x) { return x <= 20.0f ? log1pf(expf(x)) : x; }
 
 static void ssm_share(void *arg, int share) {
-    const ssm_t *a = (const ssm_t *)arg;
-    const long units = a->B * a->Di;
-    const long u0 = units * share / a->shares, u1 = units * (share + 1) / a->shares;
-    for (long unit = u0; unit < u1; unit++) {
+    ssm_t *a = (ssm_t *)arg;
+    const long units = a->B * a->Di, width = a->R + 2 * a->N, chunks = (units + SSM_CHUNK - 1) / SSM_CHUNK;
+    float s[SSM_MAX_N];
+    (void)share;
+    for (long c; (c = next_chunk(&a->next)) < chunks;)
+    for (long unit = c * SSM_CHUNK; unit < units && unit < (c + 1) * SSM_CHUNK; unit++) {
         const long b = unit / a->Di, d = unit % a->Di;
-        const float *dt = a->dbc + b * (a->R + 2 * a->N), *Bv = dt + a->R, *Cv = Bv + a->N;
-        const float *w = a->w_dt + d * a->R;
-        float acc = 0.0f;
-        for (long r = 0; r < a->R; r++) acc += w[r] * dt[r];
-        if (a->b_dt) acc += a->b_dt[d];
-        const float delta = softplus20(acc), ud = a->u[b * a->Di + d], du = delta * ud;
-        const float *Ad = a->A + d * a->N;
-        const float *s = a->state + (b * a->Di + d) * a->N;
-        float *so = a->state_out + (b * a->Di + d) * a->N;
-        float y = 0.0f;
-        for (long i = 0; i < a->N; i++) {
-            const float v = expf(delta * Ad[i]) * s[i] + du * Bv[i];
-            so[i] = v;
-            y += v * Cv[i];
+        const float *w = a->w_dt + d * a->R, *Ad = a->A + d * a->N;
+        memcpy(s, a->state + (b * a->Di + d) * a->N, sizeof(float) * (size_t)a->N);
+        for (long t = 0; t < a->L; t++) {
+            const long row = b * a->L + t;
+            const float *dt = a->dbc + row * width, *Bv = dt + a->R, *Cv = Bv + a->N;
+            float acc = 0.0f;
+            for (long r = 0; r < a->R; r++) acc += w[r] * dt[r];
+            if (a->b_dt) acc += a->b_dt[d];
+            const float delta = softplus20(acc), ud = a->u[row * a->Di + d], du = delta * ud;
+            float y = 0.0f;
+            for (long i = 0; i < a->N; i++) {
+                s[i] = expf(delta * Ad[i]) * s[i] + du * Bv[i];
+                y += s[i] * Cv[i];
+            }
+            y += a->D[d] * ud;
+            if (a->z) {
+                const float z = a->z[row * a->Di + d];
+                y = y * z * (1.0f / (1.0f + expf(-z)));
+            }
+            a->y[row * a->Di + d] = y;
         }
-        y += a->D[d] * ud;
-        if (a->z) {
-            const float z = a->z[b * a->Di + d];
-            y = y * z * (1.0f / (1.0f + expf(-z)));
-        }
-        a->y[b * a->Di + d] = y;
+        memcpy(a->state_out + (b * a->Di + d) * a->N, s, sizeof(float) * (size_t)a->N);
     }
 }
 
 /*
- * u, z, y: [B, Di]; dbc: [B, R + 2N] (x_proj's output: dt | B | C); w_dt: [Di, R]; b_dt: [Di] or NULL;
- * A: [Di, N] (= -exp(A_log)); D: [Di]; state, state_out: [B, Di, N]; z NULL for no gate. All
- * contiguous float32. Returns 0, or -1 for a bad shape.
+ * u, z, y: [B, L, Di]; dbc: [B, L, R + 2N] (x_proj's output: dt | B | C); w_dt: [Di, R]; b_dt: [Di] or
+ * NULL; A: [Di, N] (= -exp(A_log)); D: [Di]; state, state_out: [B, Di, N]; z NULL for no gate. All
+ * contiguous float32. Returns 0, or -1 for a bad shape (N above SSM_MAX_N included).
  */
-PHF_EXPORT int phf_ssm_step(const float *u, const float *dbc, const float *z, const float *w_dt, const float *b_dt,
+PHF_EXPORT int phf_ssm_scan(const float *u, const float *dbc, const float *z, const float *w_dt, const float *b_dt,
                             const float *A, const float *D, const float *state, float *y, float *state_out, long B,
-                            long Di, long R, long N, int threads) {
-    if (B <= 0 || Di <= 0 || R <= 0 || N <= 0) return -1;
-    ssm_t a = {u, dbc, z, w_dt, b_dt, A, D, state, y, state_out, B, Di, R, N, 1};
-    if (threads < 1 || B * Di * N < (1L << 14)) threads = 1;
+                            long L, long Di, long R, long N, int threads) {
+    if (B <= 0 || L <= 0 || Di <= 0 || R <= 0 || N <= 0 || N > SSM_MAX_N) return -1;
+    ssm_t a = {u, dbc, z, w_dt, b_dt, A, D, state, y, state_out, B, L, Di, R, N, 1, 0};
+    if (threads < 1 || B * L * Di * N < (1L << 14)) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     a.shares = threads;
     run_shares(ssm_share, &a, threads);
