@@ -16,9 +16,10 @@ the answers sent back as `content` only); time to first token per turn for ours 
 ours without (`--checkpoint-mb 0`) and mlx-lm; `cached_tokens` as reported; and, as the target's
 yardstick, the time to first token of a fresh request holding only that turn's new tokens.
 
-Throughput: N streams at once, each a distinct ~2K-token prompt and `--gen` generated tokens at
-temperature 0; aggregate tokens/s over the decode phase (from the first stream's first token to the
-last stream's end) and over the whole request.
+Throughput: N requests at once, each a distinct ~2K-token prompt and `--gen` generated tokens at
+temperature 0; aggregate decode tokens/s (see `throughput`) and tokens/s over the whole request.
+Times are taken on whole (non-streamed) responses; time to first token is the time of a request for
+one token.
 
 Writes results/serve[-quick].json and .png.
 """
@@ -157,6 +158,20 @@ def stream_chat(url: str, messages: list, max_tokens: int, extra: dict | None = 
             "content": "".join(text), "usage": usage, "timings": timings}
 
 
+def chat(url: str, messages: list, max_tokens: int) -> dict:
+    """One non-streaming chat request: wall time, answer content, usage, timings."""
+    import httpx
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
+    t0 = time.perf_counter()
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=900)
+    r.raise_for_status()
+    out = r.json()
+    end = time.perf_counter()
+    message = out["choices"][0]["message"]
+    return {"t0": t0, "end": end, "wall_s": end - t0, "content": message.get("content") or "",
+            "usage": out.get("usage"), "timings": out.get("timings")}
+
+
 # --------------------------------------------------------------------------- the measurements
 
 WORDS = "the a of to and in is it you that he was for on are with as I his they be at one have this from".split()
@@ -178,59 +193,67 @@ def multi_turn(servers: dict, turns: int, words: int, gen: int, fresh_url: str) 
         names = names[k % len(names):] + names[:k % len(names)]          # rotate who goes first
         for name in names:
             convs[name].append({"role": "user", "content": users[k]})
-            r = stream_chat(servers[name], convs[name], gen)
-            convs[name].append({"role": "assistant", "content": r["content"]})
-            cached = ((r["usage"] or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
-            out[name].append({"turn": k + 1, "ttft_s": round(r["ttft_s"], 4),
-                              "prompt_tokens": (r["usage"] or {}).get("prompt_tokens"), "cached_tokens": cached,
-                              "timings": r["timings"]})
+            first = chat(servers[name], convs[name], 1)                 # time to first token
+            answer = chat(servers[name], convs[name], gen)              # the answer the client keeps
+            convs[name].append({"role": "assistant", "content": answer["content"]})
+            cached = ((first["usage"] or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
+            out[name].append({"turn": k + 1, "ttft_s": round(first["wall_s"], 4),
+                              "prompt_tokens": (first["usage"] or {}).get("prompt_tokens"), "cached_tokens": cached,
+                              "timings": first["timings"]})
         # the yardstick: only this turn's new tokens, in a fresh request (no history, no checkpoint)
         ours = out.get("ours_ckpt", [{}])[-1]
         new = (ours.get("prompt_tokens") or 0) - (ours.get("cached_tokens") or 0)
         new_ids = [rng.randrange(10, 600) for _ in range(max(new, 2))]
         import httpx
         t0 = time.perf_counter()
-        with httpx.stream("POST", fresh_url + "/v1/completions", timeout=600,
-                          json={"prompt": new_ids, "max_tokens": 1, "temperature": 0, "stream": True}) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    break
+        httpx.post(fresh_url + "/v1/completions", timeout=600,
+                   json={"prompt": new_ids, "max_tokens": 1, "temperature": 0}).raise_for_status()
         yard.append({"turn": k + 1, "new_tokens": len(new_ids), "ttft_s": round(time.perf_counter() - t0, 4)})
         print(f"turn {k + 1}: " + ", ".join(f"{n} {out[n][-1]['ttft_s']:.2f}s" for n in servers)
               + f", new-only {yard[-1]['ttft_s']:.2f}s ({len(new_ids)} tokens)", flush=True)
     return {"turns": out, "new_tokens_only": yard, "user_words": words, "max_tokens": gen}
 
 
+def _concurrent(url: str, prompts: list, max_tokens: int) -> tuple:
+    results = [None] * len(prompts)
+
+    def run(i):
+        results[i] = chat(url, prompts[i], max_tokens)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, max(r["end"] for r in results) - start
+
+
 def throughput(servers: dict, levels: list, prompt_words: int, gen: int) -> dict:
+    """N requests at once, twice: with max_tokens 1 (prefill and one step: P seconds) and with `gen`
+    (T seconds), on different prompts of the same length so no cache is reused. Aggregate decode rate
+    = sum of (tokens - 1) / (T - P); the whole-request rate = tokens / T. Timed on whole responses,
+    not on streamed text: random-weight models write bytes that are not whole characters, and a
+    server holds such text back, so streamed chunks would measure the detokenizer, not decoding."""
     out = {name: [] for name in servers}
     for level in levels:
         names = list(servers) if level % 2 else list(servers)[::-1]
         for name in names:
             rng = random.Random(1000 * level + len(name))
+            prefill_prompts = [[{"role": "user", "content": user_text(rng, prompt_words)}] for _ in range(level)]
             prompts = [[{"role": "user", "content": user_text(rng, prompt_words)}] for _ in range(level)]
-            results = [None] * level
-
-            def run(i):
-                results[i] = stream_chat(servers[name], prompts[i], gen)
-
-            start = time.perf_counter()
-            threads = [threading.Thread(target=run, args=(i,)) for i in range(level)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            tokens = [(r["usage"] or {}).get("completion_tokens") or r["chunks"] for r in results]
-            first = min(r["first"] for r in results)
-            last_first = max(r["first"] for r in results)
-            end = max(r["end"] for r in results)
-            decode = sum(max(t - 1, 0) for t in tokens) / max(end - first, 1e-9)
-            whole = sum(tokens) / max(end - start, 1e-9)
+            _, prefill_s = _concurrent(servers[name], prefill_prompts, 1)
+            results, total_s = _concurrent(servers[name], prompts, gen)
+            tokens = [(r["usage"] or {}).get("completion_tokens") or 0 for r in results]
+            decode = sum(max(t - 1, 0) for t in tokens) / max(total_s - prefill_s, 1e-9)
+            whole = sum(tokens) / total_s
             prompt_tokens = [(r["usage"] or {}).get("prompt_tokens") for r in results]
             out[name].append({"streams": level, "generated": tokens, "prompt_tokens": prompt_tokens,
                               "decode_tok_s": round(decode, 2), "whole_tok_s": round(whole, 2),
-                              "wall_s": round(end - start, 3), "all_decoding_s": round(end - last_first, 3)})
+                              "prefill_only_s": round(prefill_s, 3), "total_s": round(total_s, 3)})
             print(f"{name} x{level}: decode {decode:.1f} tok/s, whole {whole:.1f} tok/s "
-                  f"(prompts {prompt_tokens[0]} tokens, {end - start:.1f} s)", flush=True)
+                  f"(prompts {prompt_tokens[0]} tokens; prefill+1 {prefill_s:.1f} s, total {total_s:.1f} s)",
+                  flush=True)
     return out
 
 
@@ -324,8 +347,8 @@ def main(argv=None) -> int:
     p.add_argument("--turns", type=int, default=10)
     p.add_argument("--turn-words", type=int, default=60, help="words in each user message")
     p.add_argument("--turn-gen", type=int, default=24, help="tokens generated per turn")
-    p.add_argument("--prompt-words", type=int, default=700, help="words in each throughput prompt (~2K tokens)")
-    p.add_argument("--gen", type=int, default=96, help="tokens generated per throughput stream")
+    p.add_argument("--prompt-words", type=int, default=40, help="words in each throughput prompt (~70 tokens; 1350 for ~2K)")
+    p.add_argument("--gen", type=int, default=64, help="tokens generated per throughput stream")
     p.add_argument("--levels", default="1,2,4,8")
     p.add_argument("--shared-machine", action="store_true")
     p.add_argument("--skip", default="", help="comma list of parts to skip: snapshot,multi,throughput")
@@ -367,7 +390,7 @@ def main(argv=None) -> int:
         time.sleep(1)
         # warm-up: one short request each
         for url in servers.values():
-            stream_chat(url, [{"role": "user", "content": "hi"}], 4)
+            chat(url, [{"role": "user", "content": "hi"}], 4)
         if "multi" not in skip:
             report["multi_turn"] = multi_turn(servers, args.turns, args.turn_words, args.turn_gen,
                                               servers["ours_nockpt"])
