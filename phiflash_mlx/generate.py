@@ -497,7 +497,8 @@ class ChatSession:
 
     def send(self, text: str, progress=None, **kwargs) -> Iterator[GenerationResponse]:
         """Stream the assistant's answer to a user message. kwargs: max_tokens, temp, top_p, top_k,
-        min_p, seed, stop; `progress(done, total)` is called during a long prefill."""
+        min_p, seed, stop, max_thinking_tokens, thinking_message; `progress(done, total)` is called
+        during a long prefill."""
         turn = []
         if not self._primed and self.system:
             turn.append({"role": "system", "content": self.system})
@@ -511,10 +512,12 @@ class ChatSession:
                 ids = [end_id.id] + ids
         max_tokens = kwargs.pop("max_tokens", 4096)
         stop = kwargs.pop("stop", ())
+        budget = dict(max_thinking_tokens=kwargs.pop("max_thinking_tokens", None),
+                      thinking_message=kwargs.pop("thinking_message", ""))
         self._primed = True
         self.messages += turn
         answer = []
-        for piece in gen.stream(ids, max_tokens, SamplingParams(**kwargs), stop, progress=progress):
+        for piece in gen.stream(ids, max_tokens, SamplingParams(**kwargs), stop, progress=progress, **budget):
             answer.append(piece)
             yield piece
         self.messages.append({"role": "assistant", "content": "".join(p.text for p in answer)})
