@@ -554,7 +554,7 @@ def test_sigterm_stops_within_the_grace_and_queued_requests_get_503(model_dir, t
             for chunk in stream:
                 tail.append(chunk)
         assert proc.wait(timeout=15) == 0, log_file.read_text()
-        assert time.time() - start < 8
+        assert time.time() - start < 15                                   # seconds, not minutes
         assert len(tail) < 8000
     finally:
         if proc.poll() is None:
