@@ -475,13 +475,17 @@ def generate(model, tokenizer, prompt: Prompt, verbose: bool = False, **kwargs) 
 
 @dataclass
 class ChatSession:
-    """A multi-turn conversation that reuses its cache: each turn prefills only its new tokens."""
+    """A multi-turn conversation that reuses its cache: each turn prefills only its new tokens.
+    With `prompt_cache` (a `phiflash_mlx.serving.CheckpointStore`), a new session whose first turn
+    starts like an earlier conversation (the same system message, say) resumes from its checkpoint,
+    and every turn leaves checkpoints for later sessions."""
     model: object
     tokenizer: object
     system: Optional[str] = None
     max_context: int = DEFAULT_MAX_CONTEXT
     prefill_step_size: int = 512
     messages: list = field(default_factory=list)
+    prompt_cache: object = None          # a serving.CheckpointStore shared by sessions (optional)
 
     def __post_init__(self):
         if self.tokenizer is None:
@@ -497,7 +501,8 @@ class ChatSession:
 
     def send(self, text: str, progress=None, **kwargs) -> Iterator[GenerationResponse]:
         """Stream the assistant's answer to a user message. kwargs: max_tokens, temp, top_p, top_k,
-        min_p, seed, stop; `progress(done, total)` is called during a long prefill."""
+        min_p, seed, stop, max_thinking_tokens, thinking_message; `progress(done, total)` is called
+        during a long prefill."""
         turn = []
         if not self._primed and self.system:
             turn.append({"role": "system", "content": self.system})
@@ -511,10 +516,13 @@ class ChatSession:
                 ids = [end_id.id] + ids
         max_tokens = kwargs.pop("max_tokens", 4096)
         stop = kwargs.pop("stop", ())
+        budget = dict(max_thinking_tokens=kwargs.pop("max_thinking_tokens", None),
+                      thinking_message=kwargs.pop("thinking_message", ""))
         self._primed = True
         self.messages += turn
         answer = []
-        for piece in gen.stream(ids, max_tokens, SamplingParams(**kwargs), stop, progress=progress):
+        for piece in gen.stream(ids, max_tokens, SamplingParams(**kwargs), stop, progress=progress,
+                                checkpoints=self.prompt_cache, **budget):
             answer.append(piece)
             yield piece
         self.messages.append({"role": "assistant", "content": "".join(p.text for p in answer)})

@@ -173,3 +173,26 @@ def test_store_keeps_the_longest_prefix_and_stays_within_its_budget(models):
     assert lru.lookup(ids[:5])[0] == 4
     lru.save(ids[:15], snap)
     assert lru.keys() == [tuple(ids[:4]), tuple(ids[:15])]
+
+
+def test_chat_sessions_share_checkpoints():
+    import phiflash_mlx
+    from phiflash_mlx.demo import demo_model_path
+    model, tokenizer = phiflash_mlx.load(demo_model_path())
+    store = CheckpointStore()
+    system = "You add and subtract numbers."
+
+    def session_tokens(store_or_none, questions):
+        chat = phiflash_mlx.ChatSession(model, tokenizer, system=system, prompt_cache=store_or_none)
+        out = []
+        for q in questions:
+            pieces = list(chat.send(q, temp=0, max_tokens=40))
+            out.append(([p.token for p in pieces], pieces[-1].cached_tokens))
+        return out
+
+    first = session_tokens(store, ["What is 457 + 68?", "What is 12 + 30?"])
+    assert first[0][1] == 0 and len(store) > 0
+    again = session_tokens(store, ["What is 457 + 68?", "What is 9 + 9?"])
+    fresh = session_tokens(None, ["What is 457 + 68?", "What is 9 + 9?"])
+    assert again[0][1] > 0                                            # resumed from the first session
+    assert [t for t, _ in again] == [t for t, _ in fresh]

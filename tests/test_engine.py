@@ -226,3 +226,18 @@ def test_shutdown_rejects_the_queue_and_cancels_after_the_grace(demo):
     assert events["running"][-2][:2] == ("error", 503) and events["running"][-1] == ("end",)
     pieces = [e for e in events["running"] if e[0] == "piece"]
     assert 0 < len(pieces) < 10_000
+
+
+def test_max_thinking_tokens_on_the_command_line():
+    demo = str(demo_model_path())
+    out = subprocess.run([sys.executable, "-m", "phiflash_mlx.cli", "generate", "--model", demo, "--temp", "0",
+                          "--prompt", "What is 457 + 68?", "--json", "--max-thinking-tokens", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    import json
+    result = json.loads(out.stdout)
+    assert result["reasoning"] == "" and re.search(r"\d+$", result["answer"])
+    bad = subprocess.run([sys.executable, "-m", "phiflash_mlx.cli", "chat", "--model", demo,
+                          "--max-thinking-tokens", "-2"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         input="")
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "--max-thinking-tokens" in bad.stderr

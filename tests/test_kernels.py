@@ -498,6 +498,8 @@ def test_dtype_policy_every_variant(path, dtype, layout, backend):
     inputs MLX passes in the constant address space (< 8 elements), one in device memory."""
     if path == "ops" and (layout, backend) != ("serial", "metal"):
         pytest.skip("the ops path has no layouts or back-ends")
+    if backend == "cuda" and dtype != mx.bfloat16:
+        pytest.skip("CUDA: bfloat16 here (its own type name); float32 in the grid-rounding test")
     rng = np.random.default_rng(3)
     eps = {mx.float32: 1e-5, mx.float16: 2e-3, mx.bfloat16: 1.6e-2}[dtype]
     for b, l, d_in, n in ((1, 1, 1, 4), (2, 4, 8, 16)):
@@ -586,3 +588,325 @@ def test_masked_scan_over_padding_equals_unpadded(path, layout, left, right, see
     assert np.isfinite(y).all()
     assert_close(y[:, left:left + l], want_y, "y on the real positions")
     assert_close(s, want_s, "final state")
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients through each entry, in every mode (oracle: finite differences of the NumPy reference)
+# ---------------------------------------------------------------------------------------------
+
+SCAN_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "state")
+
+
+def directional_fd(loss_np, case, keys, direction, h=1e-3):
+    """d/dh loss(case + h * direction) at 0, central differences in float64."""
+    plus = {k: (case[k].astype(np.float64) + h * direction[k] if k in keys else case[k])
+            for k in case}
+    minus = {k: (case[k].astype(np.float64) - h * direction[k] if k in keys else case[k])
+             for k in case}
+    return (loss_np(plus) - loss_np(minus)) / (2 * h)
+
+
+def set_path(mode, monkeypatch, layout="serial"):
+    if mode == "ops":
+        kernels.set_kernel_mode("ops")
+    else:
+        force_harness(monkeypatch)
+        monkeypatch.setattr(kernels, "scan_layout", layout)
+        kernels.set_kernel_mode("metal")
+
+
+@pytest.mark.parametrize("mode", ["ops", pytest.param("kernel-serial", marks=needs_harness),
+                                  pytest.param("kernel-lanes", marks=needs_harness)])
+def test_gradients_through_each_entry(mode, restore_mode, monkeypatch):
+    set_path(mode.split("-")[0], monkeypatch, mode.split("-")[-1])
+    launches = []
+    if mode != "ops":
+        kernels.probe_kernels((mx.float32,))
+        real = kernels.run_gpu
+        monkeypatch.setattr(kernels, "run_gpu", lambda s, l: launches.append(s.name) or real(s, l))
+    rng = np.random.default_rng(11)
+    b, l, d_in, n = 2, 3, 4, 4
+    case = random_case(rng, b, l, d_in, n)
+    mask = np.ones((b, l), bool)
+    mask[0, 0] = mask[1, 2] = False
+    wy = rng.standard_normal((b, l, d_in)).astype(np.float32)
+    ws = rng.standard_normal((b, d_in, n)).astype(np.float32)
+    direction = {k: rng.standard_normal(case[k].shape) for k in SCAN_ARGS}
+
+    def loss_np(c):
+        y, s = ref_masked_scan(c, mask)
+        return float(np.sum(np.where(mask[..., None], y, 0) * wy) + np.sum(s * ws))
+
+    def loss_mx(*xs):
+        y, s = kernels.selective_scan(*xs, mask=mx.array(mask))
+        return (mx.where(mx.array(mask)[..., None], y, 0) * mx.array(wy)).sum() + (
+            s * mx.array(ws)).sum()
+
+    m = to_mx(case)
+    grads = mx.grad(loss_mx, argnums=tuple(range(9)))(*(m[k] for k in SCAN_ARGS))
+    got = sum(float((g * mx.array(direction[k])).sum()) for g, k in zip(grads, SCAN_ARGS))
+    want = directional_fd(loss_np, case, SCAN_ARGS, direction)
+    assert abs(got - want) <= 2e-3 * max(1.0, abs(want)), (got, want)
+
+    step = random_case(rng, b, 1, d_in, n, decode=True)
+    wy1 = rng.standard_normal((b, d_in)).astype(np.float32)
+    dstep = {k: rng.standard_normal(step[k].shape) for k in SCAN_ARGS}
+    order = ("state", "u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+    def step_np(c):
+        y, s = reference_step(c)
+        return float(np.sum(y * wy1) + np.sum(s * ws))
+
+    def step_mx(*xs):
+        y, s = kernels.selective_state_update(*xs)
+        return (y * mx.array(wy1)).sum() + (s * mx.array(ws)).sum()
+
+    ms = to_mx(step)
+    grads = mx.grad(step_mx, argnums=tuple(range(9)))(*(ms[k] for k in order))
+    got = sum(float((g * mx.array(dstep[k])).sum()) for g, k in zip(grads, order))
+    want = directional_fd(step_np, step, order, dstep)
+    assert abs(got - want) <= 2e-3 * max(1.0, abs(want)), (got, want)
+
+    g, mem = (rng.standard_normal((b, l, d_in)).astype(np.float32) for _ in range(2))
+    dg, dm = (rng.standard_normal((b, l, d_in)) for _ in range(2))
+    gg, gm = mx.grad(lambda a, c: (kernels.gmu_gate(a, c) * mx.array(wy)).sum(), argnums=(0, 1))(
+        mx.array(g), mx.array(mem))
+    got = float((gg * mx.array(dg)).sum() + (gm * mx.array(dm)).sum())
+    h = 1e-3
+    want = (np.sum(ref.swiglu(g + h * dg, mem + h * dm) * wy)
+            - np.sum(ref.swiglu(g - h * dg, mem - h * dm) * wy)) / (2 * h)
+    assert abs(got - want) <= 2e-3 * max(1.0, abs(want)), (got, want)
+    if mode != "ops":  # the forward passes really ran the kernels
+        assert any("selective_scan" in x for x in launches)
+        assert any("scan_step" in x for x in launches) and "phiflash_gmu_gate" in launches
+
+
+def test_entries_compile_and_have_no_host_sync(restore_mode):
+    """mx.compile traces the entries (any host sync inside would raise)."""
+    kernels.set_kernel_mode("ops")
+    case = to_mx(random_case(np.random.default_rng(2), 1, 3, 4, 2))
+    mask = mx.array([[True, False, True]])
+    f = mx.compile(lambda *xs: kernels.selective_scan(*xs, mask=mask))
+    y, s = f(*(case[k] for k in SCAN_ARGS))
+    y2, s2 = kernels.selective_scan(*(case[k] for k in SCAN_ARGS), mask=mask)
+    np.testing.assert_allclose(np.array(s), np.array(s2), rtol=1e-6, atol=1e-6)
+    gate = mx.compile(kernels.gmu_gate)
+    np.testing.assert_allclose(np.array(gate(case["u"], case["z"])),
+                               np.array(gmu_gate_ops(case["u"], case["z"])), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# First-use probe, empty and oversized launches
+# ---------------------------------------------------------------------------------------------
+
+@needs_harness
+@pytest.mark.parametrize("failure", ["raises", "wrong-numbers"])
+def test_probe_failure_warns_once_and_falls_back(failure, restore_mode, monkeypatch):
+    good = metal_harness.make_runner()
+
+    def bad(spec, launch):
+        if failure == "raises":
+            raise RuntimeError("Thread group size (2048) is greater than the maximum allowed")
+        out = good(spec, launch)
+        return [o * 1.5 for o in out]
+
+    force_harness(monkeypatch, runner=bad)
+    kernels.set_kernel_mode("metal")
+    case = random_case(np.random.default_rng(4), 1, 3, 4, 2)
+    args = to_mx(case)
+    with pytest.warns(kernels.KernelUnavailableWarning, match="self-check failed"):
+        y, s = kernels.selective_scan(**args)
+    y_ops, s_ops = selective_scan_ops(**args)
+    np.testing.assert_array_equal(np.array(y), np.array(y_ops))
+    np.testing.assert_array_equal(np.array(s), np.array(s_ops))
+    with warnings.catch_warnings():  # once only; every later call quietly takes the ops path
+        warnings.simplefilter("error")
+        kernels.gmu_gate(args["u"], args["z"])
+        kernels.selective_scan(**{k: (v.astype(mx.bfloat16) if k == "u" else v)
+                                  for k, v in args.items()})
+    status = kernels.kernel_status()
+    assert status["active"] == "ops" and "self-check failed" in status["reason"]
+    assert ("RuntimeError" if failure == "raises" else "disagrees") in status["probe"]["failure"]
+
+
+@needs_harness
+def test_probe_passes_and_status_reports_kernels(restore_mode, monkeypatch):
+    force_harness(monkeypatch)
+    kernels.set_kernel_mode("metal")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.probe_kernels() is None
+    status = kernels.kernel_status()
+    assert status["active"] == "metal" and status["probe"]["failure"] is None
+    assert len(status["probe"]["passed_dtypes"]) == 3
+
+
+@needs_harness
+def test_empty_inputs_never_launch_and_big_grids_take_ops(restore_mode, monkeypatch):
+    log = []
+    force_harness(monkeypatch, runner=metal_harness.make_runner(log=log))
+    kernels.set_kernel_mode("metal")
+    kernels.probe_kernels((mx.float32,))
+    log.clear()
+    rng = np.random.default_rng(6)
+    for b, l, d_in in ((1, 0, 4), (0, 3, 4), (2, 3, 0)):
+        case = to_mx(random_case(rng, b, l, d_in, 3))
+        y, s = kernels.selective_scan(**case, mask=mx.ones((b, l)))
+        assert y.shape == (b, l, d_in) and s.shape == (b, d_in, 3)
+        if b * d_in == 0:
+            y, s = kernels.selective_state_update(case["state"], mx.zeros((b, d_in)),
+                                                  mx.zeros((b, d_in)), case["A"],
+                                                  mx.zeros((b, 3)), mx.zeros((b, 3)), case["D"])
+            assert y.shape == (b, d_in)
+        assert kernels.gmu_gate(case["u"], case["u"]).shape == (b, l, d_in)
+    assert log == []
+    monkeypatch.setattr(kernels, "MAX_GRID", 63)  # stands in for 2**31 - 1
+    case = random_case(rng, 1, 2, 64, 2)
+    y, s = kernels.selective_scan(**to_mx(case))
+    assert log == []
+    y_ref, s_ref = reference_scan(case)
+    assert_close(y, y_ref, "y")
+    assert_close(s, s_ref, "state")
+
+
+# ---------------------------------------------------------------------------------------------
+# The harness mirrors MLX: address spaces, launch edges, CUDA grid rounding, SIMD groups
+# ---------------------------------------------------------------------------------------------
+
+def _copy_kernel(header, n, grid=None):
+    src = "const uint i = thread_position_in_grid.x;\n    out[i] = first(inp) + inp[i];"
+    return metal_harness.run_kernel("as", ["inp"], ["out"], src, header,
+                                    [np.arange(n, dtype=np.float32)], [], (grid or n, 1, 1),
+                                    (32, 1, 1), [(n,)], [np.float32])
+
+
+@needs_harness
+def test_harness_address_spaces_follow_mlx_size_rule():
+    """MLX passes an input with fewer than 8 elements as `constant`: a helper taking a `device`
+    pointer compiles for 8 elements and fails for 7 (and the other way round)."""
+    dev = "inline float first(const device float* p) { return p[0]; }"
+    const = "inline float first(const constant float* p) { return p[0]; }"
+    (out,) = _copy_kernel(dev, 8)
+    np.testing.assert_array_equal(out, np.arange(8))
+    with pytest.raises(metal_harness.HarnessError, match="g\\+\\+ failed"):
+        _copy_kernel(dev, 7)
+    (out,) = _copy_kernel(const, 7)
+    np.testing.assert_array_equal(out, np.arange(7))
+    with pytest.raises(metal_harness.HarnessError, match="g\\+\\+ failed"):
+        _copy_kernel(const, 8)
+
+
+@needs_harness
+def test_harness_launch_edges():
+    src = "out[thread_position_in_grid.x] = inp[thread_position_in_grid.x];"
+    x = np.ones(4, np.float32)
+    with pytest.raises(metal_harness.HarnessError, match="empty grid"):
+        metal_harness.run_kernel("e", ["inp"], ["out"], src, "", [x], [], (0, 1, 1), (32, 1, 1),
+                                 [(4,)], [np.float32])
+    with pytest.raises(metal_harness.HarnessError, match="over 1024"):
+        metal_harness.run_kernel("e", ["inp"], ["out"], src, "", [np.ones(4096, np.float32)], [],
+                                 (4096, 1, 1), (2048, 1, 1), [(4096,)], [np.float32])
+    assert metal_harness.launch_dims((40, 1, 1), (32, 1, 1), "cuda") == ((64, 1, 1), (32, 1, 1))
+    assert metal_harness.launch_dims((20, 1, 1), (32, 1, 1), "metal") == ((20, 1, 1), (20, 1, 1))
+
+
+def _unguarded(spec):
+    """The spec with its bounds guard removed."""
+    import re
+
+    body = re.sub(r"\n    if \([^\n]*\) \{\n        return;[^\n]*\n    \}", "", spec.body)
+    assert body != spec.body
+    return kernels.KernelSpec(spec.name + "_unguarded", spec.input_names, spec.output_names, body)
+
+
+@needs_harness
+@pytest.mark.parametrize("layout", kernels.SCAN_LAYOUTS)
+def test_cuda_grid_rounding_needs_and_has_the_guard(layout):
+    """CUDA runs whole blocks: 70 channels at 64 threads per block launch 128 threads (lanes: the
+    rounded SIMD groups, then 256-thread blocks). The guarded bodies give the reference; the same
+    bodies without the guard read past the buffers."""
+    rng = np.random.default_rng(70)
+    case = random_case(rng, 1, 3, 70, 16)
+    cuda = metal_harness.make_runner(backend="cuda")
+    y, s = kernels.selective_scan_kernel(**to_mx(case), runner=cuda, layout=layout)
+    y_ref, s_ref = reference_scan(case)
+    assert_close(y, y_ref, "y")
+    assert_close(s, s_ref, "state")
+    g, m = (rng.standard_normal(300).astype(np.float32) for _ in range(2))
+    out = kernels.gmu_gate_kernel(mx.array(g), mx.array(m), runner=cuda)
+    assert_close(out, ref.swiglu(g, m), "gmu")
+
+    spec, launch = kernels._scan_launch(*(to_mx(case)[k] for k in (
+        "u", "delta", "A", "B", "C", "D", "z", "delta_bias", "state")), None, layout)
+    if layout == "serial":  # (the lanes body also keeps idle lanes from writing: `live`)
+        with pytest.raises(metal_harness.HarnessError, match="out-of-bounds"):
+            cuda(_unguarded(spec), launch)
+    gspec, glaunch = kernels._gmu_launch(mx.array(g), mx.array(m))
+    with pytest.raises(metal_harness.HarnessError, match="out-of-bounds"):
+        cuda(_unguarded(gspec), glaunch)
+
+
+@needs_harness
+def test_harness_simd_groups_run_in_lockstep():
+    x = np.arange(40, dtype=np.float32)
+    src = ("const uint i = thread_position_in_grid.x;\n"
+           "    out[i] = simd_sum(inp[i]) + 1000.0f * float(thread_index_in_simdgroup == i % 32);")
+    (out,) = metal_harness.run_kernel("sum", ["inp"], ["out"], src, "", [x], [], (40, 1, 1),
+                                      (64, 1, 1), [(40,)], [np.float32])
+    want = np.r_[np.full(32, x[:32].sum()), np.full(8, x[32:].sum())] + 1000
+    np.testing.assert_array_equal(out, want)
+    src = ("const uint i = thread_position_in_grid.x;\n"
+           "    out[i] = simd_shuffle_xor(inp[i], ushort(5));")
+    (out,) = metal_harness.run_kernel("xor", ["inp"], ["out"], src, "", [x[:32]], [], (32, 1, 1),
+                                      (32, 1, 1), [(32,)], [np.float32], order="reverse")
+    np.testing.assert_array_equal(out, x[:32].astype(int) ^ 5)
+    divergent = ("const uint i = thread_position_in_grid.x;\n"
+                 "    out[i] = (i % 2) ? simd_sum(inp[i]) : 0.0f;")
+    with pytest.raises(metal_harness.HarnessError, match="divergent"):
+        metal_harness.run_kernel("div", ["inp"], ["out"], divergent, "", [x], [], (40, 1, 1),
+                                 (64, 1, 1), [(40,)], [np.float32])
+    missing = ("const uint i = thread_position_in_grid.x;\n"
+               "    out[i] = simd_shuffle_xor(inp[i], ushort(16));")
+    with pytest.raises(metal_harness.HarnessError, match="does not exist"):
+        metal_harness.run_kernel("gap", ["inp"], ["out"], missing, "", [x], [], (40, 1, 1),
+                                 (64, 1, 1), [(40,)], [np.float32])
+
+
+@needs_harness
+@settings(deadline=None, max_examples=12)
+@given(case=scan_inputs())
+def test_lane_parallel_scan_threads_are_independent(case):
+    """Lanes: SIMD groups (and lanes within a round) run last-to-first give identical outputs."""
+    args = to_mx(case)
+    fwd = kernels.selective_scan_kernel(**args, runner=metal_harness.make_runner("forward"),
+                                        layout="lanes")
+    rev = kernels.selective_scan_kernel(**args, runner=metal_harness.make_runner("reverse"),
+                                        layout="lanes")
+    for a, b in zip(fwd, rev):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+
+
+@needs_harness
+def test_mac_check_script_runs_through_the_harness():
+    """scripts/check_kernels.py (the one-command Mac check) runs its checks here with --harness."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "scripts", "check_kernels.py"),
+                           "--harness", "--quick"], capture_output=True, text=True, cwd=root,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "---- paste from here ----" in proc.stdout and " 0 failed" in proc.stdout
+    assert proc.stdout.count("| PASS |") >= 9
+
+
+def test_cuda_sources_use_only_cuda_names():
+    """What NVRTC compiles: no Metal attribute, namespace, address space or type, no <cstddef> type;
+    the Metal sources use no CUDA name."""
+    import re
+
+    metal_words = r"\b(thread_position_in_grid|metal::\w+|device|constant|uint|ushort|size_t|half|bfloat16_t|simd_\w+)\b"
+    cuda_words = r"\b(blockIdx|blockDim|threadIdx|__shfl_xor_sync|__device__|expf|logf|exp2f)\b"
+    for spec in kernels.SPECS.values():
+        cuda_src = spec.full_header("cuda") + spec.source("cuda")
+        metal_src = spec.full_header("metal") + spec.source("metal")
+        assert not re.findall(metal_words, re.sub(r"//[^\n]*", "", cuda_src)), spec.name
+        assert not re.findall(cuda_words, re.sub(r"//[^\n]*", "", metal_src)), spec.name

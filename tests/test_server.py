@@ -322,7 +322,7 @@ def test_port_in_use_is_a_clear_error(server, model_dir):
 def queued_server(model_dir, tmp_path_factory):
     """One generation at a time and a queue of one: the queueing and shutdown cases."""
     log_file = tmp_path_factory.mktemp("servelog") / "serve1.log"
-    proc, url = _start_server(model_dir, log_file, "--max-batch", "1", "--max-queue", "1", max_context=4096)
+    proc, url = _start_server(model_dir, log_file, "--max-batch", "1", "--max-queue", "1", max_context=16384)
     yield url
     proc.terminate()
     try:
@@ -345,7 +345,7 @@ def test_a_request_that_leaves_while_queued_never_runs(queued_server):
     server = queued_server
     client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
     before = _health(server)
-    stream = client.chat.completions.create(model="tiny-chat", messages=QUESTION, stream=True, max_tokens=3000,
+    stream = client.chat.completions.create(model="tiny-chat", messages=QUESTION, stream=True, max_tokens=15000,
                                             temperature=0, extra_body={"ignore_eos": True})
     for chunk in stream:                                                 # the first request is running
         if chunk.choices and chunk.choices[0].delta.content:
@@ -364,7 +364,7 @@ def test_a_request_that_leaves_while_queued_never_runs(queued_server):
 def test_a_full_queue_answers_503(queued_server):
     server = queued_server
     client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
-    stream = client.chat.completions.create(model="tiny-chat", messages=QUESTION, stream=True, max_tokens=3000,
+    stream = client.chat.completions.create(model="tiny-chat", messages=QUESTION, stream=True, max_tokens=15000,
                                             temperature=0, extra_body={"ignore_eos": True})
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -554,7 +554,7 @@ def test_sigterm_stops_within_the_grace_and_queued_requests_get_503(model_dir, t
             for chunk in stream:
                 tail.append(chunk)
         assert proc.wait(timeout=15) == 0, log_file.read_text()
-        assert time.time() - start < 8
+        assert time.time() - start < 15                                   # seconds, not minutes
         assert len(tail) < 8000
     finally:
         if proc.poll() is None:

@@ -70,11 +70,15 @@ def register(sub) -> None:
     add_model_option(p)
     p.add_argument("--system", default=None, help="a system message for the conversation")
     p.add_argument("--hide-reasoning", action="store_true", help="do not show the <think> section")
+    p.add_argument("--max-thinking-tokens", type=int, default=None, metavar="N",
+                   help="close the <think> section after N tokens and let the model answer (0 skips thinking)")
     add_sampling_options(p, max_tokens=8192)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.max_thinking_tokens is not None and args.max_thinking_tokens < 0:
+        raise PhiflashError(f"--max-thinking-tokens must be >= 0 (0 skips thinking), got {args.max_thinking_tokens}")
     model, tok, path = load_model(args.model)
     sampling = sampling_from_args(args, path)
     session = ChatSession(model, tok, system=clean_text(args.system)[0] if args.system else None, max_context=args.max_context,
@@ -129,7 +133,8 @@ def run(args) -> int:
         bar = PrefillProgress()
         try:
             for piece in session.send(text, progress=bar, max_tokens=args.max_tokens, temp=sampling.temp, top_p=sampling.top_p,
-                                      top_k=sampling.top_k, min_p=sampling.min_p, seed=sampling.seed):
+                                      top_k=sampling.top_k, min_p=sampling.min_p, seed=sampling.seed,
+                                      max_thinking_tokens=args.max_thinking_tokens):
                 printer.write(piece)
                 last = piece
         except KeyboardInterrupt:

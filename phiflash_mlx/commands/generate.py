@@ -35,6 +35,8 @@ def register(sub) -> None:
                    help="print one JSON object: text, reasoning, answer, token counts and speeds")
     p.add_argument("--hide-reasoning", action="store_true", help="do not print the <think> section")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+    p.add_argument("--max-thinking-tokens", type=int, default=None, metavar="N",
+                   help="close the <think> section after N tokens and let the model answer (0 skips thinking)")
     add_sampling_options(p, max_tokens=1024)
     p.set_defaults(func=run)
 
@@ -56,6 +58,8 @@ def run(args) -> int:
     args.stop = [clean_text(s)[0] for s in args.stop]
     if not prompt.strip():
         raise PhiflashError("the prompt is empty")
+    if args.max_thinking_tokens is not None and args.max_thinking_tokens < 0:
+        raise PhiflashError(f"--max-thinking-tokens must be >= 0 (0 skips thinking), got {args.max_thinking_tokens}")
     model, tok, path = load_model(args.model, quiet=args.json)
     sampling = sampling_from_args(args, path)
     if args.raw:
@@ -65,7 +69,8 @@ def run(args) -> int:
                    [{"role": "user", "content": prompt}]
         ids = tok.apply_chat_template(messages, add_generation_prompt=True)
     gen = Generator(model, tok, args.max_context, args.prefill_step_size)
-    stream = gen.stream(ids, args.max_tokens, sampling, args.stop, progress=PrefillProgress())
+    stream = gen.stream(ids, args.max_tokens, sampling, args.stop, progress=PrefillProgress(),
+                        max_thinking_tokens=args.max_thinking_tokens)
     if args.json:
         reasoning, answer, last = [], [], None
         for piece in stream:

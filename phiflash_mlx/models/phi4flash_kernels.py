@@ -141,6 +141,8 @@ class KernelUnavailableWarning(RuntimeWarning):
 
 METAL_HEADER = """
 #define PHF_FN inline
+typedef size_t phf_size_t;
+#define PHF_SIZE phf_size_t
 #define PHF_EXP(x) metal::precise::exp(x)
 #define PHF_EXP2(x) metal::precise::exp2(x)
 #define PHF_LOG(x) metal::precise::log(x)
@@ -149,6 +151,8 @@ METAL_HEADER = """
 
 CUDA_HEADER = """
 #define PHF_FN __device__ __forceinline__
+typedef unsigned long long phf_size_t;  // no <cstddef> under NVRTC
+#define PHF_SIZE phf_size_t
 #define PHF_EXP(x) expf(x)
 #define PHF_EXP2(x) exp2f(x)
 #define PHF_LOG(x) logf(x)
@@ -156,7 +160,9 @@ CUDA_HEADER = """
 """
 
 METAL_PRELUDE = "    const uint phf_tid = thread_position_in_grid.x;\n"
-CUDA_PRELUDE = "    const uint phf_tid = blockIdx.x * blockDim.x + threadIdx.x;\n"
+CUDA_PRELUDE = (
+    "    const unsigned int phf_tid = blockIdx.x * blockDim.x + threadIdx.x;\n"
+)
 
 # Helpers shared by both back-ends.
 COMMON_HEADER = """
@@ -207,15 +213,15 @@ _SERIAL_TEMPLATE = """
     float a2[N];  // A * log2(e): exp(dt * A) == exp2(dt * a2)
     float s[N];
     for (int n = 0; n < N; ++n) {{
-        a2[n] = static_cast<float>(A[size_t(c) * N + n]) * 1.4426950408889634f;
-        s[n] = static_cast<float>(state_in[size_t(r) * N + n]);
+        a2[n] = static_cast<float>(A[PHF_SIZE(c) * N + n]) * 1.4426950408889634f;
+        s[n] = static_cast<float>(state_in[PHF_SIZE(r) * N + n]);
     }}
     const float skip = static_cast<float>(D[c]);
     const float bias = static_cast<float>(delta_bias[c]);
 
     for (int t = 0; t < length; ++t) {{
-        const size_t tok = size_t(b) * length + t;  // row of B and C: position (b, t)
-        const size_t i = tok * d_in + c;  // element (b, t, c) of u, delta, z, y
+        const PHF_SIZE tok = PHF_SIZE(b) * length + t;  // row of B and C: position (b, t)
+        const PHF_SIZE i = tok * d_in + c;  // element (b, t, c) of u, delta, z, y
         const float x = static_cast<float>(u[i]);
         float dt = phf_softplus(static_cast<float>(delta[i]) + bias);{skip}
         const float dtx = dt * x;
@@ -230,7 +236,7 @@ _SERIAL_TEMPLATE = """
     }}
 
     for (int n = 0; n < N; ++n) {{
-        state_out[size_t(r) * N + n] = s[n];
+        state_out[PHF_SIZE(r) * N + n] = s[n];
     }}
 """
 
@@ -256,21 +262,21 @@ _LANES_TEMPLATE = """
     float s[NPL];
     for (int j = 0; j < NPL; ++j) {{
         const int n = k * NPL + j;
-        a2[j] = static_cast<float>(A[size_t(c) * N + n]) * 1.4426950408889634f;
-        s[j] = static_cast<float>(state_in[size_t(r) * N + n]);
+        a2[j] = static_cast<float>(A[PHF_SIZE(c) * N + n]) * 1.4426950408889634f;
+        s[j] = static_cast<float>(state_in[PHF_SIZE(r) * N + n]);
     }}
     const float skip = static_cast<float>(D[c]);
     const float bias = static_cast<float>(delta_bias[c]);
 
     for (int t = 0; t < length; ++t) {{
-        const size_t tok = size_t(b) * length + t;
-        const size_t i = tok * d_in + c;
+        const PHF_SIZE tok = PHF_SIZE(b) * length + t;
+        const PHF_SIZE i = tok * d_in + c;
         const float x = static_cast<float>(u[i]);
         float dt = phf_softplus(static_cast<float>(delta[i]) + bias);{skip}
         const float dtx = dt * x;
         float acc = 0.0f;
         for (int j = 0; j < NPL; ++j) {{
-            const size_t bn = tok * N + k * NPL + j;
+            const PHF_SIZE bn = tok * N + k * NPL + j;
             s[j] = PHF_EXP2(dt * a2[j]) * s[j] + dtx * static_cast<float>(B[bn]);
             acc += static_cast<float>(C[bn]) * s[j];
         }}
@@ -285,7 +291,7 @@ _LANES_TEMPLATE = """
 
     if (live) {{
         for (int j = 0; j < NPL; ++j) {{
-            state_out[size_t(r) * N + k * NPL + j] = s[j];
+            state_out[PHF_SIZE(r) * N + k * NPL + j] = s[j];
         }}
     }}
 """
@@ -297,8 +303,8 @@ _GATE_LINE = "\n        out = phf_silu_gate(out, static_cast<float>(z[i]));"
 
 # SiLU(g) * memory, one element per thread; Y = the output type.
 _GMU_SOURCE = """
-    const size_t i = phf_tid;
-    if (i >= size_t(g_size)) {
+    const PHF_SIZE i = phf_tid;
+    if (i >= PHF_SIZE(g_size)) {
         return;  // grid rounded up to whole blocks (CUDA)
     }
     out[i] = static_cast<Y>(phf_silu_gate(static_cast<float>(memory[i]), static_cast<float>(g[i])));
@@ -539,11 +545,11 @@ def _with_twin_vjp(forward, twin, n_diff):
     return fn
 
 
-def _named_call(forward_spec, twin, names, values, n_diff, runner):
+def _named_call(forward_spec, twin, names, values, n_diff, runner, shape=None):
     def forward(*xs):
         spec, launch = forward_spec(**dict(zip(names, xs)))
         out = (runner or run_gpu)(spec, launch)
-        return tuple(out) if len(out) > 1 else out[0]
+        return tuple(out) if len(out) > 1 else out[0].reshape(shape)
 
     def twin_fn(*xs):
         return twin(**dict(zip(names, xs)))
@@ -627,10 +633,9 @@ def gmu_gate_kernel(g, memory, runner: Runner | None = None):
     def spec_launch(g, memory):
         return _gmu_launch(g, memory)
 
-    out = _named_call(
-        spec_launch, gmu_gate_ops, ["g", "memory"], [g, memory], 2, runner
+    return _named_call(
+        spec_launch, gmu_gate_ops, ["g", "memory"], [g, memory], 2, runner, shape
     )
-    return out.reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------
