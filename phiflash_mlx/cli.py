@@ -6,6 +6,7 @@ import argparse
 import errno
 import importlib
 import os
+import signal
 import sys
 
 from .errors import PhiflashError
@@ -23,10 +24,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_interrupted = False
+
+
+def _on_sigint(signum, frame):
+    """Python's own Ctrl-C behaviour, remembered: an interrupt inside a C extension's import can come
+    out as an ImportError with no KeyboardInterrupt in its chain (numpy's "could not import module")."""
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 success, 1 a one-line error, 2 a usage error, 130 interrupted (Ctrl-C), 141 the
     reader of the output went away (`| head`): quietly, as other command-line tools do."""
     command = "command"
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         parser = build_parser()                  # imports the command modules (and MLX): Ctrl-C may land here
         args = parser.parse_args(argv)
@@ -47,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         cause = exc
         while cause is not None and not isinstance(cause, KeyboardInterrupt):
             cause = cause.__cause__ or cause.__context__      # MLX's extension wraps Ctrl-C in ImportError
-        if cause is None:
+        if cause is None and not _interrupted:
             print(f"phiflash {command}: error: {exc}; reinstall phiflash-mlx and its dependencies",
                   file=sys.stderr)
             return 1

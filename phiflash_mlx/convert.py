@@ -120,7 +120,18 @@ MARKER = "phiflash-convert.json"      # written into every output; only such dir
 
 
 def is_converted_checkpoint(path: Path) -> bool:
-    return (Path(path) / MARKER).is_file()
+    """An earlier output of convert, unchanged in what it holds: the marker says so and lists every file,
+    and the directory has nothing else (a file a user added there is never deleted by --force)."""
+    path = Path(path)
+    try:
+        info = json.loads((path / MARKER).read_text()) if (path / MARKER).is_file() else None
+        present = set(os.listdir(path))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(info, dict) or info.get("written_by") != "phiflash convert":
+        return False
+    listed = info.get("files")
+    return isinstance(listed, list) and present <= set(listed)
 
 
 def _check_options(dtype, quantize, q_bits, q_group_size, q_mode, recipe, overrides, max_shard_size_gb):
@@ -243,9 +254,10 @@ def _write(out: Path, src_path: Path, config: dict, store, plan, dtype, quantize
     if quant_config is not None:
         new_config["quantization"] = quant_config
         new_config["quantization_config"] = quant_config
+    files = sorted({p.name for p in out.iterdir()} | {MARKER, "config.json"})
     (out / MARKER).write_text(json.dumps({"written_by": "phiflash convert", "source": str(src_path),
                                           "torch_dtype": new_config["torch_dtype"],
-                                          "quantization": quant_config}, indent=2) + "\n")
+                                          "quantization": quant_config, "files": files}, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(new_config, indent=2))      # last: a partial output has none
 
 

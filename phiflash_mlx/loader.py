@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from . import checkpoints
 from .errors import PhiflashError
@@ -87,7 +88,6 @@ def load_weights(path: Path, dtype=None, preflight: bool = False) -> dict:
 
 
 def _flat_shapes(model: nn.Module) -> dict:
-    from mlx.utils import tree_flatten
     return {k: v.shape for k, v in tree_flatten(model.parameters())}
 
 
@@ -122,6 +122,7 @@ def build_model(config: dict, weights: dict, dtype=None) -> Model:
     if quant:
         _apply_quantization(model, quant, weights)
     expected = _flat_shapes(model)
+    floating = {k for k, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
     for name, shape in expected.items():
         if name not in weights:
             raise PhiflashError(f"tensor {name} is missing from the checkpoint; it is incomplete or was made for "
@@ -129,6 +130,11 @@ def build_model(config: dict, weights: dict, dtype=None) -> Model:
         if tuple(weights[name].shape) != tuple(shape):
             raise PhiflashError(f"tensor {name} has shape {tuple(weights[name].shape)}, but config.json implies "
                                 f"{tuple(shape)}; the weights do not match the config")
+        if (name in floating) != mx.issubdtype(weights[name].dtype, mx.floating):
+            want = "floating point" if name in floating else "packed quantized codes"
+            stored = str(weights[name].dtype).replace("mlx.core.", "")
+            raise PhiflashError(f"tensor {name} is stored as {stored}, but the model needs "
+                                f"{want} there; the checkpoint does not match its config.json")
     unexpected = sorted(set(weights) - set(expected))
     if unexpected:
         log.warning("ignoring %d tensors the model does not use (first: %s)", len(unexpected), unexpected[0])

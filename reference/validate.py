@@ -258,6 +258,26 @@ def unsupported_dtype_message(path: str, name: str, dtype) -> str:
             "file is corrupt or from another tool, download or convert it again")
 
 
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+
+
+def tensor_dtype_error(name: str, dtype: str) -> str | None:
+    """Why `name` cannot have `dtype` in a phi4flash checkpoint, or None. Every tensor of the model is
+    floating point (bfloat16, float16 or float32); the only integers are the packed codes of a quantized
+    weight (uint32 ``*.weight``) and mxfp scales (uint8 ``*.scales``). A float tensor stored as an
+    integer type would otherwise load as garbage."""
+    if dtype in FLOAT_DTYPES:
+        return None
+    if (dtype == "U32" and name.endswith(".weight")) or (dtype == "U8" and name.endswith(".scales")):
+        return None
+    if dtype == "F64":
+        return (f"tensor {name} is float64, which MLX cannot load; convert the checkpoint to float32 or "
+                "bfloat16 first (e.g. with safetensors and numpy)")
+    return (f"tensor {name} is stored as {dtype}, but the model's tensors are floating point (bfloat16, float16 "
+            "or float32) or packed quantized codes (uint32 weights, uint8 mxfp scales); the file is corrupt or "
+            "was written for another model, download or convert it again")
+
+
 def validate_safetensors_header(header, path: str, data_bytes: int) -> dict:
     """Check a parsed safetensors header against the `data_bytes` that follow it; returns the tensor
     entries (without `__metadata__`). Each tensor needs a known dtype, a shape of non-negative integers,
@@ -269,8 +289,8 @@ def validate_safetensors_header(header, path: str, data_bytes: int) -> dict:
                               f"object; {again}")
     entries = {k: v for k, v in header.items() if k != "__metadata__"}
     meta = header.get("__metadata__")
-    if meta is not None and not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: __metadata__ must be an object; {again}")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path}: __metadata__ must be an object of strings; {again}")
     spans = []
     for name, e in entries.items():
         if not isinstance(e, dict):
@@ -293,6 +313,9 @@ def validate_safetensors_header(header, path: str, data_bytes: int) -> dict:
             raise CheckpointError(
                 f"{path} is truncated: tensor {name} ends at byte {end} of the data, but the file holds only "
                 f"{data_bytes}; the download or copy did not finish, fetch it again")
+        role_error = tensor_dtype_error(name, dtype)
+        if role_error:
+            raise CheckpointError(f"{path}: {role_error}")
         want = math.prod(shape) * DTYPE_SIZES[dtype]
         if end - begin != want:
             raise CheckpointError(f"{path}: tensor {name} is {dtype} {tuple(shape)}, which is {want} bytes, but "

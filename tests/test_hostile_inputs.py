@@ -858,3 +858,56 @@ def test_lone_surrogates_in_library_prompts_become_replacement_characters():
     assert tok.apply_chat_template(messages) == tok.apply_chat_template(
         [{"role": "user", "content": "What is 1 + 2?\ufffd"}])
     assert isinstance(phiflash_mlx.generate(model, tok, messages, max_tokens=3, temp=0), str)
+
+
+@pytest.mark.parametrize("name,dtype,needle", [
+    ("model.embed_tokens.weight", "U16", "stored as U16"),            # same byte count as bf16...
+    ("model.final_layernorm.bias", "I32", "stored as I32"),           # ... and as float32
+    ("model.final_layernorm.bias", "BOOL", "stored as BOOL"),
+    ("model.final_layernorm.bias", "F64", "float64, which MLX cannot load"),
+])
+def test_float_tensors_stored_as_other_dtypes_are_refused(tiny, name, dtype, needle):
+    """An integer or bool dtype on a float tensor loaded and generated garbage with exit 0; float64
+    passed the header check and then failed inside mx.load with a traceback."""
+    header, body = read_st(tiny / "model.safetensors")
+    e = header[name]
+    assert e["dtype"] == "F32"
+    size = {"U16": 2, "I32": 4, "BOOL": 1, "F64": 8}[dtype]
+    elements = (e["data_offsets"][1] - e["data_offsets"][0]) // size
+    e["dtype"], e["shape"] = dtype, ([elements] if len(e["shape"]) == 1 else [elements // e["shape"][-1] * 4 // size,
+                                                                            e["shape"][-1]])
+    write_st(tiny / "model.safetensors", header, body)
+    both_refuse(tiny, needle)
+
+
+def test_packed_codes_where_the_model_needs_floats(tiny):
+    """uint32 is allowed for packed quantized weights only; on an unquantized model's weight it is refused."""
+    header, body = read_st(tiny / "model.safetensors")
+    header["model.layers.0.mlp.fc2.weight"]["dtype"] = "U32"
+    write_st(tiny / "model.safetensors", header, body)
+    with pytest.raises(PhiflashError) as err:
+        phiflash_mlx.load(str(tiny), tokenizer=False)
+    assert "model.layers.0.mlp.fc2.weight is stored as uint32" in one_line(err.value)
+
+
+def test_metadata_values_must_be_strings(tiny):
+    header, body = read_st(tiny / "model.safetensors")
+    header["__metadata__"] = {"format": {"x": 1}}
+    write_st(tiny / "model.safetensors", header, body)
+    both_refuse(tiny, "__metadata__ must be an object of strings")
+
+
+def test_force_keeps_files_a_user_put_in_a_directory(tiny, converted, tmp_path, capsys):
+    """--force replaces an earlier output only as it was written: a marker alone does not make a folder
+    ours, and a file added to an earlier output is never deleted."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("my notes")
+    (notes / MARKER).write_text("{}")
+    before = tree_digest(notes)
+    assert "not a directory written by phiflash convert" in cli_error(capsys, "convert", tiny, notes, "--force")
+    assert tree_digest(notes) == before
+    (converted / "my_results.txt").write_text("keep me")
+    before = tree_digest(converted)
+    assert "not a directory written by phiflash convert" in cli_error(capsys, "convert", tiny, converted, "--force")
+    assert tree_digest(converted) == before
