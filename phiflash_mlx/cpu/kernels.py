@@ -388,6 +388,33 @@ def _mamba_scan_applies(mixer, a, mask, cache) -> bool:
             and mixer.d_state <= 256)
 
 
+def _depthwise_conv(mixer, x, cache):
+    """The mixer's causal depthwise convolution + SiLU (the model's `_conv` without a padding mask)
+    as K shifted multiply-adds. MLX's CPU conv1d runs a depthwise convolution as one BLAS GEMM per
+    channel (5120 calls per layer and token here), which also wakes OpenBLAS's threads to compete
+    with the kernels' own; this reads the same weights and updates the cache the same way."""
+    conv = getattr(mixer, "conv1d", None)
+    K = getattr(mixer, "d_conv", None)
+    w = None if conv is None else conv.get("weight")
+    if w is None or K is None or w.shape != (x.shape[-1], K, 1):
+        return mixer._conv(x, None, cache)
+    keep = K - 1
+    b, l, Di = x.shape
+    past = None if cache is None else cache[0]
+    if past is None:
+        past = mx.zeros((b, keep, Di), dtype=x.dtype)
+    window = mx.concatenate([past.astype(x.dtype), x], axis=1)               # (b, K-1+l, Di)
+    if cache is not None:
+        cache[0] = window[:, window.shape[1] - keep:]
+    taps = w[:, :, 0].T.astype(x.dtype)                                    # (K, Di)
+    out = window[:, 0:l] * taps[0]
+    for k in range(1, K):
+        out = out + window[:, k:k + l] * taps[k]
+    if "bias" in conv:
+        out = out + conv["bias"].astype(x.dtype)
+    return nn.silu(out)
+
+
 def _cpu_mamba_call(self, a, mask=None, cache=None):
     """Mamba.__call__ for CPUs: dt_proj and the selective scan (decode steps and prompts alike) run as
     one C call (`ssm_scan`); everything else is the model's own code."""
@@ -398,7 +425,7 @@ def _cpu_mamba_call(self, a, mask=None, cache=None):
     Di = self.d_inner
     xz = self.in_proj(a)
     x, z = xz[..., :Di], xz[..., Di:]
-    u = self._conv(x, None, cache)
+    u = _depthwise_conv(self, x, cache)
     dbc = self.x_proj(u)
     dt = self.dt_proj
     y, state = ssm_scan(u, dbc, None if self.produces_memory else z, dt["weight"], dt.get("bias"), self.A_log,
