@@ -447,3 +447,25 @@ def test_model_files_are_black_clean(name):
     proc = subprocess.run([sys.executable, "-m", "black", "--check", "--diff", "-q", str(src)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_kv_dtype_stores_16_bit_caches():
+    """DiffAttention.kv_dtype (an attachment point for platforms where the K/V bytes dominate a decode
+    step): the caches hold float16, the activations stay float32, and the logits move only by rounding."""
+    from phiflash_mlx.models.phi4flash import DiffAttention
+    m, _ = phiflash_mlx.load(str(golden_path(GOLDEN_MODELS[0])))
+    ids = mx.array(np.load(golden_path(GOLDEN_MODELS[0]) / "vectors.npz")["input_ids_long"])
+    want = np_(m(ids))
+    try:
+        DiffAttention.kv_dtype = mx.float16
+        cache = m.make_cache()
+        n = ids.shape[1]
+        got = [np_(m(ids[:, :n - 3], cache=cache))] + [np_(m(ids[:, t:t + 1], cache=cache)) for t in range(n - 3, n)]
+        for i, kind in enumerate(m.args.layer_kinds[:len(cache)]):
+            if kind in ("swa", "global"):
+                assert cache[i].keys.dtype == mx.float16 and cache[i].values.dtype == mx.float16
+    finally:
+        DiffAttention.kv_dtype = None
+    got = np.concatenate(got, axis=1)
+    assert got.dtype == np.float32
+    assert 0 < np.abs(got - want).max() <= 0.01 * np.abs(want).max()
