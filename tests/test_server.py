@@ -50,10 +50,10 @@ def model_dir(tmp_path_factory):
     return build_chat_model_dir(tmp_path_factory.mktemp("servemodel") / "tiny-chat")
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    log_file = tmp_path_factory.mktemp("servelog") / "serve.log"
-    proc, url = _start_server(model_dir, log_file)
+def _served(model_dir, tmp_path_factory, log_name, *args, **kwargs):
+    """Run `phiflash serve` for a fixture: yields its URL; SIGTERM at the end must exit 0."""
+    log_file = tmp_path_factory.mktemp("servelog") / log_name
+    proc, url = _start_server(model_dir, log_file, *args, **kwargs)
     yield url
     proc.terminate()
     try:
@@ -61,6 +61,11 @@ def server(model_dir, tmp_path_factory):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    yield from _served(model_dir, tmp_path_factory, "serve.log")
 
 
 @pytest.fixture
@@ -321,15 +326,8 @@ def test_port_in_use_is_a_clear_error(server, model_dir):
 @pytest.fixture(scope="module")
 def queued_server(model_dir, tmp_path_factory):
     """One generation at a time and a queue of one: the queueing and shutdown cases."""
-    log_file = tmp_path_factory.mktemp("servelog") / "serve1.log"
-    proc, url = _start_server(model_dir, log_file, "--max-batch", "1", "--max-queue", "1", max_context=16384)
-    yield url
-    proc.terminate()
-    try:
-        assert proc.wait(timeout=15) == 0, log_file.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    yield from _served(model_dir, tmp_path_factory, "serve1.log", "--max-batch", "1", "--max-queue", "1",
+                       max_context=16384)
 
 
 def _wait_health(server, predicate, timeout=20):
