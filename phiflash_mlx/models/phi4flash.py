@@ -254,9 +254,8 @@ class DiffAttention(nn.Module):
         self.Wqkv = nn.Linear(args.hidden_size, rows, bias=True)
         self.out_proj = nn.Linear(self.nh * self.hd, args.hidden_size, bias=True)
         self.inner_cross_attn = DiffLambdas(self.hd)
-        self.lambda_init = 0.8 - 0.6 * math.exp(
-            -0.3 * layer_idx
-        )  # absolute layer index
+        # by the absolute layer index
+        self.lambda_init = 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
         self.scale = self.hd**-0.5
 
     def _pairs(self, x):
@@ -296,9 +295,8 @@ class DiffAttention(nn.Module):
             if out is not None:
                 return out
         g = nh // (2 * P)  # query heads of one stripe per KV pair
-        q1 = q[:, 0::2].reshape(
-            b, P, g, l, hd
-        )  # stripe 1 reads the first head of a pair
+        # stripe 1 (even query heads) reads the first head of a pair, stripe 2 the second
+        q1 = q[:, 0::2].reshape(b, P, g, l, hd)
         q2 = q[:, 1::2].reshape(b, P, g, l, hd)
         zeros = mx.zeros_like(q1)
         qq = mx.concatenate(
