@@ -29,6 +29,18 @@ def test_kernel_is_built_on_linux():
        rows=st.integers(1, 20), out=st.integers(1, 300), groups=st.integers(1, 4),
        simd=st.booleans(), threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**16))
 def test_cpu_kernels_equals_quantized_matmul(bits, group_size, rows, out, groups, simd, threads, seed):
+    _check_qmatvec(bits, group_size, rows, out, groups, simd, threads, seed)
+
+
+@needs_kernel
+@pytest.mark.parametrize("group_size,groups,out,threads", [(64, 1, 7, 1), (64, 40, 300, 2), (128, 3, 33, 3)])
+def test_one_row_4_bit_path(group_size, groups, out, threads):
+    """The decode case (one row, 4 bits, groups of 64 or 128) has its own AVX2 path that reads 32 bytes
+    of codes at a time against an even/odd split copy of x."""
+    _check_qmatvec(4, group_size, 1, out, groups, True, threads, seed=group_size + out)
+
+
+def _check_qmatvec(bits, group_size, rows, out, groups, simd, threads, seed):
     key = mx.random.key(seed)
     k1, k2, k3 = mx.random.split(key, 3)
     k = group_size * groups
