@@ -24,11 +24,10 @@ import numpy as np
 
 from . import checkpoints
 from .errors import PhiflashError
-from .loader import load_config, resolve_model_path
+from .loader import DTYPES, load_config, resolve_model_path
 from .outdir import atomic_directory, check_destination
 from .progress import progress
 
-FLOAT_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 AFFINE_BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 MX_MODES = {"mxfp4": (4, 32), "mxfp8": (8, 32)}          # mode -> (bits, group size), fixed by the format
@@ -136,7 +135,7 @@ def is_converted_checkpoint(path: Path) -> bool:
 
 def _check_options(dtype, quantize, q_bits, q_group_size, q_mode, recipe, overrides, max_shard_size_gb):
     """Every option is checked before the source is read or the destination touched."""
-    if dtype is not None and dtype not in FLOAT_DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise PhiflashError(f"unsupported --dtype {dtype}; choose float32, float16 or bfloat16")
     if not quantize and (q_bits is not None or q_group_size is not None or q_mode != "affine" or overrides):
         raise PhiflashError("--q-bits, --q-group-size, --q-mode and --q-override need -q/--quantize")
@@ -196,7 +195,7 @@ def _write(out: Path, src_path: Path, config: dict, store, plan, dtype, quantize
     tie = bool(config.get("tie_word_embeddings", True))
     names = sorted(n for n in store.names() if not (tie and n == "lm_head.weight"))
     src_dtypes = {store.files[n].dtype(n) for n in names}
-    out_float = FLOAT_DTYPES[dtype] if dtype else (mx.bfloat16 if src_dtypes == {"BF16"} or "BF16" in src_dtypes
+    out_float = DTYPES[dtype] if dtype else (mx.bfloat16 if src_dtypes == {"BF16"} or "BF16" in src_dtypes
                                                     else mx.float16 if "F16" in src_dtypes else mx.float32)
     quant_config = dict(default.as_dict()) if default else None
     shard, shard_bytes, shards = {}, 0, []

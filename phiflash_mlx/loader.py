@@ -87,10 +87,6 @@ def load_weights(path: Path, dtype=None, preflight: bool = False) -> dict:
     return weights
 
 
-def _flat_shapes(model: nn.Module) -> dict:
-    return {k: v.shape for k, v in tree_flatten(model.parameters())}
-
-
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -121,8 +117,9 @@ def build_model(config: dict, weights: dict, dtype=None) -> Model:
     quant = config.get("quantization")
     if quant:
         _apply_quantization(model, quant, weights)
-    expected = _flat_shapes(model)
-    floating = {k for k, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
+    params = tree_flatten(model.parameters())
+    expected = {k: v.shape for k, v in params}
+    floating = {k for k, v in params if mx.issubdtype(v.dtype, mx.floating)}
     for name, shape in expected.items():
         if name not in weights:
             raise PhiflashError(f"tensor {name} is missing from the checkpoint; it is incomplete or was made for "
