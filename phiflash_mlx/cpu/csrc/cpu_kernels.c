@@ -826,3 +826,8 @@ PHF_EXPORT int phf_ssm_scan(const float *u, const float *dbc, const float *z, co
     run_shares(ssm_share, &a, threads);
     return 0;
 }
+
+/* ---- products with int8-quantized activations (q8.c) and fused decode steps (fused.c) ---------
+ * Separate files for readability; they are part of this translation unit and use its thread pool. */
+#include "q8.c"
+#include "fused.c"

@@ -1,0 +1,1 @@
+/* Fused decode steps: several operations of one layer in one call. */

@@ -1,0 +1,1 @@
+/* Products of affine-quantized weights with int8-quantized activations. */
