@@ -1,0 +1,1 @@
+/* Differential attention of many queries (prompt processing) over key ranges. */
