@@ -416,8 +416,11 @@ def _depthwise_conv(mixer, x, cache):
 
 
 def _cpu_mamba_call(self, a, mask=None, cache=None):
-    """Mamba.__call__ for CPUs: dt_proj and the selective scan (decode steps and prompts alike) run as
-    one C call (`ssm_scan`); everything else is the model's own code."""
+    """Mamba.__call__ for CPUs: a one-token step of batch 1 runs the whole mixer in one C call
+    (`_mamba_step`); otherwise dt_proj and the selective scan (prompts) run as one C call (`ssm_scan`)
+    and everything else is the model's own code."""
+    if a.ndim == 3 and a.shape[:2] == (1, 1) and _mamba_step_applies(self, mask, cache):
+        return _mamba_step(self, a, cache)
     if not _mamba_scan_applies(self, a, mask, cache):
         return super(type(self), self).__call__(a, mask, cache)
     from ..models.phi4flash_kernels import gmu_gate
@@ -560,3 +563,182 @@ def use_cpu_kernels(model: nn.Module) -> int:
             module.__class__ = CPUQuantizedEmbedding
             count += 1
     return count
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused decode steps (csrc/fused.c): one host call for what MLX runs as many small ops
+# ---------------------------------------------------------------------------------------------
+
+class _QWeight(ctypes.Structure):
+    """fused.c's phf_qweight: one quantized weight in MLX's affine layout."""
+    _fields_ = [("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("biases", ctypes.c_void_p),
+                ("n", ctypes.c_long), ("k", ctypes.c_long), ("bits", ctypes.c_int), ("group_size", ctypes.c_int)]
+
+
+ENV_FUSED = "PHIFLASH_CPU_FUSED"
+
+
+def _fused_library():
+    """The kernel library when it has the fused steps (and PHIFLASH_CPU_FUSED is not 0), else None."""
+    if os.environ.get(ENV_FUSED, "").strip().lower() in {"0", "off", "false", "no"}:
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    fn = getattr(lib, "_phf_fused_ready", None)
+    if fn is None:
+        try:
+            step = lib.phf_mamba_step
+        except AttributeError:
+            lib._phf_fused_ready = False
+            return None
+        ptr, lng, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+        step.argtypes = [ptr] * 16 + [lng] * 5 + [i32]
+        step.restype = i32
+        lib._phf_fused_ready = fn = True
+    return lib if fn else None
+
+
+def _fusable_product(module, k: int, n: int | None = None) -> bool:
+    """A quantized linear layer without bias whose product `phf_qmatvec` computes (any size)."""
+    if not isinstance(module, nn.QuantizedLinear) or "bias" in module or "biases" not in module:
+        return False
+    w = module["weight"]
+    return (getattr(module, "mode", "affine") == "affine" and module.bits in KERNEL_BITS
+            and module.group_size % 32 == 0 and k % module.group_size == 0
+            and w.shape[1] * 32 // module.bits == k and (n is None or w.shape[0] == n))
+
+
+def _qweight(module) -> _QWeight:
+    """The phf_qweight of a quantized module, made once per packed weight (it points into `_packed`)."""
+    packed = _packed(module)
+    held = module.__dict__.get("_phf_qweight")
+    if held is None or held[0] is not packed:
+        q = _QWeight(packed.w.ctypes.data, packed.scales.ctypes.data, packed.biases.ctypes.data,
+                     packed.w.shape[0], packed.w.shape[1] * 32 // module.bits, module.bits, module.group_size)
+        held = (packed, q)
+        module.__dict__["_phf_qweight"] = held
+    return held[1]
+
+
+def _host_f32(a: mx.array, shape=None) -> np.ndarray:
+    """A float32 C-contiguous NumPy copy (or view) of an evaluated array."""
+    n = np.asarray(a if a.dtype == mx.float32 else a.astype(mx.float32))
+    n = np.ascontiguousarray(n, dtype=np.float32)
+    return n if shape is None else n.reshape(shape)
+
+
+def _mamba_step_applies(mixer, mask, cache) -> bool:
+    """The fused one-token mixer applies: no padding, quantized in/x/out projections, float dt_proj."""
+    if mask is not None or _fused_library() is None:
+        return False
+    if cache is not None and (getattr(cache, "lengths", None) is not None
+                              or getattr(cache, "left_padding", None) is not None):
+        return False
+    names = ("in_proj", "x_proj", "dt_proj", "out_proj", "conv1d", "A_log", "D", "d_inner", "dt_rank", "d_state",
+             "d_conv", "produces_memory")
+    if not all(hasattr(mixer, n) for n in names):
+        return False
+    Di, R, N, K = mixer.d_inner, mixer.dt_rank, mixer.d_state, mixer.d_conv
+    H = mixer.out_proj["weight"].shape[0]
+    conv, dt = mixer.conv1d, mixer.dt_proj
+    return (_fusable_product(mixer.in_proj, H, 2 * Di) and _fusable_product(mixer.x_proj, Di, R + 2 * N)
+            and _fusable_product(mixer.out_proj, Di, H)
+            and type(dt) is nn.Linear and dt["weight"].shape == (Di, R)
+            and conv["weight"].shape == (Di, K, 1) and mixer.A_log.shape == (Di, N) and mixer.D.shape == (Di,))
+
+
+class _MambaHost:
+    """Host copies of a mixer's small float parameters (conv taps, dt_proj, A = -exp(A_log), D), kept
+    while the module holds the same arrays."""
+
+    def __init__(self, mixer):
+        conv, dt = mixer.conv1d, mixer.dt_proj
+        self.sources = self._sources(mixer)
+        A = -mx.exp(mixer.A_log.astype(mx.float32))
+        mx.eval(A, *[x for x in self.sources if x is not None])
+        self.conv_w = _host_f32(conv["weight"][:, :, 0])
+        self.conv_b = _host_f32(conv["bias"]) if "bias" in conv else None
+        self.dt_w = _host_f32(dt["weight"])
+        self.dt_b = _host_f32(dt["bias"]) if "bias" in dt else None
+        self.A = _host_f32(A)
+        self.D = _host_f32(mixer.D)
+
+    @staticmethod
+    def _sources(mixer):
+        conv, dt = mixer.conv1d, mixer.dt_proj
+        return (conv["weight"], conv.get("bias"), dt["weight"], dt.get("bias"), mixer.A_log, mixer.D)
+
+    @classmethod
+    def of(cls, mixer) -> "_MambaHost":
+        held = mixer.__dict__.get("_phf_host")
+        if held is None or any(x is not y for x, y in zip(held.sources, cls._sources(mixer))):
+            held = cls(mixer)
+            mixer.__dict__["_phf_host"] = held
+        return held
+
+
+def _ptr(a: np.ndarray | None):
+    return None if a is None else a.ctypes.data
+
+
+def _mamba_step(mixer, a, cache):
+    """One token of batch 1 through the whole mixer in one host call (`phf_mamba_step`); the model's
+    own Mamba.__call__ on a scratch cache is the twin (mx.compile, gradients, any failure)."""
+    from ..models.cache import ArraysCache
+
+    Di, R, N, K = mixer.d_inner, mixer.dt_rank, mixer.d_state, mixer.d_conv
+    H = a.shape[-1]
+    keep = K - 1
+    conv_state = None if cache is None else cache[0]
+    ssm_state = None if cache is None else cache[1]
+    if conv_state is None:
+        conv_state = mx.zeros((1, keep, Di), dtype=a.dtype)
+    if ssm_state is None:
+        ssm_state = mx.zeros((1, Di, N), dtype=mx.float32)
+    mem = mixer.produces_memory
+    base = super(type(mixer), mixer).__call__ if type(mixer).__name__.startswith("CPU") else mixer.__call__
+
+    def slow(a, conv_state, ssm_state):
+        scratch = ArraysCache(2)
+        scratch[0], scratch[1] = conv_state, ssm_state
+        out, memory = base(a, None, scratch)
+        return (out, memory, scratch[0], scratch[1]) if mem else (out, scratch[0], scratch[1])
+
+    def fast(a, conv_state, ssm_state):
+        lib = _fused_library()
+        mx.eval(a, conv_state, ssm_state)
+        if conv_state.shape != (1, keep, Di) or ssm_state.shape != (1, Di, N):
+            return None
+        host = _MambaHost.of(mixer)
+        an = _host_f32(a, (H,))
+        cs = _host_f32(conv_state, (keep, Di))
+        ss = _host_f32(ssm_state, (Di, N))
+        conv_out = np.empty((max(keep, 1), Di), dtype=np.float32)
+        ssm_out = np.empty((Di, N), dtype=np.float32)
+        out = np.empty((H,), dtype=np.float32)
+        memory = np.empty((Di,), dtype=np.float32) if mem else None
+        qs = [_qweight(m) for m in (mixer.in_proj, mixer.x_proj, mixer.out_proj)]
+        rc = lib.phf_mamba_step(an.ctypes.data, *[ctypes.addressof(q) for q in qs], _ptr(host.conv_w),
+                                _ptr(host.conv_b), _ptr(host.dt_w), _ptr(host.dt_b), _ptr(host.A), _ptr(host.D),
+                                cs.ctypes.data, ss.ctypes.data, conv_out.ctypes.data, ssm_out.ctypes.data,
+                                out.ctypes.data, _ptr(memory), H, Di, K, R, N, threads())
+        if rc != 0:
+            return None
+        dtype = a.dtype
+        res = [mx.array(out).reshape(1, 1, H).astype(dtype)]
+        if mem:
+            res.append(mx.array(memory).reshape(1, 1, Di).astype(dtype))
+        res.append(mx.array(conv_out[:keep]).reshape(1, keep, Di).astype(conv_state.dtype))
+        res.append(mx.array(ssm_out).reshape(1, Di, N))
+        return tuple(res)
+
+    res = _host_call(fast, slow, a, conv_state, ssm_state)
+    if mem:
+        out, memory, conv_new, ssm_new = res
+    else:
+        (out, conv_new, ssm_new), memory = res, None
+    if cache is not None:
+        cache[0], cache[1] = conv_new, ssm_new
+        cache.advance(1)
+    return out, memory
