@@ -242,8 +242,74 @@ def test_whole_model_decode_with_and_without_the_fast_path(golden):
         return out, ids
 
     got, got_ids = run(fast)
-    assert any("_phf_host" in m.__dict__ for _, m in fast.named_modules()), "the fused step did not run"
+    for layer in fast.layers:                  # every layer ran as host units (they leave their copies)
+        assert "_phf_np" in layer.post_attention_layernorm.__dict__, layer.kind
+        if hasattr(layer.attn, "inner_cross_attn"):
+            assert "_phf_lambda" in layer.attn.__dict__, layer.kind
     want, want_ids = run(plain)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
     assert got_ids == want_ids
+
+
+def _prefilled_pair(golden="tiny"):
+    """The plain 4-bit golden model and its CPU-attached twin, each with a cache after the same prompt."""
+    from conftest import GOLDEN_MODELS
+
+    if golden not in GOLDEN_MODELS:
+        pytest.skip(f"no golden model {golden}")
+    plain = _quantized_golden(golden)
+    fast = _quantized_golden(golden)
+    cpu_kernels.use_cpu_kernels(fast)
+    caches = []
+    for model in (plain, fast):
+        cache = model.make_cache()
+        mx.eval(model(mx.array([[5, 9, 2, 7, 1, 3, 11, 4, 8, 6, 10]]), cache=cache))
+        caches.append(cache)
+    return plain, fast, caches
+
+
+@needs_fused
+def test_decode_units_step_aside_for_compile_and_give_gradients():
+    """A decode step inside mx.compile equals the plain model's; gradients through a decode step (with
+    a cache) with respect to the input embeddings equal the plain model's and are not zero."""
+    plain, fast, (cache_p, cache_f) = _prefilled_pair()
+    emb = plain.model.embed_tokens(mx.array([[12]]))
+
+    def copy(cache):
+        from mlx.utils import tree_map
+
+        c = [type(x)(*([2] if type(x).__name__ == "ArraysCache" else
+                       [x.max_size] if hasattr(x, "max_size") else [])) for x in cache]
+        for new, old in zip(c, cache):
+            new.state = tree_map(lambda a: mx.array(a) if isinstance(a, mx.array) else a, old.state)
+            if getattr(old, "meta_state", None):
+                new.meta_state = old.meta_state
+        mx.eval([x.state for x in c])
+        return c
+
+    def step(model, cache):
+        c = copy(cache)
+        return lambda e: model(None, cache=c, input_embeddings=e)
+
+    want = step(plain, cache_p)(emb)
+    got = mx.compile(step(fast, cache_f))(emb)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    g_want = mx.grad(lambda e: (step(plain, cache_p)(e) ** 2).sum())(emb)
+    g_got = mx.grad(lambda e: (step(fast, cache_f)(e) ** 2).sum())(emb)
+    assert np.abs(np.asarray(g_want)).max() > 0
+    np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), rtol=1e-3, atol=1e-4)
+
+
+@needs_fused
+def test_decode_units_fall_back_for_batches_and_blocks():
+    """Batch 2 and a block of several tokens take the model's own loop and give its results."""
+    plain, fast, _ = _prefilled_pair()
+    for tokens in ([[5, 9], [2, 7]], [[1, 2, 3]]):
+        outs = []
+        for model in (plain, fast):
+            cache = model.make_cache()
+            outs.append(np.asarray(model(mx.array(tokens)[:, :1], cache=cache)))
+            outs.append(np.asarray(model(mx.array(tokens)[:, 1:], cache=cache)))
+        np.testing.assert_allclose(outs[2], outs[0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(outs[3], outs[1], rtol=1e-4, atol=1e-4)

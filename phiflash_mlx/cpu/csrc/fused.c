@@ -180,3 +180,70 @@ PHF_EXPORT int phf_mamba_step(const float *a, const phf_qweight *in_proj, const 
     free(buf);
     return rc;
 }
+
+/* ---- LayerNorm, and the decoder layer's second half ------------------------------------------ */
+
+/* out = (x - mean) / sqrt(var + eps) * w + b over n values (w, b may be NULL); out may equal x. */
+PHF_EXPORT void phf_layernorm(const float *x, const float *w, const float *b, float eps, float *out, long n) {
+    double sum = 0.0, sq = 0.0;
+    for (long i = 0; i < n; i++) sum += x[i];
+    const float mean = (float)(sum / (double)n);
+    for (long i = 0; i < n; i++) {
+        const float d = x[i] - mean;
+        sq += (double)d * d;
+    }
+    const float inv = 1.0f / sqrtf((float)(sq / (double)n) + eps);
+    for (long i = 0; i < n; i++) {
+        float v = (x[i] - mean) * inv;
+        if (w) v *= w[i];
+        if (b) v += b[i];
+        out[i] = v;
+    }
+}
+
+/*
+ * h += fc2(SiLU(g) * v) with g | v = fc1(LayerNorm(h)) (SAMBAY.md 4.2, 4.4): the second half of a
+ * decoder layer for one token. h (H) is updated in place. Returns 0, or -1 for inconsistent shapes or
+ * no memory (h unchanged).
+ */
+PHF_EXPORT int phf_mlp_residual(float *h, const float *ln_w, const float *ln_b, float eps, const phf_qweight *fc1,
+                                const phf_qweight *fc2, long H, int threads) {
+    const long I = fc2->k;
+    if (fc1->k != H || fc1->n != 2 * I || fc2->n != H) return -1;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(H + 2 * I + H));
+    if (!buf) return -1;
+    float *a = buf, *gv = a + H, *y = gv + 2 * I;
+    phf_layernorm(h, ln_w, ln_b, eps, a, H);
+    int rc = qw_product(fc1, a, gv, threads);
+    if (rc == 0) {
+        for (long i = 0; i < I; i++) gv[i] = silu1(gv[i]) * gv[I + i];
+        rc = qw_product(fc2, gv, y, threads);
+    }
+    if (rc == 0)
+        for (long i = 0; i < H; i++) h[i] += y[i];
+    free(buf);
+    return rc;
+}
+
+/*
+ * A Gated Memory Unit layer's first half for one token (SAMBAY.md 4.7):
+ * h += out_proj(SiLU(in_proj(LayerNorm(h))) * memory). h (H) in place; memory (Di).
+ */
+PHF_EXPORT int phf_gmu_residual(float *h, const float *ln_w, const float *ln_b, float eps, const phf_qweight *in_proj,
+                                const phf_qweight *out_proj, const float *memory, long H, int threads) {
+    const long Di = in_proj->n;
+    if (in_proj->k != H || out_proj->k != Di || out_proj->n != H) return -1;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(H + Di + H));
+    if (!buf) return -1;
+    float *a = buf, *g = a + H, *y = g + Di;
+    phf_layernorm(h, ln_w, ln_b, eps, a, H);
+    int rc = qw_product(in_proj, a, g, threads);
+    if (rc == 0) {
+        for (long i = 0; i < Di; i++) g[i] = silu1(g[i]) * memory[i];
+        rc = qw_product(out_proj, g, y, threads);
+    }
+    if (rc == 0)
+        for (long i = 0; i < H; i++) h[i] += y[i];
+    free(buf);
+    return rc;
+}
