@@ -547,6 +547,8 @@ def use_cpu_kernels(model: nn.Module) -> int:
             count += 1
         if hasattr(module, "few_query_kernel") and _library() is not None:
             module.few_query_kernel = attend_few
+            from .attention import attend_many  # (it imports this module)
+            module.many_query_kernel = attend_many
             count += 1
         if type(module) is Mamba and _library() is not None:
             module.__class__ = _cpu_subclass(type(module), _cpu_mamba_call)
