@@ -453,8 +453,11 @@ def _depthwise_conv(mixer, x, cache):
 
 
 def _cpu_mamba_call(self, a, mask=None, cache=None):
-    """Mamba.__call__ for CPUs: dt_proj and the selective scan (decode steps and prompts alike) run as
-    one C call (`ssm_scan`); everything else is the model's own code."""
+    """Mamba.__call__ for CPUs: a one-token step of batch 1 runs the whole mixer in one C call
+    (`_mamba_step`); otherwise dt_proj and the selective scan (prompts) run as one C call (`ssm_scan`)
+    and everything else is the model's own code."""
+    if a.ndim == 3 and a.shape[:2] == (1, 1) and _mamba_step_applies(self, mask, cache):
+        return _mamba_step(self, a, cache)
     if not _mamba_scan_applies(self, a, mask, cache):
         return super(type(self), self).__call__(a, mask, cache)
     from ..models.phi4flash_kernels import gmu_gate
@@ -572,12 +575,17 @@ def use_cpu_kernels(model: nn.Module) -> int:
     """Switch every QuantizedLinear / QuantizedEmbedding of `model` (ours or any mlx-lm model) to the
     CPU versions above, and give our differential-attention layers the few-query attention kernel;
     returns how many modules changed."""
-    from ..models.phi4flash import MLP, GatedMemoryUnit, Mamba
+    from ..models.phi4flash import MLP, GatedMemoryUnit, Mamba, SambaYModel
 
     count = 0
     for _, module in model.named_modules():
+        if type(module) is SambaYModel and _library() is not None:
+            module.__class__ = _cpu_subclass(type(module), _cpu_sambay_call)
+            count += 1
         if hasattr(module, "few_query_kernel") and _library() is not None:
             module.few_query_kernel = attend_few
+            from .attention import attend_many  # (it imports this module)
+            module.many_query_kernel = attend_many
             count += 1
         if type(module) is Mamba and _library() is not None:
             module.__class__ = _cpu_subclass(type(module), _cpu_mamba_call)
@@ -595,3 +603,530 @@ def use_cpu_kernels(model: nn.Module) -> int:
             module.__class__ = CPUQuantizedEmbedding
             count += 1
     return count
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused decode steps (csrc/fused.c): one host call for what MLX runs as many small ops
+# ---------------------------------------------------------------------------------------------
+
+class _QWeight(ctypes.Structure):
+    """fused.c's phf_qweight: one quantized weight in MLX's affine layout."""
+    _fields_ = [("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("biases", ctypes.c_void_p),
+                ("n", ctypes.c_long), ("k", ctypes.c_long), ("bits", ctypes.c_int), ("group_size", ctypes.c_int)]
+
+
+ENV_FUSED = "PHIFLASH_CPU_FUSED"
+
+
+def _fused_library():
+    """The kernel library when it has the fused steps (and PHIFLASH_CPU_FUSED is not 0), else None."""
+    if os.environ.get(ENV_FUSED, "").strip().lower() in {"0", "off", "false", "no"}:
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    fn = getattr(lib, "_phf_fused_ready", None)
+    if fn is None:
+        try:
+            step = lib.phf_mamba_step
+        except AttributeError:
+            lib._phf_fused_ready = False
+            return None
+        ptr, lng, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+        step.argtypes = [ptr] * 16 + [lng] * 5 + [i32]
+        step.restype = i32
+        try:
+            lib.phf_layernorm.argtypes = [ptr, ptr, ptr, ctypes.c_float, ptr, lng]
+            lib.phf_layernorm.restype = None
+            lib.phf_mlp_residual.argtypes = [ptr, ptr, ptr, ctypes.c_float, ptr, ptr, lng, i32]
+            lib.phf_mlp_residual.restype = i32
+            lib.phf_gmu_residual.argtypes = [ptr, ptr, ptr, ctypes.c_float, ptr, ptr, ptr, lng, i32]
+            lib.phf_gmu_residual.restype = i32
+        except AttributeError:
+            lib._phf_fused_ready = False
+            return None
+        lib._phf_fused_ready = fn = True
+    return lib if fn else None
+
+
+def _fusable_product(module, k: int, n: int | None = None, bias: bool = False) -> bool:
+    """A quantized linear layer (without bias unless `bias`) whose product `phf_qmatvec` computes (any
+    size)."""
+    if not isinstance(module, nn.QuantizedLinear) or ("bias" in module and not bias) or "biases" not in module:
+        return False
+    w = module["weight"]
+    return (getattr(module, "mode", "affine") == "affine" and module.bits in KERNEL_BITS
+            and module.group_size % 32 == 0 and k % module.group_size == 0
+            and w.shape[1] * 32 // module.bits == k and (n is None or w.shape[0] == n))
+
+
+def _qweight(module) -> _QWeight:
+    """The phf_qweight of a quantized module, made once per packed weight (it points into `_packed`)."""
+    packed = _packed(module)
+    held = module.__dict__.get("_phf_qweight")
+    if held is None or held[0] is not packed:
+        q = _QWeight(packed.w.ctypes.data, packed.scales.ctypes.data, packed.biases.ctypes.data,
+                     packed.w.shape[0], packed.w.shape[1] * 32 // module.bits, module.bits, module.group_size)
+        held = (packed, q)
+        module.__dict__["_phf_qweight"] = held
+    return held[1]
+
+
+def _host_f32(a: mx.array, shape=None) -> np.ndarray:
+    """A float32 C-contiguous NumPy copy (or view) of an evaluated array."""
+    n = np.asarray(a if a.dtype == mx.float32 else a.astype(mx.float32))
+    n = np.ascontiguousarray(n, dtype=np.float32)
+    return n if shape is None else n.reshape(shape)
+
+
+def _mamba_step_applies(mixer, mask, cache) -> bool:
+    """The fused one-token mixer applies: no padding, quantized in/x/out projections, float dt_proj."""
+    if mask is not None or _fused_library() is None:
+        return False
+    if cache is not None and (getattr(cache, "lengths", None) is not None
+                              or getattr(cache, "left_padding", None) is not None):
+        return False
+    names = ("in_proj", "x_proj", "dt_proj", "out_proj", "conv1d", "A_log", "D", "d_inner", "dt_rank", "d_state",
+             "d_conv", "produces_memory")
+    if not all(hasattr(mixer, n) for n in names):
+        return False
+    Di, R, N, K = mixer.d_inner, mixer.dt_rank, mixer.d_state, mixer.d_conv
+    H = mixer.out_proj["weight"].shape[0]
+    conv, dt = mixer.conv1d, mixer.dt_proj
+    return (_fusable_product(mixer.in_proj, H, 2 * Di) and _fusable_product(mixer.x_proj, Di, R + 2 * N)
+            and _fusable_product(mixer.out_proj, Di, H)
+            and type(dt) is nn.Linear and dt["weight"].shape == (Di, R)
+            and conv["weight"].shape == (Di, K, 1) and mixer.A_log.shape == (Di, N) and mixer.D.shape == (Di,))
+
+
+class _MambaHost:
+    """Host copies of a mixer's small float parameters (conv taps, dt_proj, A = -exp(A_log), D), kept
+    while the module holds the same arrays."""
+
+    def __init__(self, mixer):
+        conv, dt = mixer.conv1d, mixer.dt_proj
+        self.sources = self._sources(mixer)
+        A = -mx.exp(mixer.A_log.astype(mx.float32))
+        mx.eval(A, *[x for x in self.sources if x is not None])
+        self.conv_w = _host_f32(conv["weight"][:, :, 0])
+        self.conv_b = _host_f32(conv["bias"]) if "bias" in conv else None
+        self.dt_w = _host_f32(dt["weight"])
+        self.dt_b = _host_f32(dt["bias"]) if "bias" in dt else None
+        self.A = _host_f32(A)
+        self.D = _host_f32(mixer.D)
+
+    @staticmethod
+    def _sources(mixer):
+        conv, dt = mixer.conv1d, mixer.dt_proj
+        return (conv["weight"], conv.get("bias"), dt["weight"], dt.get("bias"), mixer.A_log, mixer.D)
+
+    @classmethod
+    def of(cls, mixer) -> "_MambaHost":
+        held = mixer.__dict__.get("_phf_host")
+        if held is None or any(x is not y for x, y in zip(held.sources, cls._sources(mixer))):
+            held = cls(mixer)
+            mixer.__dict__["_phf_host"] = held
+        return held
+
+
+def _ptr(a: np.ndarray | None):
+    return None if a is None else a.ctypes.data
+
+
+def _mamba_step(mixer, a, cache):
+    """One token of batch 1 through the whole mixer in one host call (`phf_mamba_step`); the model's
+    own Mamba.__call__ on a scratch cache is the twin (mx.compile, gradients, any failure)."""
+    from ..models.cache import ArraysCache
+
+    Di, R, N, K = mixer.d_inner, mixer.dt_rank, mixer.d_state, mixer.d_conv
+    H = a.shape[-1]
+    keep = K - 1
+    conv_state = None if cache is None else cache[0]
+    ssm_state = None if cache is None else cache[1]
+    if conv_state is None:
+        conv_state = mx.zeros((1, keep, Di), dtype=a.dtype)
+    if ssm_state is None:
+        ssm_state = mx.zeros((1, Di, N), dtype=mx.float32)
+    mem = mixer.produces_memory
+    base = super(type(mixer), mixer).__call__ if type(mixer).__name__.startswith("CPU") else mixer.__call__
+
+    def slow(a, conv_state, ssm_state):
+        scratch = ArraysCache(2)
+        scratch[0], scratch[1] = conv_state, ssm_state
+        out, memory = base(a, None, scratch)
+        return (out, memory, scratch[0], scratch[1]) if mem else (out, scratch[0], scratch[1])
+
+    def fast(a, conv_state, ssm_state):
+        lib = _fused_library()
+        mx.eval(a, conv_state, ssm_state)
+        if conv_state.shape != (1, keep, Di) or ssm_state.shape != (1, Di, N):
+            return None
+        host = _MambaHost.of(mixer)
+        an = _host_f32(a, (H,))
+        cs = _host_f32(conv_state, (keep, Di))
+        ss = _host_f32(ssm_state, (Di, N))
+        conv_out = np.empty((max(keep, 1), Di), dtype=np.float32)
+        ssm_out = np.empty((Di, N), dtype=np.float32)
+        out = np.empty((H,), dtype=np.float32)
+        memory = np.empty((Di,), dtype=np.float32) if mem else None
+        qs = [_qweight(m) for m in (mixer.in_proj, mixer.x_proj, mixer.out_proj)]
+        rc = lib.phf_mamba_step(an.ctypes.data, *[ctypes.addressof(q) for q in qs], _ptr(host.conv_w),
+                                _ptr(host.conv_b), _ptr(host.dt_w), _ptr(host.dt_b), _ptr(host.A), _ptr(host.D),
+                                cs.ctypes.data, ss.ctypes.data, conv_out.ctypes.data, ssm_out.ctypes.data,
+                                out.ctypes.data, _ptr(memory), H, Di, K, R, N, threads())
+        if rc != 0:
+            return None
+        dtype = a.dtype
+        res = [mx.array(out).reshape(1, 1, H).astype(dtype)]
+        if mem:
+            res.append(mx.array(memory).reshape(1, 1, Di).astype(dtype))
+        res.append(mx.array(conv_out[:keep]).reshape(1, keep, Di).astype(conv_state.dtype))
+        res.append(mx.array(ssm_out).reshape(1, Di, N))
+        return tuple(res)
+
+    res = _host_call(fast, slow, a, conv_state, ssm_state)
+    if mem:
+        out, memory, conv_new, ssm_new = res
+    else:
+        (out, conv_new, ssm_new), memory = res, None
+    if cache is not None:
+        cache[0], cache[1] = conv_new, ssm_new
+        cache.advance(1)
+    return out, memory
+
+
+# ---- the decoder layers of a one-token step, each in one or two host calls ----------------------
+#
+# SambaYModel.__call__ for a decode step of batch 1 without masks runs every layer as a "unit": a pure
+# function of MLX arrays (the hidden state, the states it reads) computed on the host in one call,
+# with the model's own modules as its twin (mx.compile, gradients). The caches are read and written
+# by the loop, outside the units, as the model does. A Mamba or GMU layer is one unit (both
+# LayerNorms, the mixer, the MLP and both residual adds); an attention layer with a cache of its own
+# is two (LayerNorm + Wqkv; then, after MLX's cache update, the attention, the differential
+# combination, the sub-LN, out_proj and the MLP half); a cross layer is one.
+
+
+def _np_param(module, name) -> np.ndarray | None:
+    """A float32 host copy of module[name] (None where absent), kept while the module holds that array."""
+    store = module.__dict__.setdefault("_phf_np", {})
+    src = module.get(name) if name in module else None
+    held = store.get(name)
+    if held is None or held[0] is not src:
+        held = (src, None if src is None else _host_f32(src).reshape(-1))
+        store[name] = held
+    return held[1]
+
+
+def _norm_host(norm):
+    return _np_param(norm, "weight"), _np_param(norm, "bias"), float(getattr(norm, "eps", 1e-5))
+
+
+def _layer_norm_applies(norm, H) -> bool:
+    return (type(norm) is nn.LayerNorm and all(n not in norm or norm[n].shape == (H,) for n in ("weight", "bias")))
+
+
+def _mlp_applies(layer, H) -> bool:
+    mlp = layer.mlp
+    if not (hasattr(mlp, "fc1") and hasattr(mlp, "fc2")) or not _layer_norm_applies(layer.post_attention_layernorm, H):
+        return False
+    inter = mlp.fc2["weight"].shape[1] * 32 // getattr(mlp.fc2, "bits", 32)
+    return _fusable_product(mlp.fc1, H, 2 * inter) and _fusable_product(mlp.fc2, inter, H)
+
+
+def _mlp_half(lib, layer, hn: np.ndarray) -> bool:
+    """hn += MLP(LN2(hn)) on the host (in place)."""
+    w, b, eps = _norm_host(layer.post_attention_layernorm)
+    return lib.phf_mlp_residual(hn.ctypes.data, _ptr(w), _ptr(b), eps, ctypes.addressof(_qweight(layer.mlp.fc1)),
+                                ctypes.addressof(_qweight(layer.mlp.fc2)), hn.shape[0], threads()) == 0
+
+
+def _plain_mlp_half(layer, h):
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def _h_out(hn: np.ndarray, like: mx.array) -> mx.array:
+    out = mx.array(hn).reshape(like.shape)
+    return out if like.dtype == mx.float32 else out.astype(like.dtype)
+
+
+def _h_in(h: mx.array) -> np.ndarray:
+    """A writable float32 host copy of the (evaluated) hidden state."""
+    return np.array(np.asarray(h if h.dtype == mx.float32 else h.astype(mx.float32)), dtype=np.float32).reshape(-1)
+
+
+def _mamba_unit(layer, h, cache):
+    from ..models.cache import ArraysCache
+
+    mixer = layer.attn
+    Di, N, K = mixer.d_inner, mixer.d_state, mixer.d_conv
+    H, keep, mem = h.shape[-1], mixer.d_conv - 1, mixer.produces_memory
+    conv_state, ssm_state = cache[0], cache[1]
+    if conv_state is None:
+        conv_state = mx.zeros((1, keep, Di), dtype=h.dtype)
+    if ssm_state is None:
+        ssm_state = mx.zeros((1, Di, N), dtype=mx.float32)
+
+    def slow(h, conv_state, ssm_state):
+        scratch = ArraysCache(2)
+        scratch[0], scratch[1] = conv_state, ssm_state
+        o, memory = mixer(layer.input_layernorm(h), None, scratch)
+        h = _plain_mlp_half(layer, h + o)
+        return (h, memory, scratch[0], scratch[1]) if mem else (h, scratch[0], scratch[1])
+
+    def fast(h, conv_state, ssm_state):
+        lib = _fused_library()
+        mx.eval(h, conv_state, ssm_state)
+        if lib is None or conv_state.shape != (1, keep, Di) or ssm_state.shape != (1, Di, N):
+            return None
+        host = _MambaHost.of(mixer)
+        hn = _h_in(h)
+        a = np.empty_like(hn)
+        w, b, eps = _norm_host(layer.input_layernorm)
+        lib.phf_layernorm(hn.ctypes.data, _ptr(w), _ptr(b), eps, a.ctypes.data, H)
+        cs = _host_f32(conv_state, (keep, Di))
+        ss = _host_f32(ssm_state, (Di, N))
+        conv_out = np.empty((max(keep, 1), Di), dtype=np.float32)
+        ssm_out = np.empty((Di, N), dtype=np.float32)
+        out = np.empty((H,), dtype=np.float32)
+        memory = np.empty((Di,), dtype=np.float32) if mem else None
+        qs = [_qweight(m) for m in (mixer.in_proj, mixer.x_proj, mixer.out_proj)]
+        rc = lib.phf_mamba_step(a.ctypes.data, *[ctypes.addressof(q) for q in qs], _ptr(host.conv_w),
+                                _ptr(host.conv_b), _ptr(host.dt_w), _ptr(host.dt_b), _ptr(host.A), _ptr(host.D),
+                                cs.ctypes.data, ss.ctypes.data, conv_out.ctypes.data, ssm_out.ctypes.data,
+                                out.ctypes.data, _ptr(memory), H, Di, K, mixer.dt_rank, N, threads())
+        if rc != 0:
+            return None
+        hn += out
+        if not _mlp_half(lib, layer, hn):
+            return None
+        res = [_h_out(hn, h)]
+        if mem:
+            res.append(mx.array(memory).reshape(1, 1, Di).astype(h.dtype))
+        res.append(mx.array(conv_out[:keep]).reshape(1, keep, Di).astype(conv_state.dtype))
+        res.append(mx.array(ssm_out).reshape(1, Di, N))
+        return tuple(res)
+
+    res = _host_call(fast, slow, h, conv_state, ssm_state)
+    if mem:
+        h, memory, conv_new, ssm_new = res
+    else:
+        (h, conv_new, ssm_new), memory = res, None
+    cache[0], cache[1] = conv_new, ssm_new
+    cache.advance(1)
+    return h, memory
+
+
+def _gmu_unit(layer, h, memory):
+    gmu = layer.attn
+    H = h.shape[-1]
+
+    def slow(h, memory):
+        return _plain_mlp_half(layer, h + gmu(layer.input_layernorm(h), memory))
+
+    def fast(h, memory):
+        lib = _fused_library()
+        mx.eval(h, memory)
+        if lib is None:
+            return None
+        hn = _h_in(h)
+        mn = _host_f32(memory, (-1,))
+        w, b, eps = _norm_host(layer.input_layernorm)
+        rc = lib.phf_gmu_residual(hn.ctypes.data, _ptr(w), _ptr(b), eps, ctypes.addressof(_qweight(gmu.in_proj)),
+                                  ctypes.addressof(_qweight(gmu.out_proj)), mn.ctypes.data, H, threads())
+        if rc != 0 or not _mlp_half(lib, layer, hn):
+            return None
+        return _h_out(hn, h)
+
+    return _host_call(fast, slow, h, memory)
+
+
+def _linear_host(lib, module, x: np.ndarray) -> np.ndarray | None:
+    """x (k,) @ W.T (+ bias) of a quantized module, host to host."""
+    y = _np_product(lib, module, x.reshape(1, -1))
+    if y is None:
+        return None
+    y = y.reshape(-1)
+    bias = _np_param(module, "bias")
+    return y if bias is None else y + bias
+
+
+def _qkv_unit(layer, h):
+    """LN1 + Wqkv: (1, 1, rows) in h's dtype."""
+    attn = layer.attn
+
+    def slow(h):
+        return attn.Wqkv(layer.input_layernorm(h))
+
+    def fast(h):
+        lib = _fused_library()
+        mx.eval(h)
+        if lib is None:
+            return None
+        hn = _h_in(h)
+        a = np.empty_like(hn)
+        w, b, eps = _norm_host(layer.input_layernorm)
+        lib.phf_layernorm(hn.ctypes.data, _ptr(w), _ptr(b), eps, a.ctypes.data, hn.shape[0])
+        y = _linear_host(lib, attn.Wqkv, a)
+        if y is None:
+            return None
+        out = mx.array(y).reshape(1, 1, -1)
+        return out if h.dtype == mx.float32 else out.astype(h.dtype)
+
+    return _host_call(fast, slow, h)
+
+
+def _lambda_host(attn) -> float:
+    p = attn.inner_cross_attn
+    src = (p["lambda_q1"], p["lambda_k1"], p["lambda_q2"], p["lambda_k2"])
+    held = attn.__dict__.get("_phf_lambda")
+    if held is None or any(x is not y for x, y in zip(held[0], src)):
+        lam = (mx.exp(mx.sum(p.lambda_q1 * p.lambda_k1)) - mx.exp(mx.sum(p.lambda_q2 * p.lambda_k2))
+               + attn.lambda_init)
+        held = (src, float(lam.astype(mx.float32).item()))
+        attn.__dict__["_phf_lambda"] = held
+    return held[1]
+
+
+def _attention_tail_unit(layer, h, q, keys, values, cache):
+    """The attention of one query over (keys, values), the differential combination, the sub-LN,
+    out_proj and the residual, then the MLP half. q (1, 1, nh * hd) (or a wider Wqkv output whose
+    first nh * hd columns are the query)."""
+    attn = layer.attn
+    nh, hd = attn.nh, attn.hd
+
+    def slow(h, q, keys, values):
+        qh = q[..., : nh * hd].reshape(1, 1, nh, hd).transpose(0, 2, 1, 3)
+        attn1, attn2 = attn._core(qh, keys, values, None, cache)
+        p = attn.inner_cross_attn
+        lam = mx.exp(mx.sum(p.lambda_q1 * p.lambda_k1)) - mx.exp(mx.sum(p.lambda_q2 * p.lambda_k2)) + attn.lambda_init
+        d = attn1 - lam.astype(attn1.dtype) * attn2
+        d = p.subln(d) * (1.0 - attn.lambda_init)
+        d = d.transpose(0, 2, 1, 3).reshape(1, 1, nh * hd)
+        return _plain_mlp_half(layer, h + attn.out_proj(d.astype(h.dtype)))
+
+    def fast(h, q, keys, values):
+        lib = _fused_library()
+        if lib is None or any(x.dtype != mx.float32 for x in (q, keys, values)):
+            return None
+        mx.eval(h, q, keys, values)
+        kn, vn = np.asarray(keys), np.asarray(values)
+        if kn.strides[-1] != kn.itemsize or vn.strides[-1] != vn.itemsize:
+            return None
+        half, s, dv = kn.shape[1], kn.shape[2], vn.shape[-1]
+        hs = nh // 2
+        r = hs // half
+        qn = np.asarray(q).reshape(-1)[: nh * hd].reshape(nh, hd)
+        qa = np.empty((2, half, r, hd), dtype=np.float32)
+        np.multiply(qn[0::2].reshape(half, r, hd), attn.scale, out=qa[0])
+        np.multiply(qn[1::2].reshape(half, r, hd), attn.scale, out=qa[1])
+        ks, vs = _strides(kn), _strides(vn)
+        o = np.empty((half, 2 * r, dv), dtype=np.float32)
+        rc = lib.phf_attend(qa.ctypes.data, 2 * half * r * hd, r * hd, kn.ctypes.data, ks[0], ks[1], hd, ks[2],
+                            vn.ctypes.data, vs[0], vs[1], vs[2], None, 0, s, o.ctypes.data, 1, 2 * half, r, 1, hd,
+                            dv, s, threads(), 1)
+        if rc != 0:
+            return None
+        d = o[:, :r].reshape(hs, dv) - _lambda_host(attn) * o[:, r:].reshape(hs, dv)
+        p = attn.inner_cross_attn
+        sub_w = _np_param(p.subln, "weight")
+        d = d / np.sqrt(np.mean(d * d, axis=-1, keepdims=True) + np.float32(p.subln.eps))
+        if sub_w is not None:
+            d = d * sub_w
+        d = np.ascontiguousarray((d * np.float32(1.0 - attn.lambda_init)).reshape(-1), dtype=np.float32)
+        y = _linear_host(lib, attn.out_proj, d)
+        if y is None:
+            return None
+        hn = _h_in(h)
+        hn += y
+        if not _mlp_half(lib, layer, hn):
+            return None
+        return _h_out(hn, h)
+
+    return _host_call(fast, slow, h, q, keys, values)
+
+
+def _attention_applies(layer, H, cache) -> bool:
+    from ..models.cache import KVCache, RotatingKVCache
+
+    attn = layer.attn
+    if not all(hasattr(attn, n) for n in ("Wqkv", "out_proj", "inner_cross_attn", "nh", "nkv", "hd", "kind",
+                                            "lambda_init", "scale")):
+        return False
+    if attn.kv_dtype is not None or not _layer_norm_applies(layer.input_layernorm, H):
+        return False
+    if cache is not None and type(cache) not in (KVCache, RotatingKVCache):
+        return False
+    subln = getattr(attn.inner_cross_attn, "subln", None)
+    return (type(subln) is nn.RMSNorm and attn.nh % 2 == 0 and attn.nkv % 2 == 0
+            and _fusable_product(attn.Wqkv, H, bias=True) and _fusable_product(attn.out_proj, attn.nh * attn.hd,
+                                                                                H, bias=True))
+
+
+def _decode_units_apply(model, inputs, cache, input_embeddings, capture) -> bool:
+    if capture is not None or cache is None or _fused_library() is None or mx.metal.is_available():
+        return False
+    shape = (input_embeddings if input_embeddings is not None else inputs).shape
+    return tuple(shape[:2]) == (1, 1) and len(cache) >= model.num_cached
+
+
+def _cpu_sambay_call(self, inputs, cache=None, input_embeddings=None, capture=None):
+    """SambaYModel.__call__ for CPUs: a one-token step of batch 1 runs each decoder layer as one or two
+    host calls (the units above), where the layer's modules allow it; anything else is the model's
+    own loop."""
+    from ..models.phi4flash import CROSS, GLOBAL, GMU, MAMBA, MAMBA_MEM, SWA
+
+    base = super(type(self), self).__call__
+    if not _decode_units_apply(self, inputs, cache, input_embeddings, capture):
+        return base(inputs, cache, input_embeddings, capture)
+    h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+    masks = self._masks(h, cache)
+    if any(m is not None for m in masks.values()):
+        return base(inputs, cache, input_embeddings, capture)
+    H = h.shape[-1]
+    memory = shared = None
+    for i, layer in enumerate(self.layers):
+        c = cache[i] if i < self.num_cached else None
+        kind = layer.kind
+        if kind in (MAMBA, MAMBA_MEM) and c is not None and _layer_norm_applies(layer.input_layernorm, H) \
+                and _mamba_step_applies(layer.attn, None, c) and _mlp_applies(layer, H):
+            h, mem = _mamba_unit(layer, h, c)
+            if mem is not None:
+                memory = mem
+            continue
+        if kind == GMU and memory is not None and _layer_norm_applies(layer.input_layernorm, H) \
+                and _mlp_applies(layer, H) and _fusable_product(layer.attn.in_proj, H, memory.shape[-1]) \
+                and _fusable_product(layer.attn.out_proj, memory.shape[-1], H):
+            h = _gmu_unit(layer, h, memory)
+            continue
+        attn = layer.attn
+        if kind in (SWA, GLOBAL) and c is not None and _attention_applies(layer, H, c) and _mlp_applies(layer, H):
+            qkv = _qkv_unit(layer, h)
+            nh, nkv, hd = attn.nh, attn.nkv, attn.hd
+            split = (nh + nkv) * hd
+            keys, values = c.update_and_fetch(attn._pairs(qkv[..., nh * hd: split]), attn._pairs(qkv[..., split:]))
+            h = _attention_tail_unit(layer, h, qkv, keys, values, c)
+            if kind == GLOBAL:
+                shared = (keys, values, c)
+            continue
+        if kind == CROSS and shared is not None and _attention_applies(layer, H, shared[2]) \
+                and _mlp_applies(layer, H):
+            q = _qkv_unit(layer, h)
+            h = _attention_tail_unit(layer, h, q, shared[0], shared[1], shared[2])
+            continue
+        # the model's own code for this layer
+        a = layer.input_layernorm(h)
+        if kind in (MAMBA, MAMBA_MEM):
+            o, mem = layer.attn(a, masks[MAMBA], c)
+            if mem is not None:
+                memory = mem
+        elif kind == GMU:
+            o = layer.attn(a, memory)
+        elif kind == SWA:
+            o, _ = layer.attn(a, masks[SWA], c)
+        elif kind == GLOBAL:
+            o, shared = layer.attn(a, masks[GLOBAL], c)
+        else:
+            o, _ = layer.attn(a, masks[GLOBAL], shared=shared)
+        h = h + o
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return self.final_layernorm(h)

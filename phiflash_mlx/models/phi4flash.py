@@ -240,6 +240,10 @@ class DiffAttention(nn.Module):
     # with the mask None or a bool array; returns (attn1, attn2) or None to decline. Platform code
     # outside this file may set it (e.g. a CPU kernel).
     few_query_kernel = None
+    # The same for blocks of more queries (prompts), called as
+    # many_query_kernel(q, keys, values, mask, scale) with the mask as the model got it: None,
+    # "causal" or a bool array.
+    many_query_kernel = None
     # When set, new keys and values are stored in this dtype (e.g. 16-bit caches on a CPU).
     kv_dtype = None
 
@@ -287,10 +291,12 @@ class DiffAttention(nn.Module):
         quantized = hasattr(cache, "bits")
         P = (keys[0] if quantized else keys).shape[1]
         s = (keys[0] if quantized else keys).shape[2]
-        few = l <= FEW_QUERIES and not quantized and not mx.metal.is_available()
-        if few and self.few_query_kernel is not None:
-            out = self.few_query_kernel(
-                q, keys, values, _bool_mask(mask, l, s), self.scale
+        cpu = not quantized and not mx.metal.is_available()
+        few = l <= FEW_QUERIES and cpu
+        kernel = self.few_query_kernel if few else self.many_query_kernel
+        if cpu and kernel is not None:
+            out = kernel(
+                q, keys, values, _bool_mask(mask, l, s) if few else mask, self.scale
             )
             if out is not None:
                 return out

@@ -1,1 +1,249 @@
-/* Fused decode steps: several operations of one layer in one call. */
+/* Fused decode steps: several operations of one layer in one call.
+ *
+ * A decode step reached through MLX pays, per kernel, a graph evaluation, NumPy conversions and a copy
+ * back, and between kernels MLX runs its small element-wise ops on one thread. The functions here do
+ * the whole of a layer's one-token step on the host in one call: the quantized products through
+ * `phf_qmatvec` (whatever path it takes), everything between them spread over the thread pool.
+ *
+ * Quantized weights are described by `phf_qweight` (MLX's affine layout, see the top of
+ * cpu_kernels.c); a product is y[n] = x[k] @ W^T. All arrays are contiguous float32, batch 1. */
+
+typedef struct {
+    const uint32_t *w;
+    const float *scales, *biases;
+    long n, k;
+    int bits, group_size;
+} phf_qweight;
+
+static int qw_product(const phf_qweight *q, const float *x, float *y, int threads) {
+    return phf_qmatvec(x, 1, q->k, q->w, q->scales, q->biases, q->n, q->bits, q->group_size, y, threads, 1);
+}
+
+/* ---- exp on 8 lanes (Cephes' single-precision polynomial; relative error ~2e-7) --------------- */
+#ifdef PHF_X86
+__attribute__((target("avx2,fma"))) static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* s = exp(delta * A) * s + du * B over n (a multiple of 8) lanes; returns s . C */
+__attribute__((target("avx2,fma"))) static float ssm_lanes_avx2(float *s, const float *A, const float *B,
+                                                                const float *C, float delta, float du, long n) {
+    const __m256 dv = _mm256_set1_ps(delta), uv = _mm256_set1_ps(du);
+    __m256 acc = _mm256_setzero_ps();
+    for (long i = 0; i < n; i += 8) {
+        __m256 st = _mm256_loadu_ps(s + i);
+        st = _mm256_fmadd_ps(exp256(_mm256_mul_ps(dv, _mm256_loadu_ps(A + i))), st,
+                             _mm256_mul_ps(uv, _mm256_loadu_ps(B + i)));
+        _mm256_storeu_ps(s + i, st);
+        acc = _mm256_fmadd_ps(st, _mm256_loadu_ps(C + i), acc);
+    }
+    return hsum256(acc);
+}
+#endif
+
+static float ssm_lanes_portable(float *s, const float *A, const float *B, const float *C, float delta, float du,
+                                long n) {
+    float y = 0.0f;
+    for (long i = 0; i < n; i++) {
+        s[i] = expf(delta * A[i]) * s[i] + du * B[i];
+        y += s[i] * C[i];
+    }
+    return y;
+}
+
+static inline float silu1(float x) { return x / (1.0f + expf(-x)); }
+
+/* ---- the Mamba mixer, one token ------------------------------------------------------------- */
+
+typedef struct {
+    const float *xz;                 /* in_proj's output: x (Di) | z (Di) */
+    const float *conv_w, *conv_b;    /* (Di, K), (Di) or NULL */
+    const float *conv_state;         /* (K-1, Di) */
+    float *conv_out;                 /* (K-1, Di) */
+    float *u;                        /* (Di): SiLU(conv) */
+    const float *dbc;                /* x_proj's output: dt (R) | B (N) | C (N) */
+    const float *dt_w, *dt_b;        /* (Di, R), (Di) or NULL */
+    const float *A, *D;              /* (Di, N) = -exp(A_log), (Di) */
+    const float *ssm_state;          /* (Di, N) */
+    float *ssm_out;                  /* (Di, N) */
+    float *y;                        /* (Di): the gated output (out_proj's input) */
+    float *memory;                   /* (Di): the ungated output, or NULL */
+    long Di, K, R, N, chunk, chunks;
+    int phase, use_avx2;
+    long next;
+} mamba_t;
+
+static void mamba_share(void *arg, int share) {
+    mamba_t *a = (mamba_t *)arg;
+    const long Di = a->Di, K = a->K, keep = K - 1, N = a->N, R = a->R;
+    (void)share;
+    for (long c; (c = next_chunk(&a->next)) < a->chunks;) {
+        const long d0 = c * a->chunk, d1 = d0 + a->chunk < Di ? d0 + a->chunk : Di;
+        if (a->phase == 0) {                      /* conv window shift, depthwise conv, SiLU */
+            for (long d = d0; d < d1; d++) {
+                const float *w = a->conv_w + d * K;
+                const float xd = a->xz[d];
+                float acc = a->conv_b ? a->conv_b[d] : 0.0f;
+                for (long k = 0; k < keep; k++) acc += a->conv_state[k * Di + d] * w[k];
+                acc += xd * w[keep];
+                a->u[d] = silu1(acc);
+            }
+            for (long k = 0; k + 1 < keep; k++)
+                memcpy(a->conv_out + k * Di + d0, a->conv_state + (k + 1) * Di + d0, sizeof(float) * (size_t)(d1 - d0));
+            if (keep > 0) memcpy(a->conv_out + (keep - 1) * Di + d0, a->xz + d0, sizeof(float) * (size_t)(d1 - d0));
+            continue;
+        }
+        const float *dt = a->dbc, *Bv = dt + R, *Cv = Bv + N;   /* dt_proj, softplus, scan, D, gate */
+        for (long d = d0; d < d1; d++) {
+            const float *w = a->dt_w + d * R;
+            float acc;
+#ifdef PHF_X86
+            acc = a->use_avx2 ? dot_avx2(w, dt, R) : dot_portable(w, dt, R);
+#else
+            acc = dot_portable(w, dt, R);
+#endif
+            if (a->dt_b) acc += a->dt_b[d];
+            const float delta = softplus20(acc), ud = a->u[d], du = delta * ud;
+            float *s = a->ssm_out + d * N;
+            memcpy(s, a->ssm_state + d * N, sizeof(float) * (size_t)N);
+            float yd;
+#ifdef PHF_X86
+            if (a->use_avx2 && N % 8 == 0)
+                yd = ssm_lanes_avx2(s, a->A + d * N, Bv, Cv, delta, du, N);
+            else
+#endif
+                yd = ssm_lanes_portable(s, a->A + d * N, Bv, Cv, delta, du, N);
+            yd += a->D[d] * ud;
+            const float z = a->xz[Di + d];
+            if (a->memory) a->memory[d] = yd;
+            a->y[d] = yd * z * (1.0f / (1.0f + expf(-z)));
+        }
+    }
+}
+
+/*
+ * One token of the Mamba mixer (SAMBAY.md 4.5; with `memory` non-NULL the layer-h variant of 4.6):
+ *
+ *   x | z = in_proj(a);  window = [conv_state | x];  u = SiLU(depthwise conv(window) + conv_b)
+ *   dt | B | C = x_proj(u);  delta = softplus(dt_w . dt + dt_b)
+ *   s = exp(delta * A) * s + delta * u * B;  y = s . C + D * u
+ *   out = out_proj(y * SiLU(z))                       (memory = y where asked)
+ *
+ * a (H); conv_w (Di, K); conv_b (Di) or NULL; dt_w (Di, R); dt_b (Di) or NULL; A (Di, N) = -exp(A_log);
+ * D (Di); conv_state / conv_out (K-1, Di) (the last K-1 convolution inputs, oldest first);
+ * ssm_state / ssm_out (Di, N); out (H); memory (Di) or NULL. The outputs may not alias the inputs.
+ * Returns 0, or -1 for inconsistent shapes or no memory (nothing meaningful written).
+ */
+PHF_EXPORT int phf_mamba_step(const float *a, const phf_qweight *in_proj, const phf_qweight *x_proj,
+                              const phf_qweight *out_proj, const float *conv_w, const float *conv_b,
+                              const float *dt_w, const float *dt_b, const float *A, const float *D,
+                              const float *conv_state, const float *ssm_state, float *conv_out, float *ssm_out,
+                              float *out, float *memory, long H, long Di, long K, long R, long N, int threads) {
+    if (H <= 0 || Di <= 0 || K < 1 || R <= 0 || N <= 0) return -1;
+    if (in_proj->k != H || in_proj->n != 2 * Di || x_proj->k != Di || x_proj->n != R + 2 * N ||
+        out_proj->k != Di || out_proj->n != H)
+        return -1;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(2 * Di + Di + (R + 2 * N) + Di));
+    if (!buf) return -1;
+    float *xz = buf, *u = xz + 2 * Di, *dbc = u + Di, *y = dbc + R + 2 * N;
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    int rc = qw_product(in_proj, a, xz, threads);
+    mamba_t m = {xz, conv_w, conv_b, conv_state, conv_out, u, dbc, dt_w, dt_b, A, D, ssm_state, ssm_out, y, memory,
+                 Di, K, R, N, 0, 0, 0, phf_simd(), 0};
+    m.chunk = 256;
+    m.chunks = (Di + m.chunk - 1) / m.chunk;
+    const int shares = Di * N < (1L << 12) ? 1 : (threads < m.chunks ? threads : (int)m.chunks);
+    if (rc == 0) {
+        run_shares(mamba_share, &m, shares);
+        rc = qw_product(x_proj, u, dbc, threads);
+    }
+    if (rc == 0) {
+        m.phase = 1;
+        m.next = 0;
+        run_shares(mamba_share, &m, shares);
+        rc = qw_product(out_proj, y, out, threads);
+    }
+    free(buf);
+    return rc;
+}
+
+/* ---- LayerNorm, and the decoder layer's second half ------------------------------------------ */
+
+/* out = (x - mean) / sqrt(var + eps) * w + b over n values (w, b may be NULL); out may equal x. */
+PHF_EXPORT void phf_layernorm(const float *x, const float *w, const float *b, float eps, float *out, long n) {
+    double sum = 0.0, sq = 0.0;
+    for (long i = 0; i < n; i++) sum += x[i];
+    const float mean = (float)(sum / (double)n);
+    for (long i = 0; i < n; i++) {
+        const float d = x[i] - mean;
+        sq += (double)d * d;
+    }
+    const float inv = 1.0f / sqrtf((float)(sq / (double)n) + eps);
+    for (long i = 0; i < n; i++) {
+        float v = (x[i] - mean) * inv;
+        if (w) v *= w[i];
+        if (b) v += b[i];
+        out[i] = v;
+    }
+}
+
+/*
+ * h += fc2(SiLU(g) * v) with g | v = fc1(LayerNorm(h)) (SAMBAY.md 4.2, 4.4): the second half of a
+ * decoder layer for one token. h (H) is updated in place. Returns 0, or -1 for inconsistent shapes or
+ * no memory (h unchanged).
+ */
+PHF_EXPORT int phf_mlp_residual(float *h, const float *ln_w, const float *ln_b, float eps, const phf_qweight *fc1,
+                                const phf_qweight *fc2, long H, int threads) {
+    const long I = fc2->k;
+    if (fc1->k != H || fc1->n != 2 * I || fc2->n != H) return -1;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(H + 2 * I + H));
+    if (!buf) return -1;
+    float *a = buf, *gv = a + H, *y = gv + 2 * I;
+    phf_layernorm(h, ln_w, ln_b, eps, a, H);
+    int rc = qw_product(fc1, a, gv, threads);
+    if (rc == 0) {
+        for (long i = 0; i < I; i++) gv[i] = silu1(gv[i]) * gv[I + i];
+        rc = qw_product(fc2, gv, y, threads);
+    }
+    if (rc == 0)
+        for (long i = 0; i < H; i++) h[i] += y[i];
+    free(buf);
+    return rc;
+}
+
+/*
+ * A Gated Memory Unit layer's first half for one token (SAMBAY.md 4.7):
+ * h += out_proj(SiLU(in_proj(LayerNorm(h))) * memory). h (H) in place; memory (Di).
+ */
+PHF_EXPORT int phf_gmu_residual(float *h, const float *ln_w, const float *ln_b, float eps, const phf_qweight *in_proj,
+                                const phf_qweight *out_proj, const float *memory, long H, int threads) {
+    const long Di = in_proj->n;
+    if (in_proj->k != H || out_proj->k != Di || out_proj->n != H) return -1;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(H + Di + H));
+    if (!buf) return -1;
+    float *a = buf, *g = a + H, *y = g + Di;
+    phf_layernorm(h, ln_w, ln_b, eps, a, H);
+    int rc = qw_product(in_proj, a, g, threads);
+    if (rc == 0) {
+        for (long i = 0; i < Di; i++) g[i] = silu1(g[i]) * memory[i];
+        rc = qw_product(out_proj, g, y, threads);
+    }
+    if (rc == 0)
+        for (long i = 0; i < H; i++) h[i] += y[i];
+    free(buf);
+    return rc;
+}

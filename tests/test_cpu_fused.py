@@ -1,0 +1,315 @@
+"""Fused decode steps (phiflash_mlx/cpu/csrc/fused.c) against the model's own MLX code."""
+
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from phiflash_mlx.cpu import kernels as cpu_kernels
+from phiflash_mlx.models.cache import ArraysCache
+from phiflash_mlx.models.phi4flash import Mamba, ModelArgs
+
+needs_fused = pytest.mark.skipif(
+    cpu_kernels._fused_library() is None,
+    reason="the C kernels are built on Linux only" if not sys.platform.startswith("linux")
+    else "phiflash_mlx/cpu/_cpu_kernels*.so was not built (see setup.py)")
+
+
+@pytest.fixture(autouse=True)
+def exact_products(monkeypatch):
+    """Float activations in the quantized products (int8 activations, where built, differ by more than
+    the tolerances here)."""
+    monkeypatch.setenv("PHIFLASH_CPU_INT8", "0")
+
+
+def _args(hidden, expand, d_state, d_conv):
+    return ModelArgs.from_dict(dict(model_type="phi4flash", vocab_size=64, hidden_size=hidden, intermediate_size=64,
+                                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                    sliding_window=8, mamba_d_state=d_state, mamba_d_conv=d_conv,
+                                    mamba_expand=expand, mb_per_layer=2))
+
+
+def _mixer(hidden, expand, d_state, d_conv, dt_rank, conv_bias, dt_bias, memory, bits, seed):
+    """A quantized Mamba mixer with random parameters; dt_proj stays float (its input width is not a
+    multiple of the group size in the real model)."""
+    mx.random.seed(seed)
+    args = _args(hidden, expand, d_state, d_conv)
+    m = Mamba(args, produces_memory=memory)
+    Di = m.d_inner
+    m.dt_rank = dt_rank
+    m.x_proj = nn.Linear(Di, dt_rank + 2 * d_state, bias=False)
+    m.dt_proj = nn.Linear(dt_rank, Di, bias=dt_bias)
+    m.conv1d = nn.Conv1d(Di, Di, d_conv, groups=Di, bias=conv_bias)
+    if conv_bias:
+        m.conv1d.bias = mx.random.normal((Di,)) * 0.3
+    if dt_bias:
+        m.dt_proj.bias = mx.random.normal((Di,)) - 1.0
+    m.conv1d.weight = mx.random.normal(m.conv1d.weight.shape) * 0.5
+    m.A_log = mx.random.normal((Di, d_state)) * 0.5
+    m.D = mx.random.normal((Di,))
+    nn.quantize(m, group_size=32, bits=bits,
+                class_predicate=lambda p, x: isinstance(x, nn.Linear) and x.weight.shape[-1] % 32 == 0)
+    mx.eval(m.parameters())
+    assert isinstance(m.x_proj, nn.QuantizedLinear) and type(m.dt_proj) is nn.Linear
+    return m
+
+
+def _steps(mixer, xs, conv0, ssm0, mask=None):
+    cache = ArraysCache(2)
+    cache[0], cache[1] = conv0, ssm0
+    out = []
+    for x in xs:
+        y, memory = mixer(x, mask, cache)
+        out.append((y, memory, cache[0], cache[1]))
+    return out
+
+
+def _assert_close(got, want, tol=1e-4):
+    for g_step, w_step in zip(got, want, strict=True):
+        for g, w in zip(g_step, w_step, strict=True):
+            if w is None:
+                assert g is None
+                continue
+            assert g.shape == w.shape and g.dtype == w.dtype
+            np.testing.assert_allclose(np.asarray(g.astype(mx.float32)), np.asarray(w.astype(mx.float32)),
+                                       rtol=tol, atol=tol)
+
+
+@needs_fused
+@settings(max_examples=25, deadline=None)
+@given(hidden=st.sampled_from([32, 64]), expand=st.sampled_from([1, 2]), d_state=st.integers(1, 20),
+       d_conv=st.integers(2, 5), dt_rank=st.integers(1, 12), conv_bias=st.booleans(), dt_bias=st.booleans(),
+       memory=st.booleans(), bits=st.sampled_from([4, 8]), threads=st.integers(1, 4), fresh=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_mamba_step_equals_the_model(hidden, expand, d_state, d_conv, dt_rank, conv_bias, dt_bias, memory, bits,
+                                     threads, fresh, seed):
+    """Three consecutive one-token steps (states carried in the cache) of the fused mixer equal the
+    model's Mamba.__call__ on the same quantized layers: output, memory, conv and scan states."""
+    mixer = _mixer(hidden, expand, d_state, d_conv, dt_rank, conv_bias, dt_bias, memory, bits, seed)
+    Di = mixer.d_inner
+    k = mx.random.split(mx.random.key(seed + 1), 3)
+    conv0 = None if fresh else mx.random.normal((1, d_conv - 1, Di), key=k[0])
+    ssm0 = None if fresh else mx.random.normal((1, Di, d_state), key=k[1])
+    xs = [mx.random.normal((1, 1, hidden), key=kk) for kk in mx.random.split(k[2], 3)]
+    want = _steps(mixer, xs, conv0, ssm0)
+    cpu_kernels.use_cpu_kernels(mixer)
+    assert type(mixer) is not Mamba
+    import os
+    old = os.environ.get(cpu_kernels.ENV_THREADS)
+    os.environ[cpu_kernels.ENV_THREADS] = str(threads)
+    try:
+        got = _steps(mixer, xs, conv0, ssm0)
+    finally:
+        if old is None:
+            del os.environ[cpu_kernels.ENV_THREADS]
+        else:
+            os.environ[cpu_kernels.ENV_THREADS] = old
+    assert "_phf_host" in mixer.__dict__, "the fused step did not run"
+    _assert_close(got, want)
+
+
+@needs_fused
+@pytest.mark.parametrize("d_state", [16, 64])
+def test_mamba_step_real_proportions(d_state):
+    """Widths like the released model's (d_state 16, dt_rank = hidden / 16), several threads, the
+    vectorised scan lanes (d_state a multiple of 8)."""
+    mixer = _mixer(256, 2, d_state, 4, 16, True, True, False, 4, seed=d_state)
+    k = mx.random.split(mx.random.key(7), 3)
+    conv0 = mx.random.normal((1, 3, 512), key=k[0])
+    ssm0 = mx.random.normal((1, 512, d_state), key=k[1])
+    xs = [mx.random.normal((1, 1, 256), key=kk) for kk in mx.random.split(k[2], 4)]
+    want = _steps(mixer, xs, conv0, ssm0)
+    cpu_kernels.use_cpu_kernels(mixer)
+    _assert_close(_steps(mixer, xs, conv0, ssm0), want)
+
+
+@needs_fused
+def test_mamba_step_in_16_bits():
+    """bfloat16 activations: the fused step computes in float32 and returns the caller's dtypes; it
+    agrees with the model's code to bfloat16 precision."""
+    mixer = _mixer(64, 2, 16, 4, 4, True, True, True, 4, seed=3)
+    A_log, D = mixer.A_log, mixer.D
+    mixer.set_dtype(mx.bfloat16)
+    mixer.A_log, mixer.D = A_log, D                               # the model keeps these in float32
+    xs = [mx.random.normal((1, 1, 64)).astype(mx.bfloat16) for _ in range(2)]
+    conv0 = mx.random.normal((1, 3, 128)).astype(mx.bfloat16)
+    ssm0 = mx.random.normal((1, 128, 16))
+    want = _steps(mixer, xs, conv0, ssm0)
+    cpu_kernels.use_cpu_kernels(mixer)
+    got = _steps(mixer, xs, conv0, ssm0)
+    assert "_phf_host" in mixer.__dict__
+    _assert_close(got, want, tol=6e-2)
+
+
+@needs_fused
+def test_mamba_fallbacks_give_the_model_results():
+    """What the fused step does not cover takes the model's path with the same results: a padding
+    mask, batch 2, blocks of tokens, float (not quantized) layers, mx.compile and gradients."""
+    mixer = _mixer(64, 2, 16, 4, 4, True, True, True, 4, seed=11)
+    Di = mixer.d_inner
+    plain = _mixer(64, 2, 16, 4, 4, True, True, True, 4, seed=11)
+    cpu_kernels.use_cpu_kernels(mixer)
+    conv2 = mx.random.normal((2, 3, Di))
+    ssm2 = mx.random.normal((2, Di, 16))
+    x2 = mx.random.normal((2, 1, 64))
+    _assert_close(_steps(mixer, [x2], conv2, ssm2), _steps(plain, [x2], conv2, ssm2))
+    x1 = mx.random.normal((1, 1, 64))
+    mask = mx.array([[True]])
+    _assert_close(_steps(mixer, [x1], conv2[:1], ssm2[:1], mask), _steps(plain, [x1], conv2[:1], ssm2[:1], mask))
+    block = mx.random.normal((1, 5, 64))
+    _assert_close(_steps(mixer, [block], conv2[:1], ssm2[:1]), _steps(plain, [block], conv2[:1], ssm2[:1]))
+    assert "_phf_host" not in mixer.__dict__                        # none of those used the fused step
+
+    def step(m):
+        def f(x, c0, c1):
+            cache = ArraysCache(2)
+            cache[0], cache[1] = c0, c1
+            y, memory = m(x, None, cache)
+            return y, memory, cache[0], cache[1]
+        return f
+
+    args = (x1, conv2[:1], ssm2[:1])
+    _assert_close([mx.compile(step(mixer))(*args)], [step(plain)(*args)])
+
+    def loss(m):
+        return lambda x, c1: sum((o * o).sum() for o in step(m)(x, conv2[:1], c1)[:2])
+
+    got = mx.grad(loss(mixer), argnums=(0, 1))(x1, ssm2[:1])
+    want = mx.grad(loss(plain), argnums=(0, 1))(x1, ssm2[:1])
+    for g, w in zip(got, want):
+        assert np.abs(np.asarray(w)).max() > 0
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+    floats = Mamba(_args(64, 2, 16, 4), produces_memory=False)
+    mx.eval(floats.parameters())
+    conv1, ssm1 = conv2[:1], ssm2[:1]
+    want = _steps(floats, [x1], conv1, ssm1)
+    cpu_kernels.use_cpu_kernels(floats)
+    _assert_close(_steps(floats, [x1], conv1, ssm1), want)
+    assert "_phf_host" not in floats.__dict__
+
+
+def _quantized_golden(name):
+    import phiflash_mlx
+    from conftest import golden_path
+
+    model, _ = phiflash_mlx.load(str(golden_path(name)), tokenizer=False)
+    _unattach(model)
+    nn.quantize(model, group_size=32, bits=4,
+                class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 32 == 0)
+    mx.eval(model.parameters())
+    return model
+
+
+def _unattach(model):
+    """Undo what load() attached on a CPU: the plain model classes, no attention kernel."""
+    for _, m in model.named_modules():
+        if hasattr(m, "few_query_kernel"):
+            m.few_query_kernel = None
+        cls = type(m)
+        if cls.__name__.startswith("CPU"):
+            m.__class__ = cls.__mro__[1]
+
+
+@needs_fused
+@pytest.mark.parametrize("golden", ["tiny", "small"])
+def test_whole_model_decode_with_and_without_the_fast_path(golden):
+    """A 4-bit golden model: prompt and decode logits with the CPU attachment equal the plain MLX model
+    within 1e-4 and greedy decoding picks the same ids."""
+    from conftest import GOLDEN_MODELS
+
+    if golden not in GOLDEN_MODELS:
+        pytest.skip(f"no golden model {golden}")
+    plain = _quantized_golden(golden)
+    fast = _quantized_golden(golden)
+    cpu_kernels.use_cpu_kernels(fast)
+
+    def run(model):
+        cache = model.make_cache()
+        out = [np.asarray(model(mx.array([[5, 9, 2, 7, 1, 3]]), cache=cache))]
+        for t in (4, 8, 15, 16, 23, 42):
+            out.append(np.asarray(model(mx.array([[t]]), cache=cache)))
+        tok = int(np.argmax(out[-1][0, -1]))
+        ids = []
+        for _ in range(20):                              # past the sliding window of both models
+            logits = np.asarray(model(mx.array([[tok]]), cache=cache))
+            tok = int(np.argmax(logits[0, -1]))
+            ids.append(tok)
+            out.append(logits)
+        return out, ids
+
+    got, got_ids = run(fast)
+    for layer in fast.layers:                  # every layer ran as host units (they leave their copies)
+        assert "_phf_np" in layer.post_attention_layernorm.__dict__, layer.kind
+        if hasattr(layer.attn, "inner_cross_attn"):
+            assert "_phf_lambda" in layer.attn.__dict__, layer.kind
+    want, want_ids = run(plain)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+    assert got_ids == want_ids
+
+
+def _prefilled_pair(golden="tiny"):
+    """The plain 4-bit golden model and its CPU-attached twin, each with a cache after the same prompt."""
+    from conftest import GOLDEN_MODELS
+
+    if golden not in GOLDEN_MODELS:
+        pytest.skip(f"no golden model {golden}")
+    plain = _quantized_golden(golden)
+    fast = _quantized_golden(golden)
+    cpu_kernels.use_cpu_kernels(fast)
+    caches = []
+    for model in (plain, fast):
+        cache = model.make_cache()
+        mx.eval(model(mx.array([[5, 9, 2, 7, 1, 3, 11, 4, 8, 6, 10]]), cache=cache))
+        caches.append(cache)
+    return plain, fast, caches
+
+
+@needs_fused
+def test_decode_units_step_aside_for_compile_and_give_gradients():
+    """A decode step inside mx.compile equals the plain model's; gradients through a decode step (with
+    a cache) with respect to the input embeddings equal the plain model's and are not zero."""
+    plain, fast, (cache_p, cache_f) = _prefilled_pair()
+    emb = plain.model.embed_tokens(mx.array([[12]]))
+
+    def copy(cache):
+        from mlx.utils import tree_map
+
+        c = [type(x)(*([2] if type(x).__name__ == "ArraysCache" else
+                       [x.max_size] if hasattr(x, "max_size") else [])) for x in cache]
+        for new, old in zip(c, cache):
+            new.state = tree_map(lambda a: mx.array(a) if isinstance(a, mx.array) else a, old.state)
+            if getattr(old, "meta_state", None):
+                new.meta_state = old.meta_state
+        mx.eval([x.state for x in c])
+        return c
+
+    def step(model, cache):
+        c = copy(cache)
+        return lambda e: model(None, cache=c, input_embeddings=e)
+
+    want = step(plain, cache_p)(emb)
+    got = mx.compile(step(fast, cache_f))(emb)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    g_want = mx.grad(lambda e: (step(plain, cache_p)(e) ** 2).sum())(emb)
+    g_got = mx.grad(lambda e: (step(fast, cache_f)(e) ** 2).sum())(emb)
+    assert np.abs(np.asarray(g_want)).max() > 0
+    np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), rtol=1e-3, atol=1e-4)
+
+
+@needs_fused
+def test_decode_units_fall_back_for_batches_and_blocks():
+    """Batch 2 and a block of several tokens take the model's own loop and give its results."""
+    plain, fast, _ = _prefilled_pair()
+    for tokens in ([[5, 9], [2, 7]], [[1, 2, 3]]):
+        outs = []
+        for model in (plain, fast):
+            cache = model.make_cache()
+            outs.append(np.asarray(model(mx.array(tokens)[:, :1], cache=cache)))
+            outs.append(np.asarray(model(mx.array(tokens)[:, 1:], cache=cache)))
+        np.testing.assert_allclose(outs[2], outs[0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(outs[3], outs[1], rtol=1e-4, atol=1e-4)
