@@ -76,22 +76,36 @@ def int8_enabled() -> bool:
     return os.environ.get(ENV_INT8, "").strip().lower() not in {"0", "off", "false", "no"}
 
 
-def set_int8(on: bool | None) -> bool:
-    """Turn int8 activations on or off for the C products from now on (None: back to the environment's
-    choice); returns the previous setting. Takes effect for the next call, also for products called
-    from other C kernels."""
+def set_int8(on: bool | None) -> bool | None:
+    """Turn int8 activations on or off for the C products from now on (None: follow PHIFLASH_CPU_INT8
+    again); returns the previous choice (None where it followed the environment), so
+    `set_int8(previous)` restores it. Takes effect for the next call, also for products called from
+    other C kernels."""
     global _int8
-    previous = int8_enabled()
+    previous = _int8
     _int8 = None if on is None else bool(on)
     if _lib is not None:
-        _lib.phf_set_q8(int(int8_enabled()))
+        _sync_int8(_lib)
     return previous
+
+
+_lib_int8: bool | None = None      # what the loaded library was last told
+
+
+def _sync_int8(lib) -> None:
+    global _lib_int8
+    want = int8_enabled()
+    if want != _lib_int8:
+        lib.phf_set_q8(int(want))
+        _lib_int8 = want
 
 
 def _library() -> ctypes.CDLL | None:
     """The C kernels' library, or None where it was not built or is switched off."""
     global _lib, _lib_tried
     if _lib_tried:
+        if _lib is not None:
+            _sync_int8(_lib)        # PHIFLASH_CPU_INT8 may have changed (tests set it per test)
         return _lib
     _lib_tried = True
     if _switched_off():
@@ -127,7 +141,7 @@ def _library() -> ctypes.CDLL | None:
         _log.warning("%s is out of date (%s); using MLX's own ops. Rebuild it: python setup.py build_ext "
                      "--inplace (or pip install -e .)", path, exc)
         return None
-    lib.phf_set_q8(int(int8_enabled()))
+    _sync_int8(lib)
     _lib = lib
     return lib
 
