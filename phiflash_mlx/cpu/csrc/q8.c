@@ -87,6 +87,7 @@ static void q8_quantize_group_portable(const float *x, int gs, int8_t *xq, float
     for (int i = 0; i < gs; i++) {
         float v = rintf(x[i] * id);
         v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+        if (v != v) v = 0.0f; /* NaN input: it reaches y through sx (the bias term) */
         xq[i] = (int8_t)v;
     }
     *d_out = d;
