@@ -605,6 +605,8 @@ def _fused_library():
             lib.phf_mlp_residual.restype = i32
             lib.phf_gmu_residual.argtypes = [ptr, ptr, ptr, ctypes.c_float, ptr, ptr, ptr, lng, i32]
             lib.phf_gmu_residual.restype = i32
+            lib.phf_fused_simd.argtypes = [i32]
+            lib.phf_fused_simd.restype = i32
         except AttributeError:
             lib._phf_fused_ready = False
             return None
