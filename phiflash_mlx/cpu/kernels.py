@@ -8,7 +8,10 @@ single-threaded and compute-bound (about 0.9 G weights/s on the 2-core x86 build
   `csrc/cpu_kernels.c` reads the packed codes directly. A few rows (decode): `phf_qmatvec`, one
   pass over the codes per 16 rows. Blocks of BLOCK_ROWS or more (prefill): `phf_qmatmul`, the weight
   dequantized a cache-sized tile at a time and multiplied register-blocked, so a prompt's time grows
-  with its length instead of paying for rewriting every matrix in float32 first.
+  with its length instead of paying for rewriting every matrix in float32 first. By default 4- and
+  8-bit products quantize the activations to int8 per group and use integer dot products
+  (`csrc/q8.c`, as llama.cpp does): they read the weights at close to memory bandwidth, at the cost of
+  a small, measured error (README). `PHIFLASH_CPU_INT8=0` keeps exact float32 activations.
 * **Other quantized layers, blocks of many tokens**: dequantize once and one float32 GEMM through
   BLAS (the routed OpenBLAS on Linux, Accelerate on macOS).
 * **Differential attention, a few queries**: `phf_attend` computes both stripes' attention reading
@@ -18,7 +21,8 @@ The library is compiled by setup.py into `_cpu_kernels*.so` (Linux), loaded with
 AVX2+FMA where the CPU has it and portable C elsewhere, and runs on a persistent pool of threads.
 Arrays cross to NumPy without copies of weights or caches. Everything computes the same math as
 the MLX ops it replaces; tests compare them. `PHIFLASH_CPU_KERNELS=0` turns the C kernels off;
-`PHIFLASH_CPU_THREADS=N` sets their threads (default: the CPUs this process may use, at most 8).
+`PHIFLASH_CPU_THREADS=N` sets their threads (default: the CPUs this process may use, at most 8);
+`PHIFLASH_CPU_INT8=0` gives 4- and 8-bit products float32 activations (`set_int8` from Python).
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ MIN_TOKENS = 16
 
 ENV_SWITCH = "PHIFLASH_CPU_KERNELS"
 ENV_THREADS = "PHIFLASH_CPU_THREADS"
+ENV_INT8 = "PHIFLASH_CPU_INT8"
+# Bit widths whose products use int8 activations while that is on (2 bits keeps float activations).
+INT8_BITS = (4, 8)
+Q8_LEVELS = ("portable C", "avx2", "avx512-vnni")
 KERNEL_BITS = (2, 4, 8)
 # From this many rows on, `phf_qmatmul` (weight dequantized a cache-sized tile at a time, register-
 # blocked product) instead of `phf_qmatvec` (one pass over the packed codes per 16 rows). Measured at
@@ -53,16 +61,51 @@ KERNEL_MIN_WEIGHTS = 1 << 17
 _log = logging.getLogger("phiflash_mlx.cpu_kernels")
 _lib: ctypes.CDLL | None = None
 _lib_tried = False
+_int8: bool | None = None          # set_int8's choice; None: the environment's
 
 
 def _switched_off() -> bool:
     return os.environ.get(ENV_SWITCH, "").strip().lower() in {"0", "off", "false", "no"}
 
 
+def int8_enabled() -> bool:
+    """Whether 4- and 8-bit products quantize their activations to int8: set_int8's choice, else
+    PHIFLASH_CPU_INT8 (on unless 0/off/false/no)."""
+    if _int8 is not None:
+        return _int8
+    return os.environ.get(ENV_INT8, "").strip().lower() not in {"0", "off", "false", "no"}
+
+
+def set_int8(on: bool | None) -> bool | None:
+    """Turn int8 activations on or off for the C products from now on (None: follow PHIFLASH_CPU_INT8
+    again); returns the previous choice (None where it followed the environment), so
+    `set_int8(previous)` restores it. Takes effect for the next call, also for products called from
+    other C kernels."""
+    global _int8
+    previous = _int8
+    _int8 = None if on is None else bool(on)
+    if _lib is not None:
+        _sync_int8(_lib)
+    return previous
+
+
+_lib_int8: bool | None = None      # what the loaded library was last told
+
+
+def _sync_int8(lib) -> None:
+    global _lib_int8
+    want = int8_enabled()
+    if want != _lib_int8:
+        lib.phf_set_q8(int(want))
+        _lib_int8 = want
+
+
 def _library() -> ctypes.CDLL | None:
     """The C kernels' library, or None where it was not built or is switched off."""
     global _lib, _lib_tried
     if _lib_tried:
+        if _lib is not None:
+            _sync_int8(_lib)        # PHIFLASH_CPU_INT8 may have changed (tests set it per test)
         return _lib
     _lib_tried = True
     if _switched_off():
@@ -88,10 +131,17 @@ def _library() -> ctypes.CDLL | None:
         lib.phf_ssm_scan.argtypes = [ptr] * 10 + [lng] * 5 + [i32]
         lib.phf_ssm_scan.restype = i32
         lib.phf_simd.restype = i32
+        lib.phf_q8_matmul.argtypes = lib.phf_qmatvec.argtypes
+        lib.phf_q8_matmul.restype = i32
+        lib.phf_set_q8.argtypes = [i32]
+        lib.phf_set_q8.restype = None
+        lib.phf_q8.restype = i32
+        lib.phf_q8_level.restype = i32
     except AttributeError as exc:             # built from older sources: rebuild to get every kernel
         _log.warning("%s is out of date (%s); using MLX's own ops. Rebuild it: python setup.py build_ext "
                      "--inplace (or pip install -e .)", path, exc)
         return None
+    _sync_int8(lib)
     _lib = lib
     return lib
 
@@ -125,7 +175,8 @@ def kernel_info() -> dict:
         if _switched_off():
             return {"active": False, "reason": f"{ENV_SWITCH}={os.environ[ENV_SWITCH]}"}
         return {"active": False, "reason": "not built (Linux only; compiled by pip install)"}
-    return {"active": True, "simd": "avx2+fma" if lib.phf_simd() else "portable C", "threads": threads()}
+    return {"active": True, "simd": "avx2+fma" if lib.phf_simd() else "portable C", "threads": threads(),
+            "int8_activations": bool(lib.phf_q8()), "int8_simd": Q8_LEVELS[lib.phf_q8_level()]}
 
 
 def _as_float32(a: mx.array) -> np.ndarray:
