@@ -1081,6 +1081,8 @@ def _attention_applies(layer, H, cache) -> bool:
 def _decode_units_apply(model, inputs, cache, input_embeddings, capture) -> bool:
     if capture is not None or cache is None or _fused_library() is None or mx.metal.is_available():
         return False
+    if mx.default_device().type != mx.DeviceType.cpu:           # a GPU back-end (CUDA) computes there
+        return False
     shape = (input_embeddings if input_embeddings is not None else inputs).shape
     return tuple(shape[:2]) == (1, 1) and len(cache) >= model.num_cached
 
