@@ -83,9 +83,9 @@ def _assert_close(got, want, tol=1e-4):
 @given(hidden=st.sampled_from([32, 64]), expand=st.sampled_from([1, 2]), d_state=st.integers(1, 20),
        d_conv=st.integers(2, 5), dt_rank=st.integers(1, 12), conv_bias=st.booleans(), dt_bias=st.booleans(),
        memory=st.booleans(), bits=st.sampled_from([4, 8]), threads=st.integers(1, 4), fresh=st.booleans(),
-       seed=st.integers(0, 2**16))
+       simd=st.booleans(), seed=st.integers(0, 2**16))
 def test_mamba_step_equals_the_model(hidden, expand, d_state, d_conv, dt_rank, conv_bias, dt_bias, memory, bits,
-                                     threads, fresh, seed):
+                                     threads, fresh, simd, seed):
     """Three consecutive one-token steps (states carried in the cache) of the fused mixer equal the
     model's Mamba.__call__ on the same quantized layers: output, memory, conv and scan states."""
     mixer = _mixer(hidden, expand, d_state, d_conv, dt_rank, conv_bias, dt_bias, memory, bits, seed)
@@ -100,9 +100,12 @@ def test_mamba_step_equals_the_model(hidden, expand, d_state, d_conv, dt_rank, c
     import os
     old = os.environ.get(cpu_kernels.ENV_THREADS)
     os.environ[cpu_kernels.ENV_THREADS] = str(threads)
+    lib = cpu_kernels._fused_library()
+    old_simd = lib.phf_fused_simd(int(simd))                    # 0: the portable loops (CPUs without AVX2)
     try:
         got = _steps(mixer, xs, conv0, ssm0)
     finally:
+        lib.phf_fused_simd(old_simd)
         if old is None:
             del os.environ[cpu_kernels.ENV_THREADS]
         else:
@@ -215,10 +218,10 @@ def _unattach(model):
 
 
 @needs_fused
-@pytest.mark.parametrize("golden", ["tiny", "small"])
-def test_whole_model_decode_with_and_without_the_fast_path(golden):
+@pytest.mark.parametrize("golden,simd", [("tiny", True), ("small", True), ("tiny", False)])
+def test_whole_model_decode_with_and_without_the_fast_path(golden, simd):
     """A 4-bit golden model: prompt and decode logits with the CPU attachment equal the plain MLX model
-    within 1e-4 and greedy decoding picks the same ids."""
+    within 1e-4 and greedy decoding picks the same ids (also with the portable C loops)."""
     from conftest import GOLDEN_MODELS
 
     if golden not in GOLDEN_MODELS:
@@ -241,7 +244,12 @@ def test_whole_model_decode_with_and_without_the_fast_path(golden):
             out.append(logits)
         return out, ids
 
-    got, got_ids = run(fast)
+    lib = cpu_kernels._fused_library()
+    old_simd = lib.phf_fused_simd(int(simd))
+    try:
+        got, got_ids = run(fast)
+    finally:
+        lib.phf_fused_simd(old_simd)
     for layer in fast.layers:                  # every layer ran as host units (they leave their copies)
         assert "_phf_np" in layer.post_attention_layernorm.__dict__, layer.kind
         if hasattr(layer.attn, "inner_cross_attn"):

@@ -656,6 +656,8 @@ def _fused_library():
             lib.phf_mlp_residual.restype = i32
             lib.phf_gmu_residual.argtypes = [ptr, ptr, ptr, ctypes.c_float, ptr, ptr, ptr, lng, i32]
             lib.phf_gmu_residual.restype = i32
+            lib.phf_fused_simd.argtypes = [i32]
+            lib.phf_fused_simd.restype = i32
         except AttributeError:
             lib._phf_fused_ready = False
             return None
@@ -1078,6 +1080,8 @@ def _attention_applies(layer, H, cache) -> bool:
 
 def _decode_units_apply(model, inputs, cache, input_embeddings, capture) -> bool:
     if capture is not None or cache is None or _fused_library() is None or mx.metal.is_available():
+        return False
+    if mx.default_device().type != mx.DeviceType.cpu:           # a GPU back-end (CUDA) computes there
         return False
     shape = (input_embeddings if input_embeddings is not None else inputs).shape
     return tuple(shape[:2]) == (1, 1) and len(cache) >= model.num_cached

@@ -15,8 +15,18 @@ typedef struct {
     int bits, group_size;
 } phf_qweight;
 
+/* simd 0 forces the portable loops in this file and in the products (tests); 1 uses AVX2 where the CPU has it */
+static int fused_simd = 1;
+
 static int qw_product(const phf_qweight *q, const float *x, float *y, int threads) {
-    return phf_qmatvec(x, 1, q->k, q->w, q->scales, q->biases, q->n, q->bits, q->group_size, y, threads, 1);
+    return phf_qmatvec(x, 1, q->k, q->w, q->scales, q->biases, q->n, q->bits, q->group_size, y, threads, fused_simd);
+}
+
+/* Sets the SIMD switch of the fused steps (1 = AVX2 where available, 0 = portable C); returns the old one. */
+PHF_EXPORT int phf_fused_simd(int simd) {
+    int old = fused_simd;
+    fused_simd = simd ? 1 : 0;
+    return old;
 }
 
 /* ---- exp on 8 lanes (Cephes' single-precision polynomial; relative error ~2e-7) --------------- */
@@ -163,7 +173,7 @@ PHF_EXPORT int phf_mamba_step(const float *a, const phf_qweight *in_proj, const 
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     int rc = qw_product(in_proj, a, xz, threads);
     mamba_t m = {xz, conv_w, conv_b, conv_state, conv_out, u, dbc, dt_w, dt_b, A, D, ssm_state, ssm_out, y, memory,
-                 Di, K, R, N, 0, 0, 0, phf_simd(), 0};
+                 Di, K, R, N, 0, 0, 0, fused_simd && phf_simd(), 0};
     m.chunk = 256;
     m.chunks = (Di + m.chunk - 1) / m.chunk;
     const int shares = Di * N < (1L << 12) ? 1 : (threads < m.chunks ? threads : (int)m.chunks);
