@@ -316,3 +316,13 @@ def test_demo_model_greedy_outputs():
         finally:
             cpu_kernels.set_int8(previous)
     assert identical >= 5 and correct[True] >= correct[False] - 1 and correct[False] >= 4, (identical, correct)
+
+
+def test_nan_activations_reach_the_output():
+    """A NaN in x makes its products NaN, as with float activations (it is not rounded away)."""
+    x = np.ones((2, 64), np.float32)
+    x[1, 3] = np.nan
+    codes = np.random.default_rng(0).integers(0, 16, (8, 64))
+    for level in range(BEST + 1):
+        y = q8_product(x, pack(codes, 4), np.ones((8, 1)), np.zeros((8, 1)), 4, 64, level=level)
+        assert np.isfinite(y[0]).all() and np.isnan(y[1]).all(), level
