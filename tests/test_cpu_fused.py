@@ -217,11 +217,25 @@ def _unattach(model):
             m.__class__ = cls.__mro__[1]
 
 
+def _spy(monkeypatch, name, counts):
+    real = getattr(cpu_kernels, name)
+
+    def spy(*args, **kwargs):
+        counts[name] = counts.get(name, 0) + 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels, name, spy)
+
+
 @needs_fused
-@pytest.mark.parametrize("golden,simd", [("tiny", True), ("small", True), ("tiny", False)])
-def test_whole_model_decode_with_and_without_the_fast_path(golden, simd):
+@pytest.mark.parametrize("golden,simd,path", [("tiny", True, "step"), ("small", True, "step"), ("tiny", False, "step"),
+                                              ("tiny", True, "units"), ("small", True, "units")])
+def test_whole_model_decode_with_and_without_the_fast_path(golden, simd, path, monkeypatch):
     """A 4-bit golden model: prompt and decode logits with the CPU attachment equal the plain MLX model
-    within 1e-4 and greedy decoding picks the same ids (also with the portable C loops)."""
+    within 1e-4 and greedy decoding picks the same ids (also with the portable C loops). A prompt
+    shorter and one longer than the sliding window; decoding past the window. path "step": decode
+    steps as one host call (a step right after a prompt longer than the window, whose rotating cache
+    is trimmed by the update, takes the per-layer units); "units": the per-layer units only."""
     from conftest import GOLDEN_MODELS
 
     if golden not in GOLDEN_MODELS:
@@ -229,31 +243,42 @@ def test_whole_model_decode_with_and_without_the_fast_path(golden, simd):
     plain = _quantized_golden(golden)
     fast = _quantized_golden(golden)
     cpu_kernels.use_cpu_kernels(fast)
+    window = fast.args.sliding_window
 
     def run(model):
-        cache = model.make_cache()
-        out = [np.asarray(model(mx.array([[5, 9, 2, 7, 1, 3]]), cache=cache))]
-        for t in (4, 8, 15, 16, 23, 42):
-            out.append(np.asarray(model(mx.array([[t]]), cache=cache)))
-        tok = int(np.argmax(out[-1][0, -1]))
-        ids = []
-        for _ in range(20):                              # past the sliding window of both models
-            logits = np.asarray(model(mx.array([[tok]]), cache=cache))
-            tok = int(np.argmax(logits[0, -1]))
-            ids.append(tok)
-            out.append(logits)
+        out, ids = [], []
+        for prompt in ([5, 9, 2, 7, 1, 3], list(range(3, 3 + window + 5))):
+            cache = model.make_cache()
+            out.append(np.asarray(model(mx.array([prompt]), cache=cache)))
+            for t in (4, 8, 15, 16, 23, 42):
+                out.append(np.asarray(model(mx.array([[t]]), cache=cache)))
+            tok = int(np.argmax(out[-1][0, -1]))
+            for _ in range(window + 4):                      # past the sliding window
+                logits = np.asarray(model(mx.array([[tok]]), cache=cache))
+                tok = int(np.argmax(logits[0, -1]))
+                ids.append(tok)
+                out.append(logits)
         return out, ids
 
+    counts = {}
+    for name in ("_whole_step", "_diff_tail_host", "_attention_tail_unit"):
+        _spy(monkeypatch, name, counts)
+    if path == "units":
+        monkeypatch.setattr(cpu_kernels, "_step_plan", lambda *a: None)
     lib = cpu_kernels._fused_library()
     old_simd = lib.phf_fused_simd(int(simd))
     try:
         got, got_ids = run(fast)
     finally:
         lib.phf_fused_simd(old_simd)
-    for layer in fast.layers:                  # every layer ran as host units (they leave their copies)
-        assert "_phf_np" in layer.post_attention_layernorm.__dict__, layer.kind
-        if hasattr(layer.attn, "inner_cross_attn"):
-            assert "_phf_lambda" in layer.attn.__dict__, layer.kind
+    steps = 2 * (6 + window + 4)
+    n_attn = sum(hasattr(layer.attn, "inner_cross_attn") for layer in fast.layers)
+    if path == "step":
+        assert counts.get("_whole_step") == steps - 1, counts          # all but the step after the trim
+        assert counts.get("_attention_tail_unit") == n_attn, counts      # that step: the units
+    else:
+        assert "_whole_step" not in counts and counts.get("_attention_tail_unit") == steps * n_attn, counts
+    assert counts.get("_diff_tail_host") == steps * n_attn, counts        # the host path ran, not the twins
     want, want_ids = run(plain)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)

@@ -658,6 +658,8 @@ def _fused_library():
             lib.phf_gmu_residual.restype = i32
             lib.phf_fused_simd.argtypes = [i32]
             lib.phf_fused_simd.restype = i32
+            lib.phf_attend_rows.argtypes = [ptr, ptr, lng, lng, ptr, lng, lng, ptr, ptr, ptr, ptr] + [lng] * 5 + [i32]
+            lib.phf_attend_rows.restype = i32
         except AttributeError:
             lib._phf_fused_ready = False
             return None
@@ -1003,6 +1005,34 @@ def _lambda_host(attn) -> float:
     return held[1]
 
 
+def _attention_out_ops(attn, h, q, keys, values, cache):
+    """The model's DiffAttention.__call__ after the cache update, for one query: q (1, 1, >= nh * hd)."""
+    nh, hd = attn.nh, attn.hd
+    qh = q[..., : nh * hd].reshape(1, 1, nh, hd).transpose(0, 2, 1, 3)
+    attn1, attn2 = attn._core(qh, keys, values, None, cache)
+    p = attn.inner_cross_attn
+    lam = mx.exp(mx.sum(p.lambda_q1 * p.lambda_k1)) - mx.exp(mx.sum(p.lambda_q2 * p.lambda_k2)) + attn.lambda_init
+    d = attn1 - lam.astype(attn1.dtype) * attn2
+    d = p.subln(d) * (1.0 - attn.lambda_init)
+    d = d.transpose(0, 2, 1, 3).reshape(1, 1, nh * hd)
+    return attn.out_proj(d.astype(h.dtype))
+
+
+def _diff_tail_host(lib, attn, o: np.ndarray, r: int) -> np.ndarray | None:
+    """From both stripes' attention o (P, 2r, dv): the differential combination, sub-LN, the
+    (1 - lambda_init) factor and out_proj (+ bias), on the host. Returns (H,) or None."""
+    hs = attn.nh // 2
+    dv = o.shape[-1]
+    d = o[:, :r].reshape(hs, dv) - _lambda_host(attn) * o[:, r:].reshape(hs, dv)
+    p = attn.inner_cross_attn
+    sub_w = _np_param(p.subln, "weight")
+    d = d / np.sqrt(np.mean(d * d, axis=-1, keepdims=True) + np.float32(p.subln.eps))
+    if sub_w is not None:
+        d = d * sub_w
+    d = np.ascontiguousarray((d * np.float32(1.0 - attn.lambda_init)).reshape(-1), dtype=np.float32)
+    return _linear_host(lib, attn.out_proj, d)
+
+
 def _attention_tail_unit(layer, h, q, keys, values, cache):
     """The attention of one query over (keys, values), the differential combination, the sub-LN,
     out_proj and the residual, then the MLP half. q (1, 1, nh * hd) (or a wider Wqkv output whose
@@ -1011,14 +1041,7 @@ def _attention_tail_unit(layer, h, q, keys, values, cache):
     nh, hd = attn.nh, attn.hd
 
     def slow(h, q, keys, values):
-        qh = q[..., : nh * hd].reshape(1, 1, nh, hd).transpose(0, 2, 1, 3)
-        attn1, attn2 = attn._core(qh, keys, values, None, cache)
-        p = attn.inner_cross_attn
-        lam = mx.exp(mx.sum(p.lambda_q1 * p.lambda_k1)) - mx.exp(mx.sum(p.lambda_q2 * p.lambda_k2)) + attn.lambda_init
-        d = attn1 - lam.astype(attn1.dtype) * attn2
-        d = p.subln(d) * (1.0 - attn.lambda_init)
-        d = d.transpose(0, 2, 1, 3).reshape(1, 1, nh * hd)
-        return _plain_mlp_half(layer, h + attn.out_proj(d.astype(h.dtype)))
+        return _plain_mlp_half(layer, h + _attention_out_ops(attn, h, q, keys, values, cache))
 
     def fast(h, q, keys, values):
         lib = _fused_library()
@@ -1042,14 +1065,7 @@ def _attention_tail_unit(layer, h, q, keys, values, cache):
                             dv, s, threads(), 1)
         if rc != 0:
             return None
-        d = o[:, :r].reshape(hs, dv) - _lambda_host(attn) * o[:, r:].reshape(hs, dv)
-        p = attn.inner_cross_attn
-        sub_w = _np_param(p.subln, "weight")
-        d = d / np.sqrt(np.mean(d * d, axis=-1, keepdims=True) + np.float32(p.subln.eps))
-        if sub_w is not None:
-            d = d * sub_w
-        d = np.ascontiguousarray((d * np.float32(1.0 - attn.lambda_init)).reshape(-1), dtype=np.float32)
-        y = _linear_host(lib, attn.out_proj, d)
+        y = _diff_tail_host(lib, attn, o, r)
         if y is None:
             return None
         hn = _h_in(h)
@@ -1101,6 +1117,9 @@ def _cpu_sambay_call(self, inputs, cache=None, input_embeddings=None, capture=No
     if any(m is not None for m in masks.values()):
         return base(inputs, cache, input_embeddings, capture)
     H = h.shape[-1]
+    plan = _step_plan(self, cache, H)
+    if plan is not None:
+        return self.final_layernorm(_whole_step(self, h, plan))
     memory = shared = None
     for i, layer in enumerate(self.layers):
         c = cache[i] if i < self.num_cached else None
@@ -1148,3 +1167,244 @@ def _cpu_sambay_call(self, inputs, cache=None, input_embeddings=None, capture=No
         h = h + o
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     return self.final_layernorm(h)
+
+
+# ---- the whole decode step in one host call ------------------------------------------------------
+#
+# The units above still hand over to MLX's scheduler about twice per layer (each unit's result, each
+# cache update is evaluated before the next layer can read it). Where every layer fits, the whole
+# step is one host call instead: the attention layers attend over their cache as it will be after
+# this step's update (the cache's rows plus the new row, `phf_attend_rows`), and the cache updates
+# (mlx-lm's own update_and_fetch, the Mamba states) are applied afterwards, lazily; they are
+# evaluated with the next step's inputs.
+
+
+def _rows_after_update(c) -> np.ndarray | None:
+    """Which rows update_and_fetch of one new position will return, as rows of the cache's current
+    buffer (-1: the new position); None where the update would move rows (growing a KVCache beyond its
+    buffer keeps them, trimming a RotatingKVCache does not) or the cache is empty."""
+    from ..models.cache import KVCache, RotatingKVCache
+
+    if getattr(c, "keys", None) is None:
+        return None
+    length = c.keys.shape[2]
+    if type(c) is KVCache:
+        prev = c.offset
+        if prev > length:
+            return None
+        rows = np.arange(prev + 1, dtype=np.int32)
+        rows[prev] = -1
+        return rows
+    if type(c) is not RotatingKVCache:
+        return None
+    prev, idx, size = c.offset, c._idx, c.max_size
+    new_length = length
+    if prev >= length and length < size:                # grows: zeros appended, the new row at prev
+        if prev != length:
+            return None
+        idx, new_length = prev, length + min(c.step, size - prev)
+    if new_length > size:                               # would trim (after a long prompt): rows move
+        return None
+    if idx == size:
+        idx = c.keep
+    if not 0 <= idx < new_length:
+        return None
+    count = prev + 1 if prev + 1 < new_length else new_length
+    rows = np.arange(new_length, dtype=np.int32)[:count]
+    if idx < count:
+        rows[idx] = -1
+    if rows.max(initial=-1) >= length or (rows < 0).sum() != 1:
+        return None
+    return rows
+
+
+def _scratch_kv(c, keys, values):
+    """A cache like `c` (same type and bookkeeping) holding keys / values, for the MLX twin."""
+    s = type(c).__new__(type(c))
+    s.__dict__.update(c.__dict__)
+    s.keys, s.values = keys[...], values[...]                 # fresh arrays: updates stay in the copy
+    return s
+
+
+def _step_plan(model, cache, H):
+    """Per layer (layer, kind, cache, rows) where the whole step can run on the host; else None."""
+    from ..models.phi4flash import CROSS, GLOBAL, GMU, MAMBA, MAMBA_MEM, SWA
+
+    plan, memory, shared = [], False, False
+    for i, layer in enumerate(model.layers):
+        c = cache[i] if i < model.num_cached else None
+        kind, rows = layer.kind, None
+        if not (_layer_norm_applies(layer.input_layernorm, H) and _mlp_applies(layer, H)):
+            return None
+        if kind in (MAMBA, MAMBA_MEM):
+            if c is None or c[0] is None or c[1] is None or not _mamba_step_applies(layer.attn, None, c):
+                return None
+            memory = memory or layer.attn.produces_memory
+        elif kind == GMU:
+            g = layer.attn
+            di = getattr(getattr(g, "in_proj", None), "weight", None)
+            if not memory or di is None or not (_fusable_product(g.in_proj, H, di.shape[0])
+                                                and _fusable_product(g.out_proj, di.shape[0], H)):
+                return None
+        elif kind in (SWA, GLOBAL):
+            if c is None or not _attention_applies(layer, H, c):
+                return None
+            rows = _rows_after_update(c)
+            if rows is None:
+                return None
+            shared = shared or kind == GLOBAL
+        elif kind == CROSS:
+            if not shared or not _attention_applies(layer, H, None):
+                return None
+        else:
+            return None
+        plan.append((layer, kind, c, rows))
+    return plan
+
+
+def _whole_step(model, h0, plan):
+    """One host call for every layer of the step (the plan from _step_plan); returns the hidden state
+    before the final norm and applies the cache updates."""
+    from ..models.cache import ArraysCache
+    from ..models.phi4flash import CROSS, GLOBAL, GMU, MAMBA, MAMBA_MEM, SWA
+
+    states = []
+    for layer, kind, c, rows in plan:
+        if kind in (MAMBA, MAMBA_MEM):
+            states += [c[0], c[1]]
+        elif kind in (SWA, GLOBAL):
+            states += [c.keys, c.values]
+
+    def slow(h, *states):
+        it = iter(states)
+        outs, memory, shared = [], None, None
+        for layer, kind, c, rows in plan:
+            attn = layer.attn
+            if kind in (MAMBA, MAMBA_MEM):
+                scratch = ArraysCache(2)
+                scratch[0], scratch[1] = next(it), next(it)
+                o, mem = attn(layer.input_layernorm(h), None, scratch)
+                outs += [scratch[0], scratch[1]]
+                memory = mem if mem is not None else memory
+            elif kind == GMU:
+                o = attn(layer.input_layernorm(h), memory)
+            else:
+                qkv = attn.Wqkv(layer.input_layernorm(h))
+                if kind == CROSS:
+                    keys, values, kv_cache = shared
+                else:
+                    kv_cache = _scratch_kv(c, next(it), next(it))
+                    split = (attn.nh + attn.nkv) * attn.hd
+                    k, v = attn._pairs(qkv[..., attn.nh * attn.hd: split]), attn._pairs(qkv[..., split:])
+                    keys, values = kv_cache.update_and_fetch(k, v)
+                    outs += [k, v]
+                    if kind == GLOBAL:
+                        shared = (keys, values, kv_cache)
+                o = _attention_out_ops(attn, h, qkv, keys, values, kv_cache)
+            h = _plain_mlp_half(layer, h + o)
+        return (h, *outs)
+
+    def fast(h, *states):
+        lib = _fused_library()
+        if lib is None:
+            return None
+        mx.eval(h, *states)
+        nt = threads()
+        hn = _h_in(h)
+        H = hn.shape[0]
+        a = np.empty_like(hn)
+        it = iter(states)
+        outs, memory, shared = [], None, None
+        for layer, kind, c, rows in plan:
+            attn = layer.attn
+            w, b, eps = _norm_host(layer.input_layernorm)
+            if kind == GMU:
+                rc = lib.phf_gmu_residual(hn.ctypes.data, _ptr(w), _ptr(b), eps,
+                                          ctypes.addressof(_qweight(attn.in_proj)),
+                                          ctypes.addressof(_qweight(attn.out_proj)), memory.ctypes.data, H, nt)
+                if rc != 0:
+                    return None
+            else:
+                lib.phf_layernorm(hn.ctypes.data, _ptr(w), _ptr(b), eps, a.ctypes.data, H)
+            if kind in (MAMBA, MAMBA_MEM):
+                conv_state, ssm_state = next(it), next(it)
+                Di, N, K = attn.d_inner, attn.d_state, attn.d_conv
+                keep = K - 1
+                if conv_state.shape != (1, keep, Di) or ssm_state.shape != (1, Di, N):
+                    return None
+                host = _MambaHost.of(attn)
+                cs, ss = _host_f32(conv_state, (keep, Di)), _host_f32(ssm_state, (Di, N))
+                conv_out = np.empty((max(keep, 1), Di), dtype=np.float32)
+                ssm_out = np.empty((Di, N), dtype=np.float32)
+                out = np.empty((H,), dtype=np.float32)
+                mem = np.empty((Di,), dtype=np.float32) if attn.produces_memory else None
+                qs = [_qweight(m) for m in (attn.in_proj, attn.x_proj, attn.out_proj)]
+                rc = lib.phf_mamba_step(a.ctypes.data, *[ctypes.addressof(q) for q in qs], _ptr(host.conv_w),
+                                        _ptr(host.conv_b), _ptr(host.dt_w), _ptr(host.dt_b), _ptr(host.A),
+                                        _ptr(host.D), cs.ctypes.data, ss.ctypes.data, conv_out.ctypes.data,
+                                        ssm_out.ctypes.data, out.ctypes.data, _ptr(mem), H, Di, K, attn.dt_rank, N,
+                                        nt)
+                if rc != 0:
+                    return None
+                hn += out
+                outs += [mx.array(conv_out[:keep]).reshape(1, keep, Di).astype(conv_state.dtype),
+                         mx.array(ssm_out).reshape(1, Di, N)]
+                if mem is not None:
+                    memory = mem
+            elif kind != GMU:
+                nh, nkv, hd = attn.nh, attn.nkv, attn.hd
+                qkv = _linear_host(lib, attn.Wqkv, a)
+                if qkv is None:
+                    return None
+                if kind == CROSS:
+                    kn, vn, rows_, k_new, v_new = shared
+                else:
+                    kb, vb = next(it), next(it)
+                    if kb.dtype != mx.float32 or vb.dtype != mx.float32:
+                        return None
+                    kn, vn = np.asarray(kb), np.asarray(vb)
+                    split = (nh + nkv) * hd
+                    k_new = np.ascontiguousarray(qkv[nh * hd: split])
+                    v_new = np.ascontiguousarray(qkv[split:])
+                    P = nkv // 2
+                    if kn.shape[1] != P or kn.shape[-1] != 2 * hd or vn.shape[1] != P or vn.shape[-1] != 2 * hd \
+                            or kn.strides[-1] != 4 or vn.strides[-1] != 4:
+                        return None
+                    rows_ = rows
+                    outs += [mx.array(k_new).reshape(1, P, 1, 2 * hd), mx.array(v_new).reshape(1, P, 1, 2 * hd)]
+                    if kind == GLOBAL:
+                        shared = (kn, vn, rows, k_new, v_new)
+                P = kn.shape[1]
+                r = nh // 2 // P
+                qn = qkv[: nh * hd].reshape(nh, hd)
+                qa = np.empty((2, P, r, hd), dtype=np.float32)
+                np.multiply(qn[0::2].reshape(P, r, hd), attn.scale, out=qa[0])
+                np.multiply(qn[1::2].reshape(P, r, hd), attn.scale, out=qa[1])
+                ks, vs = _strides(kn), _strides(vn)
+                dv = vn.shape[-1]
+                o = np.empty((P, 2 * r, dv), dtype=np.float32)
+                rc = lib.phf_attend_rows(qa.ctypes.data, kn.ctypes.data, ks[1], ks[2], vn.ctypes.data, vs[1], vs[2],
+                                         rows_.ctypes.data, k_new.ctypes.data, v_new.ctypes.data, o.ctypes.data,
+                                         P, r, hd, dv, rows_.shape[0], nt)
+                if rc != 0:
+                    return None
+                y = _diff_tail_host(lib, attn, o, r)
+                if y is None:
+                    return None
+                hn += y
+            if not _mlp_half(lib, layer, hn):
+                return None
+        return (_h_out(hn, h), *outs)
+
+    res = _host_call(fast, slow, h0, *states)
+    h, outs = res[0], iter(res[1:])
+    for layer, kind, c, rows in plan:
+        if kind in (MAMBA, MAMBA_MEM):
+            c[0], c[1] = next(outs), next(outs)
+            c.advance(1)
+        elif kind in (SWA, GLOBAL):
+            keys, _ = c.update_and_fetch(next(outs), next(outs))
+            if keys.shape[2] != rows.shape[0]:               # the cache did not do what _rows_after_update said
+                raise RuntimeError(f"{type(c).__name__} returned {keys.shape[2]} positions after one update, "
+                                   f"the fused decode step attended {rows.shape[0]}; set {ENV_FUSED}=0")
+    return h

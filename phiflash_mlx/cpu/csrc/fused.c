@@ -257,3 +257,88 @@ PHF_EXPORT int phf_gmu_residual(float *h, const float *ln_w, const float *ln_b, 
     free(buf);
     return rc;
 }
+
+/* ---- attention of one query over a cache and the row a step is adding to it ------------------ *
+ *
+ * The differential-attention pair layout of phf_attend (cpu_kernels.c), batch 1 and one query, but
+ * the T rows attended are named by `rows`: row t is the cache's row rows[t] (k + h * k_hs + rows[t] *
+ * k_ts, likewise v), or, where rows[t] < 0, the new row of this step (k_new + h * 2D, v_new + h * DV,
+ * the pair layout of one position). So a decode step can attend over its cache as it will be after
+ * the update without the update having been written yet.
+ *
+ *   out[h][part * R + r] = softmax_t(q[part][h][r] . key(t, h, part)) @ value(t, h)
+ *
+ * q: [2][P][R][D] (already scaled); out: [P][2R][DV]. */
+
+typedef struct {
+    const float *q, *k, *v, *k_new, *v_new;
+    const int *rows;
+    long k_hs, k_ts, v_hs, v_ts;
+    float *out;
+    long P, R, D, DV, T;
+    int use_avx2, failed;
+    long next;
+} attend_rows_t;
+
+static void attend_rows_share(void *arg, int share) {
+    attend_rows_t *a = (attend_rows_t *)arg;
+    const long R2 = 2 * a->R;
+    (void)share;
+    float *scores = (float *)malloc(sizeof(float) * (size_t)(R2 * a->T));
+    if (!scores) {
+        __atomic_store_n(&a->failed, 1, __ATOMIC_RELEASE);
+        return;
+    }
+    float (*dot)(const float *, const float *, long) = dot_portable;
+    void (*axpy)(float *, float, const float *, long) = axpy_portable;
+#ifdef PHF_X86
+    if (a->use_avx2) {
+        dot = dot_avx2;
+        axpy = axpy_avx2;
+    }
+#endif
+    for (long h; (h = next_chunk(&a->next)) < a->P;) {
+        for (long t = 0; t < a->T; t++) {
+            const long row = a->rows[t];
+            const float *kt = row >= 0 ? a->k + h * a->k_hs + row * a->k_ts : a->k_new + h * 2 * a->D;
+            for (int part = 0; part < 2; part++)
+                for (long r = 0; r < a->R; r++)
+                    scores[(part * a->R + r) * a->T + t] =
+                        dot(a->q + ((part * a->P + h) * a->R + r) * a->D, kt + part * a->D, a->D);
+        }
+        float *o = a->out + h * R2 * a->DV;
+        for (long i = 0; i < R2; i++) {
+            float *sr = scores + i * a->T;
+            float m = sr[0];
+            for (long t = 1; t < a->T; t++) m = sr[t] > m ? sr[t] : m;
+            float sum = 0.0f;
+            for (long t = 0; t < a->T; t++) {
+                sr[t] = expf(sr[t] - m);
+                sum += sr[t];
+            }
+            const float inv = 1.0f / sum;
+            for (long t = 0; t < a->T; t++) sr[t] *= inv;
+            memset(o + i * a->DV, 0, sizeof(float) * (size_t)a->DV);
+        }
+        for (long t = 0; t < a->T; t++) {
+            const long row = a->rows[t];
+            const float *vt = row >= 0 ? a->v + h * a->v_hs + row * a->v_ts : a->v_new + h * a->DV;
+            for (long i = 0; i < R2; i++) axpy(o + i * a->DV, scores[i * a->T + t], vt, a->DV);
+        }
+    }
+    free(scores);
+}
+
+/* Strides in floats. Returns 0, or -1 for a bad shape or no memory (the output is then incomplete). */
+PHF_EXPORT int phf_attend_rows(const float *q, const float *k, long k_hs, long k_ts, const float *v, long v_hs,
+                               long v_ts, const int *rows, const float *k_new, const float *v_new, float *out,
+                               long P, long R, long D, long DV, long T, int threads) {
+    if (P <= 0 || R <= 0 || D <= 0 || DV <= 0 || T <= 0) return -1;
+    attend_rows_t a = {q, k, v, k_new, v_new, rows, k_hs, k_ts, v_hs, v_ts, out, P, R, D, DV, T,
+                       fused_simd && phf_simd(), 0, 0};
+    if (threads < 1 || T * P * D < (1L << 14)) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > P) threads = (int)P;
+    run_shares(attend_rows_share, &a, threads);
+    return a.failed ? -1 : 0;
+}
