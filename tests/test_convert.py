@@ -119,6 +119,7 @@ def test_cpu_kernelsized_paths_equal_quantized_matmul(tmp_path, monkeypatch):
     from phiflash_mlx import cpu_kernels
     from phiflash_mlx.cpu_kernels import MIN_TOKENS, CPUQuantizedEmbedding, CPUQuantizedLinear
     monkeypatch.setattr(cpu_kernels, "KERNEL_MIN_WEIGHTS", 0)       # the golden matrices are small
+    monkeypatch.setenv("PHIFLASH_CPU_INT8", "0")                     # float activations, as MLX's
     out = convert(SRC, str(tmp_path / "q"), quantize=True, q_bits=4)
     model, _ = phiflash_mlx.load(str(out))
     layer = model.layers[0].mlp.fc1

@@ -83,9 +83,9 @@ def _assert_close(got, want, tol=1e-4):
 @given(hidden=st.sampled_from([32, 64]), expand=st.sampled_from([1, 2]), d_state=st.integers(1, 20),
        d_conv=st.integers(2, 5), dt_rank=st.integers(1, 12), conv_bias=st.booleans(), dt_bias=st.booleans(),
        memory=st.booleans(), bits=st.sampled_from([4, 8]), threads=st.integers(1, 4), fresh=st.booleans(),
-       seed=st.integers(0, 2**16))
+       simd=st.booleans(), seed=st.integers(0, 2**16))
 def test_mamba_step_equals_the_model(hidden, expand, d_state, d_conv, dt_rank, conv_bias, dt_bias, memory, bits,
-                                     threads, fresh, seed):
+                                     threads, fresh, simd, seed):
     """Three consecutive one-token steps (states carried in the cache) of the fused mixer equal the
     model's Mamba.__call__ on the same quantized layers: output, memory, conv and scan states."""
     mixer = _mixer(hidden, expand, d_state, d_conv, dt_rank, conv_bias, dt_bias, memory, bits, seed)
@@ -100,9 +100,12 @@ def test_mamba_step_equals_the_model(hidden, expand, d_state, d_conv, dt_rank, c
     import os
     old = os.environ.get(cpu_kernels.ENV_THREADS)
     os.environ[cpu_kernels.ENV_THREADS] = str(threads)
+    lib = cpu_kernels._fused_library()
+    old_simd = lib.phf_fused_simd(int(simd))                    # 0: the portable loops (CPUs without AVX2)
     try:
         got = _steps(mixer, xs, conv0, ssm0)
     finally:
+        lib.phf_fused_simd(old_simd)
         if old is None:
             del os.environ[cpu_kernels.ENV_THREADS]
         else:
@@ -214,11 +217,25 @@ def _unattach(model):
             m.__class__ = cls.__mro__[1]
 
 
+def _spy(monkeypatch, name, counts):
+    real = getattr(cpu_kernels, name)
+
+    def spy(*args, **kwargs):
+        counts[name] = counts.get(name, 0) + 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels, name, spy)
+
+
 @needs_fused
-@pytest.mark.parametrize("golden", ["tiny", "small"])
-def test_whole_model_decode_with_and_without_the_fast_path(golden):
+@pytest.mark.parametrize("golden,simd,path", [("tiny", True, "step"), ("small", True, "step"), ("tiny", False, "step"),
+                                              ("tiny", True, "units"), ("small", True, "units")])
+def test_whole_model_decode_with_and_without_the_fast_path(golden, simd, path, monkeypatch):
     """A 4-bit golden model: prompt and decode logits with the CPU attachment equal the plain MLX model
-    within 1e-4 and greedy decoding picks the same ids."""
+    within 1e-4 and greedy decoding picks the same ids (also with the portable C loops). A prompt
+    shorter and one longer than the sliding window; decoding past the window. path "step": decode
+    steps as one host call (a step right after a prompt longer than the window, whose rotating cache
+    is trimmed by the update, takes the per-layer units); "units": the per-layer units only."""
     from conftest import GOLDEN_MODELS
 
     if golden not in GOLDEN_MODELS:
@@ -226,24 +243,106 @@ def test_whole_model_decode_with_and_without_the_fast_path(golden):
     plain = _quantized_golden(golden)
     fast = _quantized_golden(golden)
     cpu_kernels.use_cpu_kernels(fast)
+    window = fast.args.sliding_window
 
     def run(model):
-        cache = model.make_cache()
-        out = [np.asarray(model(mx.array([[5, 9, 2, 7, 1, 3]]), cache=cache))]
-        for t in (4, 8, 15, 16, 23, 42):
-            out.append(np.asarray(model(mx.array([[t]]), cache=cache)))
-        tok = int(np.argmax(out[-1][0, -1]))
-        ids = []
-        for _ in range(20):                              # past the sliding window of both models
-            logits = np.asarray(model(mx.array([[tok]]), cache=cache))
-            tok = int(np.argmax(logits[0, -1]))
-            ids.append(tok)
-            out.append(logits)
+        out, ids = [], []
+        for prompt in ([5, 9, 2, 7, 1, 3], list(range(3, 3 + window + 5))):
+            cache = model.make_cache()
+            out.append(np.asarray(model(mx.array([prompt]), cache=cache)))
+            for t in (4, 8, 15, 16, 23, 42):
+                out.append(np.asarray(model(mx.array([[t]]), cache=cache)))
+            tok = int(np.argmax(out[-1][0, -1]))
+            for _ in range(window + 4):                      # past the sliding window
+                logits = np.asarray(model(mx.array([[tok]]), cache=cache))
+                tok = int(np.argmax(logits[0, -1]))
+                ids.append(tok)
+                out.append(logits)
         return out, ids
 
-    got, got_ids = run(fast)
-    assert any("_phf_host" in m.__dict__ for _, m in fast.named_modules()), "the fused step did not run"
+    counts = {}
+    for name in ("_whole_step", "_diff_tail_host", "_attention_tail_unit"):
+        _spy(monkeypatch, name, counts)
+    if path == "units":
+        monkeypatch.setattr(cpu_kernels, "_step_plan", lambda *a: None)
+    lib = cpu_kernels._fused_library()
+    old_simd = lib.phf_fused_simd(int(simd))
+    try:
+        got, got_ids = run(fast)
+    finally:
+        lib.phf_fused_simd(old_simd)
+    steps = 2 * (6 + window + 4)
+    n_attn = sum(hasattr(layer.attn, "inner_cross_attn") for layer in fast.layers)
+    if path == "step":
+        assert counts.get("_whole_step") == steps - 1, counts          # all but the step after the trim
+        assert counts.get("_attention_tail_unit") == n_attn, counts      # that step: the units
+    else:
+        assert "_whole_step" not in counts and counts.get("_attention_tail_unit") == steps * n_attn, counts
+    assert counts.get("_diff_tail_host") == steps * n_attn, counts        # the host path ran, not the twins
     want, want_ids = run(plain)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
     assert got_ids == want_ids
+
+
+def _prefilled_pair(golden="tiny"):
+    """The plain 4-bit golden model and its CPU-attached twin, each with a cache after the same prompt."""
+    from conftest import GOLDEN_MODELS
+
+    if golden not in GOLDEN_MODELS:
+        pytest.skip(f"no golden model {golden}")
+    plain = _quantized_golden(golden)
+    fast = _quantized_golden(golden)
+    cpu_kernels.use_cpu_kernels(fast)
+    caches = []
+    for model in (plain, fast):
+        cache = model.make_cache()
+        mx.eval(model(mx.array([[5, 9, 2, 7, 1, 3, 11, 4, 8, 6, 10]]), cache=cache))
+        caches.append(cache)
+    return plain, fast, caches
+
+
+@needs_fused
+def test_decode_units_step_aside_for_compile_and_give_gradients():
+    """A decode step inside mx.compile equals the plain model's; gradients through a decode step (with
+    a cache) with respect to the input embeddings equal the plain model's and are not zero."""
+    plain, fast, (cache_p, cache_f) = _prefilled_pair()
+    emb = plain.model.embed_tokens(mx.array([[12]]))
+
+    def copy(cache):
+        from mlx.utils import tree_map
+
+        c = [type(x)(*([2] if type(x).__name__ == "ArraysCache" else
+                       [x.max_size] if hasattr(x, "max_size") else [])) for x in cache]
+        for new, old in zip(c, cache):
+            new.state = tree_map(lambda a: mx.array(a) if isinstance(a, mx.array) else a, old.state)
+            if getattr(old, "meta_state", None):
+                new.meta_state = old.meta_state
+        mx.eval([x.state for x in c])
+        return c
+
+    def step(model, cache):
+        c = copy(cache)
+        return lambda e: model(None, cache=c, input_embeddings=e)
+
+    want = step(plain, cache_p)(emb)
+    got = mx.compile(step(fast, cache_f))(emb)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    g_want = mx.grad(lambda e: (step(plain, cache_p)(e) ** 2).sum())(emb)
+    g_got = mx.grad(lambda e: (step(fast, cache_f)(e) ** 2).sum())(emb)
+    assert np.abs(np.asarray(g_want)).max() > 0
+    np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), rtol=1e-3, atol=1e-4)
+
+
+@needs_fused
+def test_decode_units_fall_back_for_batches_and_blocks():
+    """Batch 2 and a block of several tokens take the model's own loop and give its results."""
+    plain, fast, _ = _prefilled_pair()
+    for tokens in ([[5, 9], [2, 7]], [[1, 2, 3]]):
+        outs = []
+        for model in (plain, fast):
+            cache = model.make_cache()
+            outs.append(np.asarray(model(mx.array(tokens)[:, :1], cache=cache)))
+            outs.append(np.asarray(model(mx.array(tokens)[:, 1:], cache=cache)))
+        np.testing.assert_allclose(outs[2], outs[0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(outs[3], outs[1], rtol=1e-4, atol=1e-4)

@@ -16,6 +16,14 @@ needs_kernel = pytest.mark.skipif(
     else "phiflash_mlx/cpu/_cpu_kernels*.so was not built (see setup.py)")
 
 
+@pytest.fixture(autouse=True)
+def float_activations():
+    """These tests hold the kernels to MLX's float results: int8 activations (tests/test_cpu_q8.py) off."""
+    previous = cpu_kernels.set_int8(False)
+    yield
+    cpu_kernels.set_int8(previous)
+
+
 def test_kernel_is_built_on_linux():
     if not sys.platform.startswith("linux"):
         pytest.skip("compiled on Linux only")

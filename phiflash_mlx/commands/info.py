@@ -98,6 +98,9 @@ def run(args) -> int:
     kern = info["cpu_kernels"]
     if kern["active"]:
         rows.append(("cpu decode kernels", f"phiflash C kernels ({kern['simd']}, {kern['threads']} threads)"))
+        if "int8_activations" in kern:
+            rows.append(("  4/8-bit products", f"int8 activations ({kern['int8_simd']}); PHIFLASH_CPU_INT8=0 for float32"
+                         if kern["int8_activations"] else "float32 activations (PHIFLASH_CPU_INT8=0)"))
     else:
         rows.append(("cpu decode kernels", "off: MLX's own ops" + (f" ({kern['reason']})" if kern.get("reason") else "")))
     width = max(len(key) for key, _ in rows)

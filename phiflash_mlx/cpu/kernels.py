@@ -8,7 +8,10 @@ single-threaded and compute-bound (about 0.9 G weights/s on the 2-core x86 build
   `csrc/cpu_kernels.c` reads the packed codes directly. A few rows (decode): `phf_qmatvec`, one
   pass over the codes per 16 rows. Blocks of BLOCK_ROWS or more (prefill): `phf_qmatmul`, the weight
   dequantized a cache-sized tile at a time and multiplied register-blocked, so a prompt's time grows
-  with its length instead of paying for rewriting every matrix in float32 first.
+  with its length instead of paying for rewriting every matrix in float32 first. By default 4- and
+  8-bit products quantize the activations to int8 per group and use integer dot products
+  (`csrc/q8.c`, as llama.cpp does): they read the weights at close to memory bandwidth, at the cost of
+  a small, measured error (README). `PHIFLASH_CPU_INT8=0` keeps exact float32 activations.
 * **Other quantized layers, blocks of many tokens**: dequantize once and one float32 GEMM through
   BLAS (the routed OpenBLAS on Linux, Accelerate on macOS).
 * **Differential attention, a few queries**: `phf_attend` computes both stripes' attention reading
@@ -18,7 +21,8 @@ The library is compiled by setup.py into `_cpu_kernels*.so` (Linux), loaded with
 AVX2+FMA where the CPU has it and portable C elsewhere, and runs on a persistent pool of threads.
 Arrays cross to NumPy without copies of weights or caches. Everything computes the same math as
 the MLX ops it replaces; tests compare them. `PHIFLASH_CPU_KERNELS=0` turns the C kernels off;
-`PHIFLASH_CPU_THREADS=N` sets their threads (default: the CPUs this process may use, at most 8).
+`PHIFLASH_CPU_THREADS=N` sets their threads (default: the CPUs this process may use, at most 8);
+`PHIFLASH_CPU_INT8=0` gives 4- and 8-bit products float32 activations (`set_int8` from Python).
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ MIN_TOKENS = 16
 
 ENV_SWITCH = "PHIFLASH_CPU_KERNELS"
 ENV_THREADS = "PHIFLASH_CPU_THREADS"
+ENV_INT8 = "PHIFLASH_CPU_INT8"
+# Bit widths whose products use int8 activations while that is on (2 bits keeps float activations).
+INT8_BITS = (4, 8)
+Q8_LEVELS = ("portable C", "avx2", "avx512-vnni")
 KERNEL_BITS = (2, 4, 8)
 # From this many rows on, `phf_qmatmul` (weight dequantized a cache-sized tile at a time, register-
 # blocked product) instead of `phf_qmatvec` (one pass over the packed codes per 16 rows). Measured at
@@ -53,16 +61,51 @@ KERNEL_MIN_WEIGHTS = 1 << 17
 _log = logging.getLogger("phiflash_mlx.cpu_kernels")
 _lib: ctypes.CDLL | None = None
 _lib_tried = False
+_int8: bool | None = None          # set_int8's choice; None: the environment's
 
 
 def _switched_off() -> bool:
     return os.environ.get(ENV_SWITCH, "").strip().lower() in {"0", "off", "false", "no"}
 
 
+def int8_enabled() -> bool:
+    """Whether 4- and 8-bit products quantize their activations to int8: set_int8's choice, else
+    PHIFLASH_CPU_INT8 (on unless 0/off/false/no)."""
+    if _int8 is not None:
+        return _int8
+    return os.environ.get(ENV_INT8, "").strip().lower() not in {"0", "off", "false", "no"}
+
+
+def set_int8(on: bool | None) -> bool | None:
+    """Turn int8 activations on or off for the C products from now on (None: follow PHIFLASH_CPU_INT8
+    again); returns the previous choice (None where it followed the environment), so
+    `set_int8(previous)` restores it. Takes effect for the next call, also for products called from
+    other C kernels."""
+    global _int8
+    previous = _int8
+    _int8 = None if on is None else bool(on)
+    if _lib is not None:
+        _sync_int8(_lib)
+    return previous
+
+
+_lib_int8: bool | None = None      # what the loaded library was last told
+
+
+def _sync_int8(lib) -> None:
+    global _lib_int8
+    want = int8_enabled()
+    if want != _lib_int8:
+        lib.phf_set_q8(int(want))
+        _lib_int8 = want
+
+
 def _library() -> ctypes.CDLL | None:
     """The C kernels' library, or None where it was not built or is switched off."""
     global _lib, _lib_tried
     if _lib_tried:
+        if _lib is not None:
+            _sync_int8(_lib)        # PHIFLASH_CPU_INT8 may have changed (tests set it per test)
         return _lib
     _lib_tried = True
     if _switched_off():
@@ -88,10 +131,17 @@ def _library() -> ctypes.CDLL | None:
         lib.phf_ssm_scan.argtypes = [ptr] * 10 + [lng] * 5 + [i32]
         lib.phf_ssm_scan.restype = i32
         lib.phf_simd.restype = i32
+        lib.phf_q8_matmul.argtypes = lib.phf_qmatvec.argtypes
+        lib.phf_q8_matmul.restype = i32
+        lib.phf_set_q8.argtypes = [i32]
+        lib.phf_set_q8.restype = None
+        lib.phf_q8.restype = i32
+        lib.phf_q8_level.restype = i32
     except AttributeError as exc:             # built from older sources: rebuild to get every kernel
         _log.warning("%s is out of date (%s); using MLX's own ops. Rebuild it: python setup.py build_ext "
                      "--inplace (or pip install -e .)", path, exc)
         return None
+    _sync_int8(lib)
     _lib = lib
     return lib
 
@@ -125,7 +175,8 @@ def kernel_info() -> dict:
         if _switched_off():
             return {"active": False, "reason": f"{ENV_SWITCH}={os.environ[ENV_SWITCH]}"}
         return {"active": False, "reason": "not built (Linux only; compiled by pip install)"}
-    return {"active": True, "simd": "avx2+fma" if lib.phf_simd() else "portable C", "threads": threads()}
+    return {"active": True, "simd": "avx2+fma" if lib.phf_simd() else "portable C", "threads": threads(),
+            "int8_activations": bool(lib.phf_q8()), "int8_simd": Q8_LEVELS[lib.phf_q8_level()]}
 
 
 def _as_float32(a: mx.array) -> np.ndarray:
@@ -538,10 +589,13 @@ def use_cpu_kernels(model: nn.Module) -> int:
     """Switch every QuantizedLinear / QuantizedEmbedding of `model` (ours or any mlx-lm model) to the
     CPU versions above, and give our differential-attention layers the few-query attention kernel;
     returns how many modules changed."""
-    from ..models.phi4flash import MLP, GatedMemoryUnit, Mamba
+    from ..models.phi4flash import MLP, GatedMemoryUnit, Mamba, SambaYModel
 
     count = 0
     for _, module in model.named_modules():
+        if type(module) is SambaYModel and _library() is not None:
+            module.__class__ = _cpu_subclass(type(module), _cpu_sambay_call)
+            count += 1
         if hasattr(module, "few_query_kernel") and _library() is not None:
             module.few_query_kernel = attend_few
             from .attention import attend_many  # (it imports this module)
@@ -595,13 +649,28 @@ def _fused_library():
         ptr, lng, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
         step.argtypes = [ptr] * 16 + [lng] * 5 + [i32]
         step.restype = i32
+        try:
+            lib.phf_layernorm.argtypes = [ptr, ptr, ptr, ctypes.c_float, ptr, lng]
+            lib.phf_layernorm.restype = None
+            lib.phf_mlp_residual.argtypes = [ptr, ptr, ptr, ctypes.c_float, ptr, ptr, lng, i32]
+            lib.phf_mlp_residual.restype = i32
+            lib.phf_gmu_residual.argtypes = [ptr, ptr, ptr, ctypes.c_float, ptr, ptr, ptr, lng, i32]
+            lib.phf_gmu_residual.restype = i32
+            lib.phf_fused_simd.argtypes = [i32]
+            lib.phf_fused_simd.restype = i32
+            lib.phf_attend_rows.argtypes = [ptr, ptr, lng, lng, ptr, lng, lng, ptr, ptr, ptr, ptr] + [lng] * 5 + [i32]
+            lib.phf_attend_rows.restype = i32
+        except AttributeError:
+            lib._phf_fused_ready = False
+            return None
         lib._phf_fused_ready = fn = True
     return lib if fn else None
 
 
-def _fusable_product(module, k: int, n: int | None = None) -> bool:
-    """A quantized linear layer without bias whose product `phf_qmatvec` computes (any size)."""
-    if not isinstance(module, nn.QuantizedLinear) or "bias" in module or "biases" not in module:
+def _fusable_product(module, k: int, n: int | None = None, bias: bool = False) -> bool:
+    """A quantized linear layer (without bias unless `bias`) whose product `phf_qmatvec` computes (any
+    size)."""
+    if not isinstance(module, nn.QuantizedLinear) or ("bias" in module and not bias) or "biases" not in module:
         return False
     w = module["weight"]
     return (getattr(module, "mode", "affine") == "affine" and module.bits in KERNEL_BITS
@@ -742,3 +811,600 @@ def _mamba_step(mixer, a, cache):
         cache[0], cache[1] = conv_new, ssm_new
         cache.advance(1)
     return out, memory
+
+
+# ---- the decoder layers of a one-token step, each in one or two host calls ----------------------
+#
+# SambaYModel.__call__ for a decode step of batch 1 without masks runs every layer as a "unit": a pure
+# function of MLX arrays (the hidden state, the states it reads) computed on the host in one call,
+# with the model's own modules as its twin (mx.compile, gradients). The caches are read and written
+# by the loop, outside the units, as the model does. A Mamba or GMU layer is one unit (both
+# LayerNorms, the mixer, the MLP and both residual adds); an attention layer with a cache of its own
+# is two (LayerNorm + Wqkv; then, after MLX's cache update, the attention, the differential
+# combination, the sub-LN, out_proj and the MLP half); a cross layer is one.
+
+
+def _np_param(module, name) -> np.ndarray | None:
+    """A float32 host copy of module[name] (None where absent), kept while the module holds that array."""
+    store = module.__dict__.setdefault("_phf_np", {})
+    src = module.get(name) if name in module else None
+    held = store.get(name)
+    if held is None or held[0] is not src:
+        held = (src, None if src is None else _host_f32(src).reshape(-1))
+        store[name] = held
+    return held[1]
+
+
+def _norm_host(norm):
+    return _np_param(norm, "weight"), _np_param(norm, "bias"), float(getattr(norm, "eps", 1e-5))
+
+
+def _layer_norm_applies(norm, H) -> bool:
+    return (type(norm) is nn.LayerNorm and all(n not in norm or norm[n].shape == (H,) for n in ("weight", "bias")))
+
+
+def _mlp_applies(layer, H) -> bool:
+    mlp = layer.mlp
+    if not (hasattr(mlp, "fc1") and hasattr(mlp, "fc2")) or not _layer_norm_applies(layer.post_attention_layernorm, H):
+        return False
+    inter = mlp.fc2["weight"].shape[1] * 32 // getattr(mlp.fc2, "bits", 32)
+    return _fusable_product(mlp.fc1, H, 2 * inter) and _fusable_product(mlp.fc2, inter, H)
+
+
+def _mlp_half(lib, layer, hn: np.ndarray) -> bool:
+    """hn += MLP(LN2(hn)) on the host (in place)."""
+    w, b, eps = _norm_host(layer.post_attention_layernorm)
+    return lib.phf_mlp_residual(hn.ctypes.data, _ptr(w), _ptr(b), eps, ctypes.addressof(_qweight(layer.mlp.fc1)),
+                                ctypes.addressof(_qweight(layer.mlp.fc2)), hn.shape[0], threads()) == 0
+
+
+def _plain_mlp_half(layer, h):
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def _h_out(hn: np.ndarray, like: mx.array) -> mx.array:
+    out = mx.array(hn).reshape(like.shape)
+    return out if like.dtype == mx.float32 else out.astype(like.dtype)
+
+
+def _h_in(h: mx.array) -> np.ndarray:
+    """A writable float32 host copy of the (evaluated) hidden state."""
+    return np.array(np.asarray(h if h.dtype == mx.float32 else h.astype(mx.float32)), dtype=np.float32).reshape(-1)
+
+
+def _mamba_unit(layer, h, cache):
+    from ..models.cache import ArraysCache
+
+    mixer = layer.attn
+    Di, N, K = mixer.d_inner, mixer.d_state, mixer.d_conv
+    H, keep, mem = h.shape[-1], mixer.d_conv - 1, mixer.produces_memory
+    conv_state, ssm_state = cache[0], cache[1]
+    if conv_state is None:
+        conv_state = mx.zeros((1, keep, Di), dtype=h.dtype)
+    if ssm_state is None:
+        ssm_state = mx.zeros((1, Di, N), dtype=mx.float32)
+
+    def slow(h, conv_state, ssm_state):
+        scratch = ArraysCache(2)
+        scratch[0], scratch[1] = conv_state, ssm_state
+        o, memory = mixer(layer.input_layernorm(h), None, scratch)
+        h = _plain_mlp_half(layer, h + o)
+        return (h, memory, scratch[0], scratch[1]) if mem else (h, scratch[0], scratch[1])
+
+    def fast(h, conv_state, ssm_state):
+        lib = _fused_library()
+        mx.eval(h, conv_state, ssm_state)
+        if lib is None or conv_state.shape != (1, keep, Di) or ssm_state.shape != (1, Di, N):
+            return None
+        host = _MambaHost.of(mixer)
+        hn = _h_in(h)
+        a = np.empty_like(hn)
+        w, b, eps = _norm_host(layer.input_layernorm)
+        lib.phf_layernorm(hn.ctypes.data, _ptr(w), _ptr(b), eps, a.ctypes.data, H)
+        cs = _host_f32(conv_state, (keep, Di))
+        ss = _host_f32(ssm_state, (Di, N))
+        conv_out = np.empty((max(keep, 1), Di), dtype=np.float32)
+        ssm_out = np.empty((Di, N), dtype=np.float32)
+        out = np.empty((H,), dtype=np.float32)
+        memory = np.empty((Di,), dtype=np.float32) if mem else None
+        qs = [_qweight(m) for m in (mixer.in_proj, mixer.x_proj, mixer.out_proj)]
+        rc = lib.phf_mamba_step(a.ctypes.data, *[ctypes.addressof(q) for q in qs], _ptr(host.conv_w),
+                                _ptr(host.conv_b), _ptr(host.dt_w), _ptr(host.dt_b), _ptr(host.A), _ptr(host.D),
+                                cs.ctypes.data, ss.ctypes.data, conv_out.ctypes.data, ssm_out.ctypes.data,
+                                out.ctypes.data, _ptr(memory), H, Di, K, mixer.dt_rank, N, threads())
+        if rc != 0:
+            return None
+        hn += out
+        if not _mlp_half(lib, layer, hn):
+            return None
+        res = [_h_out(hn, h)]
+        if mem:
+            res.append(mx.array(memory).reshape(1, 1, Di).astype(h.dtype))
+        res.append(mx.array(conv_out[:keep]).reshape(1, keep, Di).astype(conv_state.dtype))
+        res.append(mx.array(ssm_out).reshape(1, Di, N))
+        return tuple(res)
+
+    res = _host_call(fast, slow, h, conv_state, ssm_state)
+    if mem:
+        h, memory, conv_new, ssm_new = res
+    else:
+        (h, conv_new, ssm_new), memory = res, None
+    cache[0], cache[1] = conv_new, ssm_new
+    cache.advance(1)
+    return h, memory
+
+
+def _gmu_unit(layer, h, memory):
+    gmu = layer.attn
+    H = h.shape[-1]
+
+    def slow(h, memory):
+        return _plain_mlp_half(layer, h + gmu(layer.input_layernorm(h), memory))
+
+    def fast(h, memory):
+        lib = _fused_library()
+        mx.eval(h, memory)
+        if lib is None:
+            return None
+        hn = _h_in(h)
+        mn = _host_f32(memory, (-1,))
+        w, b, eps = _norm_host(layer.input_layernorm)
+        rc = lib.phf_gmu_residual(hn.ctypes.data, _ptr(w), _ptr(b), eps, ctypes.addressof(_qweight(gmu.in_proj)),
+                                  ctypes.addressof(_qweight(gmu.out_proj)), mn.ctypes.data, H, threads())
+        if rc != 0 or not _mlp_half(lib, layer, hn):
+            return None
+        return _h_out(hn, h)
+
+    return _host_call(fast, slow, h, memory)
+
+
+def _linear_host(lib, module, x: np.ndarray) -> np.ndarray | None:
+    """x (k,) @ W.T (+ bias) of a quantized module, host to host."""
+    y = _np_product(lib, module, x.reshape(1, -1))
+    if y is None:
+        return None
+    y = y.reshape(-1)
+    bias = _np_param(module, "bias")
+    return y if bias is None else y + bias
+
+
+def _qkv_unit(layer, h):
+    """LN1 + Wqkv: (1, 1, rows) in h's dtype."""
+    attn = layer.attn
+
+    def slow(h):
+        return attn.Wqkv(layer.input_layernorm(h))
+
+    def fast(h):
+        lib = _fused_library()
+        mx.eval(h)
+        if lib is None:
+            return None
+        hn = _h_in(h)
+        a = np.empty_like(hn)
+        w, b, eps = _norm_host(layer.input_layernorm)
+        lib.phf_layernorm(hn.ctypes.data, _ptr(w), _ptr(b), eps, a.ctypes.data, hn.shape[0])
+        y = _linear_host(lib, attn.Wqkv, a)
+        if y is None:
+            return None
+        out = mx.array(y).reshape(1, 1, -1)
+        return out if h.dtype == mx.float32 else out.astype(h.dtype)
+
+    return _host_call(fast, slow, h)
+
+
+def _lambda_host(attn) -> float:
+    p = attn.inner_cross_attn
+    src = (p["lambda_q1"], p["lambda_k1"], p["lambda_q2"], p["lambda_k2"])
+    held = attn.__dict__.get("_phf_lambda")
+    if held is None or any(x is not y for x, y in zip(held[0], src)):
+        lam = (mx.exp(mx.sum(p.lambda_q1 * p.lambda_k1)) - mx.exp(mx.sum(p.lambda_q2 * p.lambda_k2))
+               + attn.lambda_init)
+        held = (src, float(lam.astype(mx.float32).item()))
+        attn.__dict__["_phf_lambda"] = held
+    return held[1]
+
+
+def _attention_out_ops(attn, h, q, keys, values, cache):
+    """The model's DiffAttention.__call__ after the cache update, for one query: q (1, 1, >= nh * hd)."""
+    nh, hd = attn.nh, attn.hd
+    qh = q[..., : nh * hd].reshape(1, 1, nh, hd).transpose(0, 2, 1, 3)
+    attn1, attn2 = attn._core(qh, keys, values, None, cache)
+    p = attn.inner_cross_attn
+    lam = mx.exp(mx.sum(p.lambda_q1 * p.lambda_k1)) - mx.exp(mx.sum(p.lambda_q2 * p.lambda_k2)) + attn.lambda_init
+    d = attn1 - lam.astype(attn1.dtype) * attn2
+    d = p.subln(d) * (1.0 - attn.lambda_init)
+    d = d.transpose(0, 2, 1, 3).reshape(1, 1, nh * hd)
+    return attn.out_proj(d.astype(h.dtype))
+
+
+def _diff_tail_host(lib, attn, o: np.ndarray, r: int) -> np.ndarray | None:
+    """From both stripes' attention o (P, 2r, dv): the differential combination, sub-LN, the
+    (1 - lambda_init) factor and out_proj (+ bias), on the host. Returns (H,) or None."""
+    hs = attn.nh // 2
+    dv = o.shape[-1]
+    d = o[:, :r].reshape(hs, dv) - _lambda_host(attn) * o[:, r:].reshape(hs, dv)
+    p = attn.inner_cross_attn
+    sub_w = _np_param(p.subln, "weight")
+    d = d / np.sqrt(np.mean(d * d, axis=-1, keepdims=True) + np.float32(p.subln.eps))
+    if sub_w is not None:
+        d = d * sub_w
+    d = np.ascontiguousarray((d * np.float32(1.0 - attn.lambda_init)).reshape(-1), dtype=np.float32)
+    return _linear_host(lib, attn.out_proj, d)
+
+
+def _attention_tail_unit(layer, h, q, keys, values, cache):
+    """The attention of one query over (keys, values), the differential combination, the sub-LN,
+    out_proj and the residual, then the MLP half. q (1, 1, nh * hd) (or a wider Wqkv output whose
+    first nh * hd columns are the query)."""
+    attn = layer.attn
+    nh, hd = attn.nh, attn.hd
+
+    def slow(h, q, keys, values):
+        return _plain_mlp_half(layer, h + _attention_out_ops(attn, h, q, keys, values, cache))
+
+    def fast(h, q, keys, values):
+        lib = _fused_library()
+        if lib is None or any(x.dtype != mx.float32 for x in (q, keys, values)):
+            return None
+        mx.eval(h, q, keys, values)
+        kn, vn = np.asarray(keys), np.asarray(values)
+        if kn.strides[-1] != kn.itemsize or vn.strides[-1] != vn.itemsize:
+            return None
+        half, s, dv = kn.shape[1], kn.shape[2], vn.shape[-1]
+        hs = nh // 2
+        r = hs // half
+        qn = np.asarray(q).reshape(-1)[: nh * hd].reshape(nh, hd)
+        qa = np.empty((2, half, r, hd), dtype=np.float32)
+        np.multiply(qn[0::2].reshape(half, r, hd), attn.scale, out=qa[0])
+        np.multiply(qn[1::2].reshape(half, r, hd), attn.scale, out=qa[1])
+        ks, vs = _strides(kn), _strides(vn)
+        o = np.empty((half, 2 * r, dv), dtype=np.float32)
+        rc = lib.phf_attend(qa.ctypes.data, 2 * half * r * hd, r * hd, kn.ctypes.data, ks[0], ks[1], hd, ks[2],
+                            vn.ctypes.data, vs[0], vs[1], vs[2], None, 0, s, o.ctypes.data, 1, 2 * half, r, 1, hd,
+                            dv, s, threads(), 1)
+        if rc != 0:
+            return None
+        y = _diff_tail_host(lib, attn, o, r)
+        if y is None:
+            return None
+        hn = _h_in(h)
+        hn += y
+        if not _mlp_half(lib, layer, hn):
+            return None
+        return _h_out(hn, h)
+
+    return _host_call(fast, slow, h, q, keys, values)
+
+
+def _attention_applies(layer, H, cache) -> bool:
+    from ..models.cache import KVCache, RotatingKVCache
+
+    attn = layer.attn
+    if not all(hasattr(attn, n) for n in ("Wqkv", "out_proj", "inner_cross_attn", "nh", "nkv", "hd", "kind",
+                                            "lambda_init", "scale")):
+        return False
+    if attn.kv_dtype is not None or not _layer_norm_applies(layer.input_layernorm, H):
+        return False
+    if cache is not None and type(cache) not in (KVCache, RotatingKVCache):
+        return False
+    subln = getattr(attn.inner_cross_attn, "subln", None)
+    return (type(subln) is nn.RMSNorm and attn.nh % 2 == 0 and attn.nkv % 2 == 0
+            and _fusable_product(attn.Wqkv, H, bias=True) and _fusable_product(attn.out_proj, attn.nh * attn.hd,
+                                                                                H, bias=True))
+
+
+def _decode_units_apply(model, inputs, cache, input_embeddings, capture) -> bool:
+    if capture is not None or cache is None or _fused_library() is None or mx.metal.is_available():
+        return False
+    if mx.default_device().type != mx.DeviceType.cpu:           # a GPU back-end (CUDA) computes there
+        return False
+    shape = (input_embeddings if input_embeddings is not None else inputs).shape
+    return tuple(shape[:2]) == (1, 1) and len(cache) >= model.num_cached
+
+
+def _cpu_sambay_call(self, inputs, cache=None, input_embeddings=None, capture=None):
+    """SambaYModel.__call__ for CPUs: a one-token step of batch 1 runs each decoder layer as one or two
+    host calls (the units above), where the layer's modules allow it; anything else is the model's
+    own loop."""
+    from ..models.phi4flash import CROSS, GLOBAL, GMU, MAMBA, MAMBA_MEM, SWA
+
+    base = super(type(self), self).__call__
+    if not _decode_units_apply(self, inputs, cache, input_embeddings, capture):
+        return base(inputs, cache, input_embeddings, capture)
+    h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+    masks = self._masks(h, cache)
+    if any(m is not None for m in masks.values()):
+        return base(inputs, cache, input_embeddings, capture)
+    H = h.shape[-1]
+    plan = _step_plan(self, cache, H)
+    if plan is not None:
+        return self.final_layernorm(_whole_step(self, h, plan))
+    memory = shared = None
+    for i, layer in enumerate(self.layers):
+        c = cache[i] if i < self.num_cached else None
+        kind = layer.kind
+        if kind in (MAMBA, MAMBA_MEM) and c is not None and _layer_norm_applies(layer.input_layernorm, H) \
+                and _mamba_step_applies(layer.attn, None, c) and _mlp_applies(layer, H):
+            h, mem = _mamba_unit(layer, h, c)
+            if mem is not None:
+                memory = mem
+            continue
+        if kind == GMU and memory is not None and _layer_norm_applies(layer.input_layernorm, H) \
+                and _mlp_applies(layer, H) and _fusable_product(layer.attn.in_proj, H, memory.shape[-1]) \
+                and _fusable_product(layer.attn.out_proj, memory.shape[-1], H):
+            h = _gmu_unit(layer, h, memory)
+            continue
+        attn = layer.attn
+        if kind in (SWA, GLOBAL) and c is not None and _attention_applies(layer, H, c) and _mlp_applies(layer, H):
+            qkv = _qkv_unit(layer, h)
+            nh, nkv, hd = attn.nh, attn.nkv, attn.hd
+            split = (nh + nkv) * hd
+            keys, values = c.update_and_fetch(attn._pairs(qkv[..., nh * hd: split]), attn._pairs(qkv[..., split:]))
+            h = _attention_tail_unit(layer, h, qkv, keys, values, c)
+            if kind == GLOBAL:
+                shared = (keys, values, c)
+            continue
+        if kind == CROSS and shared is not None and _attention_applies(layer, H, shared[2]) \
+                and _mlp_applies(layer, H):
+            q = _qkv_unit(layer, h)
+            h = _attention_tail_unit(layer, h, q, shared[0], shared[1], shared[2])
+            continue
+        # the model's own code for this layer
+        a = layer.input_layernorm(h)
+        if kind in (MAMBA, MAMBA_MEM):
+            o, mem = layer.attn(a, masks[MAMBA], c)
+            if mem is not None:
+                memory = mem
+        elif kind == GMU:
+            o = layer.attn(a, memory)
+        elif kind == SWA:
+            o, _ = layer.attn(a, masks[SWA], c)
+        elif kind == GLOBAL:
+            o, shared = layer.attn(a, masks[GLOBAL], c)
+        else:
+            o, _ = layer.attn(a, masks[GLOBAL], shared=shared)
+        h = h + o
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return self.final_layernorm(h)
+
+
+# ---- the whole decode step in one host call ------------------------------------------------------
+#
+# The units above still hand over to MLX's scheduler about twice per layer (each unit's result, each
+# cache update is evaluated before the next layer can read it). Where every layer fits, the whole
+# step is one host call instead: the attention layers attend over their cache as it will be after
+# this step's update (the cache's rows plus the new row, `phf_attend_rows`), and the cache updates
+# (mlx-lm's own update_and_fetch, the Mamba states) are applied afterwards, lazily; they are
+# evaluated with the next step's inputs.
+
+
+def _rows_after_update(c) -> np.ndarray | None:
+    """Which rows update_and_fetch of one new position will return, as rows of the cache's current
+    buffer (-1: the new position); None where the update would move rows (growing a KVCache beyond its
+    buffer keeps them, trimming a RotatingKVCache does not) or the cache is empty."""
+    from ..models.cache import KVCache, RotatingKVCache
+
+    if getattr(c, "keys", None) is None:
+        return None
+    length = c.keys.shape[2]
+    if type(c) is KVCache:
+        prev = c.offset
+        if prev > length:
+            return None
+        rows = np.arange(prev + 1, dtype=np.int32)
+        rows[prev] = -1
+        return rows
+    if type(c) is not RotatingKVCache:
+        return None
+    prev, idx, size = c.offset, c._idx, c.max_size
+    new_length = length
+    if prev >= length and length < size:                # grows: zeros appended, the new row at prev
+        if prev != length:
+            return None
+        idx, new_length = prev, length + min(c.step, size - prev)
+    if new_length > size:                               # would trim (after a long prompt): rows move
+        return None
+    if idx == size:
+        idx = c.keep
+    if not 0 <= idx < new_length:
+        return None
+    count = prev + 1 if prev + 1 < new_length else new_length
+    rows = np.arange(new_length, dtype=np.int32)[:count]
+    if idx < count:
+        rows[idx] = -1
+    if rows.max(initial=-1) >= length or (rows < 0).sum() != 1:
+        return None
+    return rows
+
+
+def _scratch_kv(c, keys, values):
+    """A cache like `c` (same type and bookkeeping) holding keys / values, for the MLX twin."""
+    s = type(c).__new__(type(c))
+    s.__dict__.update(c.__dict__)
+    s.keys, s.values = keys[...], values[...]                 # fresh arrays: updates stay in the copy
+    return s
+
+
+def _step_plan(model, cache, H):
+    """Per layer (layer, kind, cache, rows) where the whole step can run on the host; else None."""
+    from ..models.phi4flash import CROSS, GLOBAL, GMU, MAMBA, MAMBA_MEM, SWA
+
+    plan, memory, shared = [], False, False
+    for i, layer in enumerate(model.layers):
+        c = cache[i] if i < model.num_cached else None
+        kind, rows = layer.kind, None
+        if not (_layer_norm_applies(layer.input_layernorm, H) and _mlp_applies(layer, H)):
+            return None
+        if kind in (MAMBA, MAMBA_MEM):
+            if c is None or c[0] is None or c[1] is None or not _mamba_step_applies(layer.attn, None, c):
+                return None
+            memory = memory or layer.attn.produces_memory
+        elif kind == GMU:
+            g = layer.attn
+            di = getattr(getattr(g, "in_proj", None), "weight", None)
+            if not memory or di is None or not (_fusable_product(g.in_proj, H, di.shape[0])
+                                                and _fusable_product(g.out_proj, di.shape[0], H)):
+                return None
+        elif kind in (SWA, GLOBAL):
+            if c is None or not _attention_applies(layer, H, c):
+                return None
+            rows = _rows_after_update(c)
+            if rows is None:
+                return None
+            shared = shared or kind == GLOBAL
+        elif kind == CROSS:
+            if not shared or not _attention_applies(layer, H, None):
+                return None
+        else:
+            return None
+        plan.append((layer, kind, c, rows))
+    return plan
+
+
+def _whole_step(model, h0, plan):
+    """One host call for every layer of the step (the plan from _step_plan); returns the hidden state
+    before the final norm and applies the cache updates."""
+    from ..models.cache import ArraysCache
+    from ..models.phi4flash import CROSS, GLOBAL, GMU, MAMBA, MAMBA_MEM, SWA
+
+    states = []
+    for layer, kind, c, rows in plan:
+        if kind in (MAMBA, MAMBA_MEM):
+            states += [c[0], c[1]]
+        elif kind in (SWA, GLOBAL):
+            states += [c.keys, c.values]
+
+    def slow(h, *states):
+        it = iter(states)
+        outs, memory, shared = [], None, None
+        for layer, kind, c, rows in plan:
+            attn = layer.attn
+            if kind in (MAMBA, MAMBA_MEM):
+                scratch = ArraysCache(2)
+                scratch[0], scratch[1] = next(it), next(it)
+                o, mem = attn(layer.input_layernorm(h), None, scratch)
+                outs += [scratch[0], scratch[1]]
+                memory = mem if mem is not None else memory
+            elif kind == GMU:
+                o = attn(layer.input_layernorm(h), memory)
+            else:
+                qkv = attn.Wqkv(layer.input_layernorm(h))
+                if kind == CROSS:
+                    keys, values, kv_cache = shared
+                else:
+                    kv_cache = _scratch_kv(c, next(it), next(it))
+                    split = (attn.nh + attn.nkv) * attn.hd
+                    k, v = attn._pairs(qkv[..., attn.nh * attn.hd: split]), attn._pairs(qkv[..., split:])
+                    keys, values = kv_cache.update_and_fetch(k, v)
+                    outs += [k, v]
+                    if kind == GLOBAL:
+                        shared = (keys, values, kv_cache)
+                o = _attention_out_ops(attn, h, qkv, keys, values, kv_cache)
+            h = _plain_mlp_half(layer, h + o)
+        return (h, *outs)
+
+    def fast(h, *states):
+        lib = _fused_library()
+        if lib is None:
+            return None
+        mx.eval(h, *states)
+        nt = threads()
+        hn = _h_in(h)
+        H = hn.shape[0]
+        a = np.empty_like(hn)
+        it = iter(states)
+        outs, memory, shared = [], None, None
+        for layer, kind, c, rows in plan:
+            attn = layer.attn
+            w, b, eps = _norm_host(layer.input_layernorm)
+            if kind == GMU:
+                rc = lib.phf_gmu_residual(hn.ctypes.data, _ptr(w), _ptr(b), eps,
+                                          ctypes.addressof(_qweight(attn.in_proj)),
+                                          ctypes.addressof(_qweight(attn.out_proj)), memory.ctypes.data, H, nt)
+                if rc != 0:
+                    return None
+            else:
+                lib.phf_layernorm(hn.ctypes.data, _ptr(w), _ptr(b), eps, a.ctypes.data, H)
+            if kind in (MAMBA, MAMBA_MEM):
+                conv_state, ssm_state = next(it), next(it)
+                Di, N, K = attn.d_inner, attn.d_state, attn.d_conv
+                keep = K - 1
+                if conv_state.shape != (1, keep, Di) or ssm_state.shape != (1, Di, N):
+                    return None
+                host = _MambaHost.of(attn)
+                cs, ss = _host_f32(conv_state, (keep, Di)), _host_f32(ssm_state, (Di, N))
+                conv_out = np.empty((max(keep, 1), Di), dtype=np.float32)
+                ssm_out = np.empty((Di, N), dtype=np.float32)
+                out = np.empty((H,), dtype=np.float32)
+                mem = np.empty((Di,), dtype=np.float32) if attn.produces_memory else None
+                qs = [_qweight(m) for m in (attn.in_proj, attn.x_proj, attn.out_proj)]
+                rc = lib.phf_mamba_step(a.ctypes.data, *[ctypes.addressof(q) for q in qs], _ptr(host.conv_w),
+                                        _ptr(host.conv_b), _ptr(host.dt_w), _ptr(host.dt_b), _ptr(host.A),
+                                        _ptr(host.D), cs.ctypes.data, ss.ctypes.data, conv_out.ctypes.data,
+                                        ssm_out.ctypes.data, out.ctypes.data, _ptr(mem), H, Di, K, attn.dt_rank, N,
+                                        nt)
+                if rc != 0:
+                    return None
+                hn += out
+                outs += [mx.array(conv_out[:keep]).reshape(1, keep, Di).astype(conv_state.dtype),
+                         mx.array(ssm_out).reshape(1, Di, N)]
+                if mem is not None:
+                    memory = mem
+            elif kind != GMU:
+                nh, nkv, hd = attn.nh, attn.nkv, attn.hd
+                qkv = _linear_host(lib, attn.Wqkv, a)
+                if qkv is None:
+                    return None
+                if kind == CROSS:
+                    kn, vn, rows_, k_new, v_new = shared
+                else:
+                    kb, vb = next(it), next(it)
+                    if kb.dtype != mx.float32 or vb.dtype != mx.float32:
+                        return None
+                    kn, vn = np.asarray(kb), np.asarray(vb)
+                    split = (nh + nkv) * hd
+                    k_new = np.ascontiguousarray(qkv[nh * hd: split])
+                    v_new = np.ascontiguousarray(qkv[split:])
+                    P = nkv // 2
+                    if kn.shape[1] != P or kn.shape[-1] != 2 * hd or vn.shape[1] != P or vn.shape[-1] != 2 * hd \
+                            or kn.strides[-1] != 4 or vn.strides[-1] != 4:
+                        return None
+                    rows_ = rows
+                    outs += [mx.array(k_new).reshape(1, P, 1, 2 * hd), mx.array(v_new).reshape(1, P, 1, 2 * hd)]
+                    if kind == GLOBAL:
+                        shared = (kn, vn, rows, k_new, v_new)
+                P = kn.shape[1]
+                r = nh // 2 // P
+                qn = qkv[: nh * hd].reshape(nh, hd)
+                qa = np.empty((2, P, r, hd), dtype=np.float32)
+                np.multiply(qn[0::2].reshape(P, r, hd), attn.scale, out=qa[0])
+                np.multiply(qn[1::2].reshape(P, r, hd), attn.scale, out=qa[1])
+                ks, vs = _strides(kn), _strides(vn)
+                dv = vn.shape[-1]
+                o = np.empty((P, 2 * r, dv), dtype=np.float32)
+                rc = lib.phf_attend_rows(qa.ctypes.data, kn.ctypes.data, ks[1], ks[2], vn.ctypes.data, vs[1], vs[2],
+                                         rows_.ctypes.data, k_new.ctypes.data, v_new.ctypes.data, o.ctypes.data,
+                                         P, r, hd, dv, rows_.shape[0], nt)
+                if rc != 0:
+                    return None
+                y = _diff_tail_host(lib, attn, o, r)
+                if y is None:
+                    return None
+                hn += y
+            if not _mlp_half(lib, layer, hn):
+                return None
+        return (_h_out(hn, h), *outs)
+
+    res = _host_call(fast, slow, h0, *states)
+    h, outs = res[0], iter(res[1:])
+    for layer, kind, c, rows in plan:
+        if kind in (MAMBA, MAMBA_MEM):
+            c[0], c[1] = next(outs), next(outs)
+            c.advance(1)
+        elif kind in (SWA, GLOBAL):
+            keys, _ = c.update_and_fetch(next(outs), next(outs))
+            if keys.shape[2] != rows.shape[0]:               # the cache did not do what _rows_after_update said
+                raise RuntimeError(f"{type(c).__name__} returned {keys.shape[2]} positions after one update, "
+                                   f"the fused decode step attended {rows.shape[0]}; set {ENV_FUSED}=0")
+    return h

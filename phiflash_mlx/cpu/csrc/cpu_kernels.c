@@ -530,6 +530,13 @@ static void qmm_share(void *arg, int share) {
     free(wd);
 }
 
+/* int8-activation products (q8.c): phf_qmatvec and phf_qmatmul hand 4- and 8-bit products to
+ * phf_q8_matmul while phf_set_q8(1) is in effect */
+PHF_EXPORT int phf_q8(void);
+PHF_EXPORT int phf_q8_matmul(const float *x, long m, long k, const uint32_t *w, const float *scales,
+                             const float *biases, long n, int bits, int group_size, float *y, int threads,
+                             int level);
+
 /*
  * y[m, n] = x[m, k] @ dequantize(w, scales, biases)[n, k]^T for blocks of rows, tile by tile (see
  * above); same arguments and layout as phf_qmatvec. Returns 0, or -1 for an unsupported case or when
@@ -540,6 +547,8 @@ PHF_EXPORT int phf_qmatmul(const float *x, long m, long k, const uint32_t *w, co
                            int simd) {
     if (!(bits == 2 || bits == 4 || bits == 8) || group_size <= 0 || m <= 0 || n <= 0 || k <= 0) return -1;
     if (group_size % 32 != 0 || k % group_size != 0) return -1;
+    if ((bits == 4 || bits == 8) && phf_q8())
+        return phf_q8_matmul(x, m, k, w, scales, biases, n, bits, group_size, y, threads, simd ? -1 : 0);
     qmm_t a = {x, w, scales, biases, y, m, k, n, bits, group_size, 1, 0, 0, 0};
     a.use_avx2 = simd && phf_simd();
     if (threads < 1 || m * n * k < (1L << 20)) threads = 1;
@@ -561,6 +570,8 @@ PHF_EXPORT int phf_qmatvec(const float *x, long m, long k, const uint32_t *w, co
                            int simd) {
     if (!(bits == 2 || bits == 4 || bits == 8) || group_size <= 0 || m <= 0 || n <= 0 || k <= 0) return -1;
     if (group_size % 32 != 0 || k % group_size != 0) return -1;
+    if ((bits == 4 || bits == 8) && phf_q8())
+        return phf_q8_matmul(x, m, k, w, scales, biases, n, bits, group_size, y, threads, simd ? -1 : 0);
     const long groups = k / group_size;
     float *xsum = (float *)malloc(sizeof(float) * (size_t)(m * groups));
     if (!xsum) return -1;

@@ -15,8 +15,18 @@ typedef struct {
     int bits, group_size;
 } phf_qweight;
 
+/* simd 0 forces the portable loops in this file and in the products (tests); 1 uses AVX2 where the CPU has it */
+static int fused_simd = 1;
+
 static int qw_product(const phf_qweight *q, const float *x, float *y, int threads) {
-    return phf_qmatvec(x, 1, q->k, q->w, q->scales, q->biases, q->n, q->bits, q->group_size, y, threads, 1);
+    return phf_qmatvec(x, 1, q->k, q->w, q->scales, q->biases, q->n, q->bits, q->group_size, y, threads, fused_simd);
+}
+
+/* Sets the SIMD switch of the fused steps (1 = AVX2 where available, 0 = portable C); returns the old one. */
+PHF_EXPORT int phf_fused_simd(int simd) {
+    int old = fused_simd;
+    fused_simd = simd ? 1 : 0;
+    return old;
 }
 
 /* ---- exp on 8 lanes (Cephes' single-precision polynomial; relative error ~2e-7) --------------- */
@@ -163,7 +173,7 @@ PHF_EXPORT int phf_mamba_step(const float *a, const phf_qweight *in_proj, const 
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     int rc = qw_product(in_proj, a, xz, threads);
     mamba_t m = {xz, conv_w, conv_b, conv_state, conv_out, u, dbc, dt_w, dt_b, A, D, ssm_state, ssm_out, y, memory,
-                 Di, K, R, N, 0, 0, 0, phf_simd(), 0};
+                 Di, K, R, N, 0, 0, 0, fused_simd && phf_simd(), 0};
     m.chunk = 256;
     m.chunks = (Di + m.chunk - 1) / m.chunk;
     const int shares = Di * N < (1L << 12) ? 1 : (threads < m.chunks ? threads : (int)m.chunks);
@@ -179,4 +189,156 @@ PHF_EXPORT int phf_mamba_step(const float *a, const phf_qweight *in_proj, const 
     }
     free(buf);
     return rc;
+}
+
+/* ---- LayerNorm, and the decoder layer's second half ------------------------------------------ */
+
+/* out = (x - mean) / sqrt(var + eps) * w + b over n values (w, b may be NULL); out may equal x. */
+PHF_EXPORT void phf_layernorm(const float *x, const float *w, const float *b, float eps, float *out, long n) {
+    double sum = 0.0, sq = 0.0;
+    for (long i = 0; i < n; i++) sum += x[i];
+    const float mean = (float)(sum / (double)n);
+    for (long i = 0; i < n; i++) {
+        const float d = x[i] - mean;
+        sq += (double)d * d;
+    }
+    const float inv = 1.0f / sqrtf((float)(sq / (double)n) + eps);
+    for (long i = 0; i < n; i++) {
+        float v = (x[i] - mean) * inv;
+        if (w) v *= w[i];
+        if (b) v += b[i];
+        out[i] = v;
+    }
+}
+
+/*
+ * h += fc2(SiLU(g) * v) with g | v = fc1(LayerNorm(h)) (SAMBAY.md 4.2, 4.4): the second half of a
+ * decoder layer for one token. h (H) is updated in place. Returns 0, or -1 for inconsistent shapes or
+ * no memory (h unchanged).
+ */
+PHF_EXPORT int phf_mlp_residual(float *h, const float *ln_w, const float *ln_b, float eps, const phf_qweight *fc1,
+                                const phf_qweight *fc2, long H, int threads) {
+    const long I = fc2->k;
+    if (fc1->k != H || fc1->n != 2 * I || fc2->n != H) return -1;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(H + 2 * I + H));
+    if (!buf) return -1;
+    float *a = buf, *gv = a + H, *y = gv + 2 * I;
+    phf_layernorm(h, ln_w, ln_b, eps, a, H);
+    int rc = qw_product(fc1, a, gv, threads);
+    if (rc == 0) {
+        for (long i = 0; i < I; i++) gv[i] = silu1(gv[i]) * gv[I + i];
+        rc = qw_product(fc2, gv, y, threads);
+    }
+    if (rc == 0)
+        for (long i = 0; i < H; i++) h[i] += y[i];
+    free(buf);
+    return rc;
+}
+
+/*
+ * A Gated Memory Unit layer's first half for one token (SAMBAY.md 4.7):
+ * h += out_proj(SiLU(in_proj(LayerNorm(h))) * memory). h (H) in place; memory (Di).
+ */
+PHF_EXPORT int phf_gmu_residual(float *h, const float *ln_w, const float *ln_b, float eps, const phf_qweight *in_proj,
+                                const phf_qweight *out_proj, const float *memory, long H, int threads) {
+    const long Di = in_proj->n;
+    if (in_proj->k != H || out_proj->k != Di || out_proj->n != H) return -1;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(H + Di + H));
+    if (!buf) return -1;
+    float *a = buf, *g = a + H, *y = g + Di;
+    phf_layernorm(h, ln_w, ln_b, eps, a, H);
+    int rc = qw_product(in_proj, a, g, threads);
+    if (rc == 0) {
+        for (long i = 0; i < Di; i++) g[i] = silu1(g[i]) * memory[i];
+        rc = qw_product(out_proj, g, y, threads);
+    }
+    if (rc == 0)
+        for (long i = 0; i < H; i++) h[i] += y[i];
+    free(buf);
+    return rc;
+}
+
+/* ---- attention of one query over a cache and the row a step is adding to it ------------------ *
+ *
+ * The differential-attention pair layout of phf_attend (cpu_kernels.c), batch 1 and one query, but
+ * the T rows attended are named by `rows`: row t is the cache's row rows[t] (k + h * k_hs + rows[t] *
+ * k_ts, likewise v), or, where rows[t] < 0, the new row of this step (k_new + h * 2D, v_new + h * DV,
+ * the pair layout of one position). So a decode step can attend over its cache as it will be after
+ * the update without the update having been written yet.
+ *
+ *   out[h][part * R + r] = softmax_t(q[part][h][r] . key(t, h, part)) @ value(t, h)
+ *
+ * q: [2][P][R][D] (already scaled); out: [P][2R][DV]. */
+
+typedef struct {
+    const float *q, *k, *v, *k_new, *v_new;
+    const int *rows;
+    long k_hs, k_ts, v_hs, v_ts;
+    float *out;
+    long P, R, D, DV, T;
+    int use_avx2, failed;
+    long next;
+} attend_rows_t;
+
+static void attend_rows_share(void *arg, int share) {
+    attend_rows_t *a = (attend_rows_t *)arg;
+    const long R2 = 2 * a->R;
+    (void)share;
+    float *scores = (float *)malloc(sizeof(float) * (size_t)(R2 * a->T));
+    if (!scores) {
+        __atomic_store_n(&a->failed, 1, __ATOMIC_RELEASE);
+        return;
+    }
+    float (*dot)(const float *, const float *, long) = dot_portable;
+    void (*axpy)(float *, float, const float *, long) = axpy_portable;
+#ifdef PHF_X86
+    if (a->use_avx2) {
+        dot = dot_avx2;
+        axpy = axpy_avx2;
+    }
+#endif
+    for (long h; (h = next_chunk(&a->next)) < a->P;) {
+        for (long t = 0; t < a->T; t++) {
+            const long row = a->rows[t];
+            const float *kt = row >= 0 ? a->k + h * a->k_hs + row * a->k_ts : a->k_new + h * 2 * a->D;
+            for (int part = 0; part < 2; part++)
+                for (long r = 0; r < a->R; r++)
+                    scores[(part * a->R + r) * a->T + t] =
+                        dot(a->q + ((part * a->P + h) * a->R + r) * a->D, kt + part * a->D, a->D);
+        }
+        float *o = a->out + h * R2 * a->DV;
+        for (long i = 0; i < R2; i++) {
+            float *sr = scores + i * a->T;
+            float m = sr[0];
+            for (long t = 1; t < a->T; t++) m = sr[t] > m ? sr[t] : m;
+            float sum = 0.0f;
+            for (long t = 0; t < a->T; t++) {
+                sr[t] = expf(sr[t] - m);
+                sum += sr[t];
+            }
+            const float inv = 1.0f / sum;
+            for (long t = 0; t < a->T; t++) sr[t] *= inv;
+            memset(o + i * a->DV, 0, sizeof(float) * (size_t)a->DV);
+        }
+        for (long t = 0; t < a->T; t++) {
+            const long row = a->rows[t];
+            const float *vt = row >= 0 ? a->v + h * a->v_hs + row * a->v_ts : a->v_new + h * a->DV;
+            for (long i = 0; i < R2; i++) axpy(o + i * a->DV, scores[i * a->T + t], vt, a->DV);
+        }
+    }
+    free(scores);
+}
+
+/* Strides in floats. Returns 0, or -1 for a bad shape or no memory (the output is then incomplete). */
+PHF_EXPORT int phf_attend_rows(const float *q, const float *k, long k_hs, long k_ts, const float *v, long v_hs,
+                               long v_ts, const int *rows, const float *k_new, const float *v_new, float *out,
+                               long P, long R, long D, long DV, long T, int threads) {
+    if (P <= 0 || R <= 0 || D <= 0 || DV <= 0 || T <= 0) return -1;
+    attend_rows_t a = {q, k, v, k_new, v_new, rows, k_hs, k_ts, v_hs, v_ts, out, P, R, D, DV, T,
+                       fused_simd && phf_simd(), 0, 0};
+    if (threads < 1 || T * P * D < (1L << 14)) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > P) threads = (int)P;
+    run_shares(attend_rows_share, &a, threads);
+    return a.failed ? -1 : 0;
 }

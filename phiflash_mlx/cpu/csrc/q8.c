@@ -1,1 +1,480 @@
-/* Products of affine-quantized weights with int8-quantized activations. */
+/*
+ * Products of affine-quantized weights (4 and 8 bits) with int8-quantized activations.
+ *
+ * The float path above (phf_qmatvec) widens every code to float and multiplies it with float x:
+ * about 10 GB/s of codes per core, half what one core can read. Here x is quantized once per call,
+ * per group g of x's columns (the weight's groups):
+ *
+ *   d[g] = max|x_g| / 127 (0 for an all-zero group),  id = d ? 1/d : 0,
+ *   xq_i = round-half-even(x_i * id)   (int8, float32 arithmetic: NumPy's np.rint(x * id) gives the same),
+ *   sx[g] = sum of the original x_g     (float32, so the bias term carries no quantization error),
+ *
+ * and each output is
+ *
+ *   y[m, n] = sum_g ( scale[n, g] * d[m, g] * sum_i q[n, i] * xq[m, i]  +  bias[n, g] * sx[m, g] ).
+ *
+ * The inner sums are exact integer dot products of unsigned codes with signed bytes: AVX512-VNNI's
+ * vpdpbusd on 256-bit vectors where the CPU has it, AVX2's vpmaddubsw + vpmaddwd elsewhere on x86-64, plain C
+ * otherwise (8-bit codes on AVX2 are widened to int16 first: a pair of 255 * 127 would saturate
+ * vpmaddubsw). A 256-bit load holds 64 4-bit codes (byte b: code 2b low nibble, 2b+1 high nibble) or
+ * 32 8-bit codes; for 4 bits the activations of each 64 columns are stored even columns first, odd
+ * columns second, so the low nibbles (masked) meet the first 32 bytes and the high nibbles (shifted)
+ * the second 32 bytes without any shuffle. Per group the int32 lanes become floats and are scaled by
+ * d (per x row) and the weight's scale (per weight row) into float accumulators; the bias term is a
+ * short float dot of the row's biases with sx.
+ *
+ * Blocking: a call computes MR rows of x against NR rows of the weight at once (one load of each
+ * weight vector serves MR rows of x, one load of x serves NR weight rows). Decode (few rows) splits
+ * the weight rows over the pool in chunks of ~64 KB of codes, like phf_qmatvec; blocks of rows
+ * (prefill) take tiles of weight rows that stay in L2 while every row of x passes over them.
+ *
+ * phf_qmatvec and phf_qmatmul route 4- and 8-bit products here while phf_set_q8(1) is in effect.
+ */
+
+#ifndef PHF_Q8_BODY
+
+#define Q8_PORTABLE 0
+#define Q8_AVX2 1
+#define Q8_VNNI 2
+
+static int q8_on = 0;
+
+/* Switch the int8-activation products on (1) or off (0) for phf_qmatvec / phf_qmatmul. Set it
+ * before the calls it should affect (calls are serialised by the pool's lock, the switch is read
+ * once at the start of a call). */
+PHF_EXPORT void phf_set_q8(int on) { __atomic_store_n(&q8_on, on ? 1 : 0, __ATOMIC_RELEASE); }
+
+PHF_EXPORT int phf_q8(void) { return __atomic_load_n(&q8_on, __ATOMIC_ACQUIRE); }
+
+/* The best SIMD level of this CPU for these products: 2 AVX512-VNNI (+VL), 1 AVX2+FMA, 0 portable C. */
+PHF_EXPORT int phf_q8_level(void) {
+#ifdef PHF_X86
+    __builtin_cpu_init();
+    if (!phf_simd()) return Q8_PORTABLE;
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) return Q8_VNNI;
+    return Q8_AVX2;
+#else
+    return Q8_PORTABLE;
+#endif
+}
+
+#define Q8_TILE_BYTES (64L * 1024) /* codes per unit of work: a chunk of decode rows, a prefill tile */
+
+typedef struct {
+    const int8_t *xq;    /* [m, k]; 4 bits with SIMD: each 64 columns even-first, then odd */
+    const float *d;      /* [m, groups] */
+    const float *dl;     /* [m, units, 8]: d of each int32 lane of a unit (SIMD only) */
+    const float *sx;     /* [m, groups] */
+    const uint8_t *w;    /* [n, k * bits / 8] */
+    const float *scales, *biases; /* [n, groups] */
+    float *y;            /* [m, n] */
+    long m, k, n, groups, units, row_bytes;
+    int bits, group_size, level;
+    int unit_cols;       /* columns per unit: the group, or 64 for 4-bit groups of 32 (two groups) */
+    long rows_per_task, tasks, next;
+} q8job_t;
+
+/* ---- quantizing the activations ------------------------------------------------------------ */
+
+static void q8_quantize_group_portable(const float *x, int gs, int8_t *xq, float *d_out, float *sx_out) {
+    float amax = 0.0f, s = 0.0f;
+    for (int i = 0; i < gs; i++) {
+        const float a = fabsf(x[i]);
+        amax = a > amax ? a : amax;
+        s += x[i];
+    }
+    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int i = 0; i < gs; i++) {
+        float v = rintf(x[i] * id);
+        v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+        if (v != v) v = 0.0f; /* NaN input: it reaches y through sx (the bias term) */
+        xq[i] = (int8_t)v;
+    }
+    *d_out = d;
+    *sx_out = s;
+}
+
+#ifdef PHF_X86
+/* The same arithmetic, 8 columns at a time (vcvtps2dq rounds half to even, as rintf does in the
+ * default rounding mode); gs a multiple of 32. */
+__attribute__((target("avx2,fma"))) static void q8_quantize_group_avx2(const float *x, int gs, int8_t *xq,
+                                                                      float *d_out, float *sx_out) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 mx = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+    for (int i = 0; i < gs; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
+        sum = _mm256_add_ps(sum, v); /* 8 partial sums: a sequential sum's dependency chain cost
+                                      * 3/4 of the quantization time */
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    const float s = hsum256(sum);
+    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    const __m256 idv = _mm256_set1_ps(id);
+    const __m256i lim = _mm256_set1_epi32(127), nlim = _mm256_set1_epi32(-127);
+    for (int i = 0; i < gs; i += 32) {
+        __m256i q[4];
+        for (int t = 0; t < 4; t++) {
+            __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * t), idv));
+            q[t] = _mm256_max_epi32(_mm256_min_epi32(v, lim), nlim);
+        }
+        /* packs work within 128-bit lanes: fix the order with one permute */
+        const __m256i p16a = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
+        const __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+        const __m256i ordered = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(xq + i), ordered);
+    }
+    *d_out = d;
+    *sx_out = s;
+}
+#endif
+
+#ifdef PHF_X86
+/* Each 64 bytes of a row even-first, then odd (k a multiple of 64): per 128-bit lane gather the even
+ * bytes into the low half and the odd ones into the high half, then reorder the 64-bit quarters. */
+__attribute__((target("avx2,fma"))) static void q8_split_row_avx2(int8_t *row, long k) {
+    const __m256i deint = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    for (long c = 0; c < k; c += 64) {
+        __m256i a = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(row + c)), deint);
+        __m256i b = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(row + c + 32)), deint);
+        a = _mm256_permute4x64_epi64(a, 0xD8); /* quarters 0, 2, 1, 3: evens of a, then odds */
+        b = _mm256_permute4x64_epi64(b, 0xD8);
+        _mm256_storeu_si256((__m256i *)(row + c), _mm256_permute2x128_si256(a, b, 0x20));
+        _mm256_storeu_si256((__m256i *)(row + c + 32), _mm256_permute2x128_si256(a, b, 0x31));
+    }
+}
+#endif
+
+/* Quantize all rows of x. split: store each 64 columns even-first (the 4-bit SIMD layout). */
+static void q8_quantize(const float *x, long m, long k, int gs, int split, int use_avx2, int8_t *xq, float *d,
+                        float *sx) {
+    const long groups = k / gs;
+    int8_t tmp[64];
+    for (long r = 0; r < m; r++) {
+        for (long g = 0; g < groups; g++) {
+            const float *xg = x + r * k + g * gs;
+            int8_t *dst = xq + r * k + g * gs;
+#ifdef PHF_X86
+            if (use_avx2) q8_quantize_group_avx2(xg, gs, dst, d + r * groups + g, sx + r * groups + g);
+            else
+#endif
+                q8_quantize_group_portable(xg, gs, dst, d + r * groups + g, sx + r * groups + g);
+        }
+        if (split) {
+#ifdef PHF_X86
+            if (use_avx2) {
+                q8_split_row_avx2(xq + r * k, k);
+                continue;
+            }
+#endif
+            for (long c = 0; c < k; c += 64) {
+                int8_t *blk = xq + r * k + c;
+                for (int i = 0; i < 32; i++) {
+                    tmp[i] = blk[2 * i];
+                    tmp[32 + i] = blk[2 * i + 1];
+                }
+                memcpy(blk, tmp, 64);
+            }
+        }
+    }
+}
+
+/* ---- portable C --------------------------------------------------------------------------- */
+
+static void q8_rows_portable(const q8job_t *j, long n0, long n1) {
+    const long G = j->group_size;
+    for (long n = n0; n < n1; n++) {
+        const uint8_t *wr = j->w + n * j->row_bytes;
+        const float *sr = j->scales + n * j->groups, *br = j->biases + n * j->groups;
+        for (long m = 0; m < j->m; m++) {
+            const int8_t *xr = j->xq + m * j->k;
+            const float *dr = j->d + m * j->groups, *sxr = j->sx + m * j->groups;
+            float acc = 0.0f, bacc = 0.0f;
+            for (long g = 0; g < j->groups; g++) {
+                int32_t isum = 0;
+                const int8_t *xg = xr + g * G;
+                if (j->bits == 4) {
+                    const uint8_t *bg = wr + g * G / 2;
+                    for (long b = 0; b < G / 2; b++)
+                        isum += (int32_t)(bg[b] & 15) * xg[2 * b] + (int32_t)(bg[b] >> 4) * xg[2 * b + 1];
+                } else {
+                    const uint8_t *bg = wr + g * G;
+                    for (long i = 0; i < G; i++) isum += (int32_t)bg[i] * xg[i];
+                }
+                acc += (float)isum * dr[g] * sr[g];
+                bacc += br[g] * sxr[g];
+            }
+            j->y[m * j->n + n] = acc + bacc;
+        }
+    }
+}
+
+#ifdef PHF_X86
+/* 32 u8 x 32 s8 products summed in fours into 8 int32 lanes, added to acc. */
+__attribute__((target("avx2,fma"))) static inline __m256i q8_dot_avx2(__m256i acc, __m256i u, __m256i s) {
+    /* vpmaddubsw adds pairs of products in int16 with saturation; for 4-bit codes a pair is at most
+     * 2 * 15 * 127 = 3810, so nothing saturates (8-bit codes take q8_dot8_avx2) */
+    const __m256i p = _mm256_maddubs_epi16(u, s);
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+
+/* 8-bit codes on AVX2: widen to int16 first (vpmaddwd of 16-bit codes and 16-bit activations is exact). */
+__attribute__((target("avx2,fma"))) static inline __m256i q8_dot8_avx2(__m256i acc, __m256i u, __m256i s) {
+    const __m256i u_lo = _mm256_unpacklo_epi8(u, _mm256_setzero_si256());
+    const __m256i u_hi = _mm256_unpackhi_epi8(u, _mm256_setzero_si256());
+    const __m256i sgn = _mm256_cmpgt_epi8(_mm256_setzero_si256(), s);
+    const __m256i s_lo = _mm256_unpacklo_epi8(s, sgn), s_hi = _mm256_unpackhi_epi8(s, sgn);
+    return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(u_lo, s_lo), _mm256_madd_epi16(u_hi, s_hi)));
+}
+
+__attribute__((target("avx512vl,avx512vnni,avx2,fma"))) static inline __m256i q8_dot_vnni(__m256i acc, __m256i u,
+                                                                                            __m256i s) {
+    return _mm256_dpbusd_epi32(acc, u, s);
+}
+
+/* the SIMD kernels: q8.c included again, once per instruction set */
+#define PHF_Q8_BODY 1
+#define Q8_NAME(f) f##_avx2
+#define Q8_TARGET "avx2,fma"
+#define Q8_DOT4(acc, u, s) q8_dot_avx2(acc, u, s)
+#define Q8_DOT8(acc, u, s) q8_dot8_avx2(acc, u, s)
+#define Q8_MR 2
+#define Q8_NR 4
+#include "q8.c"
+#undef Q8_NAME
+#undef Q8_TARGET
+#undef Q8_DOT4
+#undef Q8_DOT8
+#undef Q8_MR
+#undef Q8_NR
+#define Q8_NAME(f) f##_vnni
+#define Q8_TARGET "avx512vl,avx512vnni,avx2,fma"
+#define Q8_DOT4(acc, u, s) q8_dot_vnni(acc, u, s)
+#define Q8_DOT8(acc, u, s) q8_dot_vnni(acc, u, s)
+#define Q8_MR 4
+#define Q8_NR 4
+#include "q8.c"
+#undef PHF_Q8_BODY
+#endif
+
+static void q8_run_rows(const q8job_t *j, long n0, long n1) {
+#ifdef PHF_X86
+    if (j->level == Q8_VNNI) {
+        q8_rows_vnni(j, n0, n1);
+        return;
+    }
+    if (j->level == Q8_AVX2) {
+        q8_rows_avx2(j, n0, n1);
+        return;
+    }
+#endif
+    q8_rows_portable(j, n0, n1);
+}
+
+static void q8_share(void *arg, int share) {
+    q8job_t *j = (q8job_t *)arg;
+    (void)share;
+    for (long t; (t = next_chunk(&j->next)) < j->tasks;) {
+        const long n0 = t * j->rows_per_task, n1 = n0 + j->rows_per_task < j->n ? n0 + j->rows_per_task : j->n;
+        q8_run_rows(j, n0, n1);
+    }
+}
+
+/*
+ * y[m, n] = x[m, k] @ dequantize(w, scales, biases)[n, k]^T with x quantized to int8 per group (see the
+ * top of this file); same arguments and layout as phf_qmatvec, bits 4 or 8. level: the SIMD level to
+ * use at most (2 VNNI, 1 AVX2, 0 portable; a negative value: the best this CPU has). Returns 0, or -1
+ * for an unsupported case or when scratch memory could not be had (nothing written).
+ */
+PHF_EXPORT int phf_q8_matmul(const float *x, long m, long k, const uint32_t *w, const float *scales,
+                             const float *biases, long n, int bits, int group_size, float *y, int threads,
+                             int level) {
+    if (!(bits == 4 || bits == 8) || group_size <= 0 || m <= 0 || n <= 0 || k <= 0) return -1;
+    if (group_size % 32 != 0 || k % group_size != 0) return -1;
+    const int best = phf_q8_level();
+    if (level < 0 || level > best) level = best;
+    /* 4-bit SIMD works on 64 columns at a time */
+    if (bits == 4 && k % 64 != 0) level = Q8_PORTABLE;
+    const long groups = k / group_size;
+    const int unit_cols = (bits == 4 && group_size == 32) ? 64 : group_size;
+    const long units = k / unit_cols;
+    const int split = bits == 4 && level != Q8_PORTABLE;
+    int8_t *xq = (int8_t *)malloc((size_t)(m * k));
+    float *d = (float *)malloc(sizeof(float) * (size_t)(2 * m * groups));
+    float *dl = level != Q8_PORTABLE ? (float *)malloc(sizeof(float) * (size_t)(m * units * 8)) : NULL;
+    if (!xq || !d || (level != Q8_PORTABLE && !dl)) {
+        free(xq);
+        free(d);
+        free(dl);
+        return -1;
+    }
+    float *sx = d + m * groups;
+    q8_quantize(x, m, k, group_size, split, level != Q8_PORTABLE, xq, d, sx);
+    if (dl) {
+        for (long r = 0; r < m; r++) {
+            for (long u = 0; u < units; u++) {
+                float *dst = dl + (r * units + u) * 8;
+                if (unit_cols == group_size) {
+                    for (int l = 0; l < 8; l++) dst[l] = d[r * groups + u];
+                } else { /* 4 bits, groups of 32: lanes 0-3 hold columns 0..31 of the unit, 4-7 the rest */
+                    for (int l = 0; l < 8; l++) dst[l] = d[r * groups + 2 * u + (l >= 4)];
+                }
+            }
+        }
+    }
+    q8job_t j;
+    j.xq = xq; j.d = d; j.dl = dl; j.sx = sx;
+    j.w = (const uint8_t *)w; j.scales = scales; j.biases = biases; j.y = y;
+    j.m = m; j.k = k; j.n = n; j.groups = groups; j.units = units; j.row_bytes = k * bits / 8;
+    j.bits = bits; j.group_size = group_size; j.level = level; j.unit_cols = unit_cols;
+    /* below about a million weights a second thread costs more than it saves */
+    if (threads < 1 || n * k < (1L << 20)) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (n < 8L * threads) threads = (int)(n / 8) > 0 ? (int)(n / 8) : 1;
+    /* units of work of ~64 KB of codes (they stay in L2 while all rows of x pass), at least 8 per
+     * thread; a multiple of 4 rows where possible */
+    long rows = Q8_TILE_BYTES / j.row_bytes + 1;
+    if (rows > n / (8L * threads) + 1) rows = n / (8L * threads) + 1;
+    if (rows > 4) rows -= rows % 4;
+    j.rows_per_task = rows;
+    j.tasks = (n + rows - 1) / rows;
+    j.next = 0;
+    run_shares(q8_share, &j, threads);
+    free(xq);
+    free(d);
+    free(dl);
+    return 0;
+}
+
+#else /* PHF_Q8_BODY: the SIMD kernels, compiled once per instruction set (see above) */
+
+/* y for x rows [m0, m0 + MR) x weight rows [n0, n0 + NR); MR, NR, BITS are constants after inlining. */
+__attribute__((always_inline, target(Q8_TARGET))) static inline void Q8_NAME(q8_block)(const q8job_t *j, long m0,
+                                                                                      long n0, const int MR,
+                                                                                      const int NR, const int BITS) {
+    const long k = j->k, units = j->units, rb = j->row_bytes;
+    const int cols = BITS == 4 ? 64 : 32;             /* columns per 32-byte load of codes */
+    const long loads = j->unit_cols / cols;           /* loads per unit: 1, 2 or 4 */
+    const int split = j->unit_cols != j->group_size;  /* 4 bits, groups of 32 */
+    const __m256i low4 = _mm256_set1_epi8(15);
+    __m256 acc[Q8_MR][Q8_NR];
+    for (int a = 0; a < MR; a++)
+        for (int b = 0; b < NR; b++) acc[a][b] = _mm256_setzero_ps();
+    const uint8_t *wrow[Q8_NR];
+    for (int b = 0; b < NR; b++) wrow[b] = j->w + (n0 + b) * rb;
+    /* prefetch the next block of weight rows (contiguous with this one) a slice per unit: in decode
+     * the 4 row streams alone did not keep enough reads in flight (20480 x 2560, one thread:
+     * 4.2-6.6 GB/s without, 14.5 with; the float path 9.8) */
+    const uint8_t *ahead = wrow[0] + NR * rb;
+    const long ahead_step = NR * rb / units;
+    for (long u = 0; u < units; u++) {
+        for (long o = 0; o < ahead_step; o += 64) _mm_prefetch((const char *)(ahead + u * ahead_step + o), _MM_HINT_T0);
+        __m256i isum[Q8_MR][Q8_NR];
+        for (int a = 0; a < MR; a++)
+            for (int b = 0; b < NR; b++) isum[a][b] = _mm256_setzero_si256();
+        for (long c = 0; c < loads; c++) {
+            const long blk = u * loads + c;
+            if (BITS == 4) {
+                __m256i lo[Q8_NR], hi[Q8_NR];
+                for (int b = 0; b < NR; b++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(wrow[b] + blk * 32));
+                    lo[b] = _mm256_and_si256(v, low4);
+                    hi[b] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                }
+                for (int a = 0; a < MR; a++) {
+                    const int8_t *xa = j->xq + (m0 + a) * k + blk * 64;
+                    const __m256i xe = _mm256_loadu_si256((const __m256i *)xa);
+                    const __m256i xo = _mm256_loadu_si256((const __m256i *)(xa + 32));
+                    for (int b = 0; b < NR; b++) {
+                        isum[a][b] = Q8_DOT4(isum[a][b], lo[b], xe);
+                        isum[a][b] = Q8_DOT4(isum[a][b], hi[b], xo);
+                    }
+                }
+            } else {
+                __m256i cv[Q8_NR];
+                for (int b = 0; b < NR; b++) cv[b] = _mm256_loadu_si256((const __m256i *)(wrow[b] + blk * 32));
+                for (int a = 0; a < MR; a++) {
+                    const __m256i xv = _mm256_loadu_si256((const __m256i *)(j->xq + (m0 + a) * k + blk * 32));
+                    for (int b = 0; b < NR; b++) isum[a][b] = Q8_DOT8(isum[a][b], cv[b], xv);
+                }
+            }
+        }
+        __m256 sv[Q8_NR];
+        for (int b = 0; b < NR; b++) {
+            const float *sr = j->scales + (n0 + b) * j->groups;
+            sv[b] = split ? _mm256_blend_ps(_mm256_set1_ps(sr[2 * u]), _mm256_set1_ps(sr[2 * u + 1]), 0xF0)
+                          : _mm256_set1_ps(sr[u]);
+        }
+        for (int a = 0; a < MR; a++) {
+            const __m256 dv = _mm256_loadu_ps(j->dl + ((m0 + a) * units + u) * 8);
+            for (int b = 0; b < NR; b++)
+                acc[a][b] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(isum[a][b]), dv), sv[b], acc[a][b]);
+        }
+    }
+    for (int a = 0; a < MR; a++) {
+        const float *sxr = j->sx + (m0 + a) * j->groups;
+        for (int b = 0; b < NR; b++) {
+            const float *br = j->biases + (n0 + b) * j->groups;
+            __m256 bacc = _mm256_setzero_ps();
+            long g = 0;
+            for (; g + 8 <= j->groups; g += 8)
+                bacc = _mm256_fmadd_ps(_mm256_loadu_ps(br + g), _mm256_loadu_ps(sxr + g), bacc);
+            float bias_part = 0.0f;
+            for (; g < j->groups; g++) bias_part += br[g] * sxr[g];
+            j->y[(m0 + a) * j->n + n0 + b] = hsum256(acc[a][b]) + hsum256(bacc) + bias_part;
+        }
+    }
+}
+
+/* every (MR, NR) up to the maxima as its own unrolled function, for 4 and 8 bits */
+#define Q8_FN(MR_, NR_)                                                                                      \
+    __attribute__((noinline, target(Q8_TARGET))) static void Q8_NAME(q8_b4_##MR_##_##NR_)(const q8job_t *j,  \
+                                                                                         long m0, long n0) { \
+        Q8_NAME(q8_block)(j, m0, n0, MR_, NR_, 4);                                                            \
+    }                                                                                                        \
+    __attribute__((noinline, target(Q8_TARGET))) static void Q8_NAME(q8_b8_##MR_##_##NR_)(const q8job_t *j,  \
+                                                                                         long m0, long n0) { \
+        Q8_NAME(q8_block)(j, m0, n0, MR_, NR_, 8);                                                            \
+    }
+Q8_FN(1, 1) Q8_FN(1, 2) Q8_FN(1, 3) Q8_FN(1, 4)
+Q8_FN(2, 1) Q8_FN(2, 2) Q8_FN(2, 3) Q8_FN(2, 4)
+#if Q8_MR > 2
+Q8_FN(3, 1) Q8_FN(3, 2) Q8_FN(3, 3) Q8_FN(3, 4)
+Q8_FN(4, 1) Q8_FN(4, 2) Q8_FN(4, 3) Q8_FN(4, 4)
+#endif
+#undef Q8_FN
+
+__attribute__((target(Q8_TARGET))) static void Q8_NAME(q8_block_any)(const q8job_t *j, long m0, long n0, int mr,
+                                                                     int nr) {
+#define Q8_CASE(MR_, NR_)                                                                                     \
+    case (MR_) * 8 + (NR_):                                                                                 \
+        if (j->bits == 4) Q8_NAME(q8_b4_##MR_##_##NR_)(j, m0, n0);                                          \
+        else Q8_NAME(q8_b8_##MR_##_##NR_)(j, m0, n0);                                                       \
+        return;
+    switch (mr * 8 + nr) {
+        Q8_CASE(1, 1) Q8_CASE(1, 2) Q8_CASE(1, 3) Q8_CASE(1, 4)
+        Q8_CASE(2, 1) Q8_CASE(2, 2) Q8_CASE(2, 3) Q8_CASE(2, 4)
+#if Q8_MR > 2
+        Q8_CASE(3, 1) Q8_CASE(3, 2) Q8_CASE(3, 3) Q8_CASE(3, 4)
+        Q8_CASE(4, 1) Q8_CASE(4, 2) Q8_CASE(4, 3) Q8_CASE(4, 4)
+#endif
+    }
+#undef Q8_CASE
+}
+
+/* weight rows [n0, n1) against every row of x, in blocks of Q8_MR x Q8_NR */
+__attribute__((target(Q8_TARGET))) static void Q8_NAME(q8_rows)(const q8job_t *j, long n0, long n1) {
+    for (long m0 = 0; m0 < j->m; m0 += Q8_MR) {
+        const int mr = j->m - m0 < Q8_MR ? (int)(j->m - m0) : Q8_MR;
+        for (long r = n0; r < n1; r += Q8_NR) {
+            const int nr = n1 - r < Q8_NR ? (int)(n1 - r) : Q8_NR;
+            Q8_NAME(q8_block_any)(j, m0, r, mr, nr);
+        }
+    }
+}
+
+#endif /* PHF_Q8_BODY */
