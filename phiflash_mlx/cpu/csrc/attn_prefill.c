@@ -126,7 +126,87 @@ __attribute__((target("avx2,fma"))) static void am_gemm_avx2(const float *A, lon
     }
 }
 #undef AM_SWITCH
+
+/* exp(x) for x <= 0 (scores minus their running maximum), 8 lanes: 2^n exp(r) with n = round(x / ln 2),
+ * r = x - n ln 2 (ln 2 in two parts), exp(r) by its degree-7 Taylor-like minimax polynomial on
+ * |r| <= ln 2 / 2 (Cephes' expf coefficients); relative error ~1e-7. Below -87 it gives ~1e-38
+ * instead of denormals or 0, which a sum of probabilities cannot tell apart. */
+__attribute__((target("avx2,fma"))) static inline __m256 am_exp256(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* The maximum of s[from .. to) (from < to). */
+__attribute__((target("avx2,fma"))) static float am_row_max_avx2(const float *s, long from, long to) {
+    long j = from;
+    float m = s[from];
+    if (to - from >= 8) {
+        __m256 mv = _mm256_loadu_ps(s + from);
+        for (j = from + 8; j + 8 <= to; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + j));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        m = _mm_cvtss_f32(h);
+    }
+    for (; j < to; j++) m = s[j] > m ? s[j] : m;
+    return m;
+}
+
+/* s[j] = exp(s[j] - m) for j in [from, to); returns their sum. */
+__attribute__((target("avx2,fma"))) static float am_row_exp_avx2(float *s, long from, long to, float m) {
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 total = _mm256_setzero_ps();
+    long j = from;
+    for (; j + 8 <= to; j += 8) {
+        const __m256 e = am_exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+        _mm256_storeu_ps(s + j, e);
+        total = _mm256_add_ps(total, e);
+    }
+    float sum = hsum256(total);
+    for (; j < to; j++) {
+        const float e = expf(s[j] - m);
+        s[j] = e;
+        sum += e;
+    }
+    return sum;
+}
 #endif
+
+static float am_row_max(int use_avx2, const float *s, long from, long to) {
+#ifdef PHF_X86
+    if (use_avx2) return am_row_max_avx2(s, from, to);
+#endif
+    (void)use_avx2;
+    float m = s[from];
+    for (long j = from + 1; j < to; j++) m = s[j] > m ? s[j] : m;
+    return m;
+}
+
+static float am_row_exp(int use_avx2, float *s, long from, long to, float m) {
+#ifdef PHF_X86
+    if (use_avx2) return am_row_exp_avx2(s, from, to, m);
+#endif
+    (void)use_avx2;
+    float sum = 0.0f;
+    for (long j = from; j < to; j++) {
+        const float e = expf(s[j] - m);
+        s[j] = e;
+        sum += e;
+    }
+    return sum;
+}
 
 static void am_gemm(int use_avx2, const float *A, long lda, const float *Bm, long ldb, float *C, long ldc, long M,
                     long N, long K, int accumulate) {
@@ -188,8 +268,7 @@ static void am_unit(const many_t *a, long u, float *qs, float *kt, float *sc, fl
                 for (long j = 0; j < kb; j++) s[j] = 0.0f;
                 continue;
             }
-            float m = s[from];
-            for (long j = from + 1; j < to; j++) m = s[j] > m ? s[j] : m;
+            float m = am_row_max(a->use_avx2, s, from, to);
             if (m > mx[r]) {
                 const float c = expf(mx[r] - m);                   /* 0 on the row's first block */
                 float *o = acc + r * DV;
@@ -197,16 +276,9 @@ static void am_unit(const many_t *a, long u, float *qs, float *kt, float *sc, fl
                 sum[r] *= c;
                 mx[r] = m;
             }
-            m = mx[r];
-            float total = 0.0f;
             for (long j = 0; j < from; j++) s[j] = 0.0f;
-            for (long j = from; j < to; j++) {
-                const float e = expf(s[j] - m);
-                s[j] = e;
-                total += e;
-            }
             for (long j = to; j < kb; j++) s[j] = 0.0f;
-            sum[r] += total;
+            sum[r] += am_row_exp(a->use_avx2, s, from, to, mx[r]);
         }
         am_gemm(a->use_avx2, sc, kbp, vh + t0 * a->v_ts, a->v_ts, acc, DV, rows, DV, kb, 1);
     }
