@@ -176,9 +176,11 @@ PHF_EXPORT int phf_mamba_step(const float *a, const phf_qweight *in_proj, const 
                  Di, K, R, N, 0, 0, 0, fused_simd && phf_simd(), 0};
     m.chunk = 256;
     m.chunks = (Di + m.chunk - 1) / m.chunk;
-    const int shares = Di * N < (1L << 12) ? 1 : (threads < m.chunks ? threads : (int)m.chunks);
+    /* the scan phase reads dt_w (Di x R floats) and updates Di x N states: worth a second thread at
+     * the released model's widths (5120 x (160 + 16)), not at small ones; the conv phase never is */
+    const int shares = Di * (R + N) < (1L << 16) ? 1 : (threads < m.chunks ? threads : (int)m.chunks);
     if (rc == 0) {
-        run_shares(mamba_share, &m, shares);
+        mamba_share(&m, 0);
         rc = qw_product(x_proj, u, dbc, threads);
     }
     if (rc == 0) {
