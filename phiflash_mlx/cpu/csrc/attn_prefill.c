@@ -23,7 +23,7 @@
  * most expensive query blocks (the last ones under a causal mask) first. */
 
 #define AM_KB 256    /* keys per block */
-#define AM_ROWS 64   /* rows of queries (both stripes) a unit aims at */
+#define AM_ROWS 128  /* rows of queries (both stripes) a unit aims at: 32 positions x 4 heads at the real shapes */
 
 typedef struct {
     const float *q;
