@@ -346,3 +346,35 @@ def test_decode_units_fall_back_for_batches_and_blocks():
             outs.append(np.asarray(model(mx.array(tokens)[:, 1:], cache=cache)))
         np.testing.assert_allclose(outs[2], outs[0], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(outs[3], outs[1], rtol=1e-4, atol=1e-4)
+
+
+@needs_fused
+def test_bfloat16_model_decodes_like_the_plain_one(monkeypatch):
+    """bfloat16 activations (16-bit K/V caches, which the host attention does not read): the decode
+    step does not run as one host call, the layers that can run on the host do, and against the
+    float32 model the decode logits are as close as the plain bfloat16 model's."""
+    import phiflash_mlx
+    from conftest import golden_path
+
+    def build(dtype):
+        model, _ = phiflash_mlx.load(str(golden_path("small")), dtype=dtype, tokenizer=False)
+        _unattach(model)
+        nn.quantize(model, group_size=32, bits=4,
+                    class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 32 == 0)
+        mx.eval(model.parameters())
+        return model
+
+    ref, plain, fast = build("float32"), build("bfloat16"), build("bfloat16")
+    cpu_kernels.use_cpu_kernels(fast)
+    counts = {}
+    for name in ("_whole_step", "_mamba_unit"):
+        _spy(monkeypatch, name, counts)
+    outs = []
+    for model in (ref, fast, plain):
+        cache = model.make_cache()
+        model(mx.array([[5, 9, 2, 7, 1, 3]]), cache=cache)
+        outs.append(np.stack([np.asarray(model(mx.array([[t]]), cache=cache).astype(mx.float32))
+                              for t in (4, 8, 15, 16)]))
+    assert "_whole_step" not in counts and counts.get("_mamba_unit", 0) > 0, counts
+    err_fast, err_plain = np.abs(outs[1] - outs[0]).max(), np.abs(outs[2] - outs[0]).max()
+    assert err_fast <= 1.5 * err_plain + 0.02, (err_fast, err_plain)

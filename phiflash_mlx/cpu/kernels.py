@@ -1249,6 +1249,8 @@ def _step_plan(model, cache, H):
         elif kind in (SWA, GLOBAL):
             if c is None or not _attention_applies(layer, H, c):
                 return None
+            if getattr(c, "keys", None) is None or c.keys.dtype != mx.float32 or c.values.dtype != mx.float32:
+                return None                       # (the host attention reads float32 caches)
             rows = _rows_after_update(c)
             if rows is None:
                 return None
