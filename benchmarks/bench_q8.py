@@ -5,7 +5,9 @@ In one process, interleaved round by round (the build machine is shared: medians
 * **decode mat-vec**: one row of x times a 4-bit group-64 matrix at two real shapes (20480 x 2560:
   Phi-4-mini-flash's largest projection; 2560 x 10240), 1 and 2 threads, as GB/s of weights read
   (codes + float32 scales and biases);
-* **prefill block**: 512 rows times 20480 x 2560, the tiled path (`phf_qmatmul`), 2 threads.
+* **prefill block**: 512 rows times 20480 x 2560 and 2560 x 10240 (the MLP's two products), 1 and 2
+  threads, as GMAC/s: the float tile (`phf_qmatmul` with int8 off, 20480 x 2560 at 2 threads only),
+  q8.c's block kernel (the row route to q8_gemm.c off) and q8_gemm.c's weight-rows-in-lanes tile.
 
 Both sides go through the same exported entry points (`phf_qmatvec`, `phf_qmatmul`) with the int8
 switch flipped between calls. Writes ``benchmarks/results/q8.json`` and ``q8.png``.
@@ -85,18 +87,29 @@ def main(argv=None) -> int:
                       f"({row['float']['GBps']:.1f} GB/s), int8 {row['int8']['ms']:.2f} ms "
                       f"({row['int8']['GBps']:.1f} GB/s)", flush=True)
         if not args.no_prefill:
-            x, w, s, b = _operands(20480, 2560, 512, rng)
-            times = {"float": [], "int8": []}
-            for _ in range(max(2, args.rounds // 2)):
-                for name in ("float", "int8"):
-                    kernels.set_int8(name == "int8")
-                    times[name] += _time(lib.phf_qmatmul, x, w, s, b, 2, 1)
-            row = {"rows": 512, "n": 20480, "k": 2560, "threads": 2}
-            for name, ts in times.items():
-                row[name] = {"ms": statistics.median(ts) * 1e3}
-            result["prefill"].append(row)
-            print(f"prefill 512 x (20480 x 2560), 2 threads: float tile {row['float']['ms']:.0f} ms, "
-                  f"int8 {row['int8']['ms']:.0f} ms", flush=True)
+            previous_rows = lib.phf_set_q8_gemm_rows(16)
+            try:
+                for n, k in ((20480, 2560), (2560, 10240)):
+                    x, w, s, b = _operands(n, k, 512, rng)
+                    macs = 512 * n * k
+                    for threads in (1, 2):
+                        names = ["block", "lanes"] + (["float"] if (n, threads) == (20480, 2) else [])
+                        times = {name: [] for name in names}
+                        for _ in range(max(2, args.rounds // 2)):
+                            for name in names:
+                                kernels.set_int8(name != "float")
+                                lib.phf_set_q8_gemm_rows(16 if name == "lanes" else 0)
+                                times[name] += _time(lib.phf_qmatmul, x, w, s, b, threads, 1)
+                        row = {"rows": 512, "n": n, "k": k, "threads": threads}
+                        for name, ts in times.items():
+                            med = statistics.median(ts)
+                            row[name] = {"ms": med * 1e3, "GMACps": macs / med / 1e9}
+                        result["prefill"].append(row)
+                        print(f"prefill 512 x ({n} x {k}), {threads} thread(s): "
+                              + ", ".join(f"{name} {row[name]['ms']:.0f} ms ({row[name]['GMACps']:.0f} GMAC/s)"
+                                          for name in names), flush=True)
+            finally:
+                lib.phf_set_q8_gemm_rows(previous_rows)
     finally:
         kernels.set_int8(previous)
 

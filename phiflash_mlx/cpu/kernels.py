@@ -137,6 +137,10 @@ def _library() -> ctypes.CDLL | None:
         lib.phf_set_q8.restype = None
         lib.phf_q8.restype = i32
         lib.phf_q8_level.restype = i32
+        lib.phf_q8_gemm.argtypes = lib.phf_qmatvec.argtypes
+        lib.phf_q8_gemm.restype = i32
+        lib.phf_set_q8_gemm_rows.argtypes = [i32]
+        lib.phf_set_q8_gemm_rows.restype = i32
     except AttributeError as exc:             # built from older sources: rebuild to get every kernel
         _log.warning("%s is out of date (%s); using MLX's own ops. Rebuild it: python setup.py build_ext "
                      "--inplace (or pip install -e .)", path, exc)

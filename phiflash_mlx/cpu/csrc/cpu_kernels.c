@@ -841,5 +841,6 @@ PHF_EXPORT int phf_ssm_scan(const float *u, const float *dbc, const float *z, co
 /* ---- products with int8-quantized activations (q8.c) and fused decode steps (fused.c) ---------
  * Separate files for readability; they are part of this translation unit and use its thread pool. */
 #include "q8.c"
+#include "q8_gemm.c"
 #include "fused.c"
 #include "attn_prefill.c"

@@ -290,11 +290,16 @@ static void q8_share(void *arg, int share) {
  * use at most (2 VNNI, 1 AVX2, 0 portable; a negative value: the best this CPU has). Returns 0, or -1
  * for an unsupported case or when scratch memory could not be had (nothing written).
  */
+/* blocks of many rows: weight rows in vector lanes (q8_gemm.c) */
+static int q8g_route(const float *x, long m, long k, const uint32_t *w, const float *scales, const float *biases,
+                     long n, int bits, int group_size, float *y, int threads, int level);
+
 PHF_EXPORT int phf_q8_matmul(const float *x, long m, long k, const uint32_t *w, const float *scales,
                              const float *biases, long n, int bits, int group_size, float *y, int threads,
                              int level) {
     if (!(bits == 4 || bits == 8) || group_size <= 0 || m <= 0 || n <= 0 || k <= 0) return -1;
     if (group_size % 32 != 0 || k % group_size != 0) return -1;
+    if (q8g_route(x, m, k, w, scales, biases, n, bits, group_size, y, threads, level) == 0) return 0;
     const int best = phf_q8_level();
     if (level < 0 || level > best) level = best;
     /* 4-bit SIMD works on 64 columns at a time */
