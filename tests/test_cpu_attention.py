@@ -57,12 +57,16 @@ def _cache_view(key, b, pairs, s, hd, spare):
        offset=st.integers(0, 30), hd=st.integers(4, 16), spare=st.integers(0, 3),
        mask=st.sampled_from(["none", "causal", "causal array", "window", "left padding", "window padded"]),
        window=st.integers(1, 12), simd=st.booleans(), threads=st.integers(1, 4), block=st.integers(0, 5),
-       seed=st.integers(0, 2**16))
-def test_attend_many_equals_reference(b, pairs, g, l, offset, hd, spare, mask, window, simd, threads, block, seed):
+       q_view=st.booleans(), seed=st.integers(0, 2**16))
+def test_attend_many_equals_reference(b, pairs, g, l, offset, hd, spare, mask, window, simd, threads, block,
+                                      q_view, seed):
     nh = 2 * g * pairs
     s = l + offset                                   # the cache held `offset` keys before these queries
-    kq, kc, kp = mx.random.split(mx.random.key(seed), 3)
-    q = mx.random.normal((b, nh, l, hd), key=kq) * 2.0
+    kq, kc = mx.random.split(mx.random.key(seed))
+    if q_view:                                       # as the model makes it: (b, l, nh, hd) transposed
+        q = (mx.random.normal((b, l, nh, hd), key=kq) * 2.0).transpose(0, 2, 1, 3)
+    else:
+        q = mx.random.normal((b, nh, l, hd), key=kq) * 2.0
     keys, values = _cache_view(kc, b, pairs, s, hd, spare)
     pad = [int(x) for x in np.random.default_rng(seed).integers(0, s + 1, size=b)]
     given_mask = {
