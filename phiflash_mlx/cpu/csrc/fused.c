@@ -6,20 +6,23 @@
  * `phf_qmatvec` (whatever path it takes), everything between them spread over the thread pool.
  *
  * Quantized weights are described by `phf_qweight` (MLX's affine layout, see the top of
- * cpu_kernels.c); a product is y[n] = x[k] @ W^T. All arrays are contiguous float32, batch 1. */
+ * cpu_kernels.c); a product is y[n] = x[k] @ W^T. All arrays are contiguous float32, batch 1, except a
+ * weight's scales and biases, which are float32, float16 or bfloat16 as `sdtype` says (PHF_SD_*). */
 
 typedef struct {
     const uint32_t *w;
-    const float *scales, *biases;
+    const void *scales, *biases;
     long n, k;
     int bits, group_size;
+    int sdtype; /* PHF_SD_F32 (0), PHF_SD_F16 (1), PHF_SD_BF16 (2) */
 } phf_qweight;
 
 /* simd 0 forces the portable loops in this file and in the products (tests); 1 uses AVX2 where the CPU has it */
 static int fused_simd = 1;
 
 static int qw_product(const phf_qweight *q, const float *x, float *y, int threads) {
-    return phf_qmatvec(x, 1, q->k, q->w, q->scales, q->biases, q->n, q->bits, q->group_size, y, threads, fused_simd);
+    return phf_qmatvec_sd(x, 1, q->k, q->w, q->scales, q->biases, q->sdtype, q->n, q->bits, q->group_size, y, threads,
+                          fused_simd);
 }
 
 /* Sets the SIMD switch of the fused steps (1 = AVX2 where available, 0 = portable C); returns the old one. */
