@@ -107,3 +107,34 @@ def test_bad_shapes_are_declined():
     for args in ((4, 48), (3, 32), (4, 0)):
         rc, y = gemm(x, w, s, s, *args)
         assert rc == -1 and np.isnan(y).all()
+
+
+@settings(max_examples=20, deadline=None)
+@given(dtype=st.sampled_from(["float32", "float16", "bfloat16"]), bits=st.sampled_from([4, 8]),
+       group_size=st.sampled_from([32, 64, 128]), m=st.integers(1, 30), n=st.integers(1, 37),
+       groups=st.integers(1, 5), threads=st.integers(1, 3), seed=st.integers(0, 2 ** 16))
+def test_16_bit_scales_and_biases(dtype, bits, group_size, m, n, groups, threads, seed):
+    """Scales and biases as stored (float16 / bfloat16 bit patterns) give the integer math with their
+    exact values, through phf_q8_gemm_sd and through phf_q8_matmul_sd's route."""
+    from test_cpu_scales16 import DTYPES, spread, to_16
+    rng = np.random.default_rng(seed)
+    k = group_size * groups
+    x, codes, _, _ = random_case(rng, m, n, k, bits, group_size, None, 0)
+    s16, s64 = to_16(spread(rng, (n, groups)), dtype)
+    b16, b64 = to_16(spread(rng, (n, groups)), dtype)
+    w = pack(codes, bits)
+    want, mag = emulate(x, codes, s64.astype(np.float32), b64.astype(np.float32), group_size)
+    for route in (False, True):
+        y = np.full((m, n), np.nan, np.float32)
+        args = (x.ctypes.data, m, k, w.ctypes.data, s16.ctypes.data, b16.ctypes.data, DTYPES[dtype], n, bits,
+                group_size, y.ctypes.data, threads, -1)
+        if route:
+            with route_rows(1):
+                rc = LIB.phf_q8_matmul_sd(*args)
+        else:
+            rc = LIB.phf_q8_gemm_sd(*args)
+            if not covers(bits, -1):
+                assert rc == -1
+                continue
+        assert rc == 0
+        assert np.all(np.abs(y - want) <= 1e-5 * mag + 1e-30), (route, np.max(np.abs(y - want) / (mag + 1e-30)))

@@ -27,9 +27,11 @@ the MLX ops it replaces; tests compare them. `PHIFLASH_CPU_KERNELS=0` turns the 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+import threading
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -133,6 +135,10 @@ def _library() -> ctypes.CDLL | None:
         lib.phf_simd.restype = i32
         lib.phf_q8_matmul.argtypes = lib.phf_qmatvec.argtypes
         lib.phf_q8_matmul.restype = i32
+        # the same products with scales and biases of a dtype code (SD_*) after the biases pointer
+        for name in ("phf_qmatvec_sd", "phf_qmatmul_sd", "phf_q8_matmul_sd", "phf_q8_gemm_sd"):
+            getattr(lib, name).argtypes = [ptr, lng, lng, ptr, ptr, ptr, i32, lng, i32, i32, ptr, i32, i32]
+            getattr(lib, name).restype = i32
         lib.phf_set_q8.argtypes = [i32]
         lib.phf_set_q8.restype = None
         lib.phf_q8.restype = i32
@@ -190,8 +196,24 @@ def _as_float32(a: mx.array) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(a))
 
 
+# dtype codes of scales and biases in the C products (cpu_kernels.c's PHF_SD_*)
+SD_F32, SD_F16, SD_BF16 = 0, 1, 2
+_SD_CODES = {mx.float16: SD_F16, mx.bfloat16: SD_BF16}
+
+
+def _as_bits16(a: mx.array) -> np.ndarray:
+    """The raw 16-bit patterns of a float16 / bfloat16 array as a NumPy uint16 array (a view of MLX's
+    buffer where it is contiguous)."""
+    bits = a.view(mx.uint16)
+    mx.eval(bits)
+    return np.ascontiguousarray(np.asarray(bits))
+
+
 class _Packed:
-    """NumPy views of one quantized weight, made once (the uint32 codes are not copied)."""
+    """NumPy views of one quantized weight, made once (the uint32 codes are not copied). Scales and
+    biases stay as stored: float16 / bfloat16 ones as their uint16 bit patterns (`sdtype` SD_F16 /
+    SD_BF16, converted by the C products as they read them: 4 bytes less per group than float32),
+    anything else as float32 (SD_F32)."""
 
     def __init__(self, weight: mx.array, scales: mx.array, biases: mx.array):
         mx.eval(weight, scales, biases)
@@ -199,8 +221,15 @@ class _Packed:
         self.w = np.asarray(weight)
         if not self.w.flags["C_CONTIGUOUS"]:
             self.w = np.ascontiguousarray(self.w)
-        self.scales = _as_float32(scales)
-        self.biases = _as_float32(biases)
+        code = _SD_CODES.get(scales.dtype)
+        if code is not None and biases.dtype == scales.dtype:
+            self.sdtype = code
+            self.scales = _as_bits16(scales)
+            self.biases = _as_bits16(biases)
+        else:
+            self.sdtype = SD_F32
+            self.scales = _as_float32(scales)
+            self.biases = _as_float32(biases)
 
 
 def qmatvec(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
@@ -228,10 +257,9 @@ def _qmatvec_c(lib, x, weight, scales, biases, group_size, bits, packed, simd, n
     xs = _as_float32(x.reshape(-1, k))
     m = xs.shape[0]
     y = np.empty((m, n), dtype=np.float32)
-    fn = lib.phf_qmatmul if (m >= BLOCK_ROWS if block is None else block) else lib.phf_qmatvec
-    rc = fn(xs.ctypes.data, m, k, packed.w.ctypes.data, packed.scales.ctypes.data,
-                         packed.biases.ctypes.data, n, bits, group_size, y.ctypes.data,
-                         n_threads or threads(), int(simd))
+    fn = lib.phf_qmatmul_sd if (m >= BLOCK_ROWS if block is None else block) else lib.phf_qmatvec_sd
+    rc = fn(xs.ctypes.data, m, k, packed.w.ctypes.data, packed.scales.ctypes.data, packed.biases.ctypes.data,
+            packed.sdtype, n, bits, group_size, y.ctypes.data, n_threads or threads(), int(simd))
     if rc != 0:
         return None
     out = mx.array(y).reshape(*x.shape[:-1], n)
@@ -277,12 +305,51 @@ class CPUQuantizedLinear(nn.QuantizedLinear):
         return y + self["bias"] if "bias" in self else y
 
 
+# The output projection (LM head) is the one product whose result a prefill throws away: mlx-lm's
+# generate_step and our `generate.prefill` evaluate only the caches for all but the last token, and
+# MLX computes nothing that is not evaluated. A host call computes on the spot instead (it is
+# eager): rows x vocab x hidden multiply-adds for nothing (511 x 200064 x 2560 = 2.6e11 for one
+# 512-token chunk of the released model). So for more than one position per sequence the head stays
+# a lazy MLX product, unless `all_logits()` says every position's logits will be read (teacher-forced
+# scoring); one position per sequence (decoding, also batched; a prompt's last token) takes the C kernels.
+_ALL_LOGITS = threading.local()
+
+
+@contextlib.contextmanager
+def all_logits():
+    """Within this block the LM head computes every position with the C kernels (all logits are
+    wanted, e.g. perplexity); outside it, only one position per sequence does."""
+    before = getattr(_ALL_LOGITS, "on", False)
+    _ALL_LOGITS.on = True
+    try:
+        yield
+    finally:
+        _ALL_LOGITS.on = before
+
+
+def _head_product(module, x: mx.array) -> mx.array | None:
+    if x.ndim >= 2 and x.shape[-2] > 1 and not getattr(_ALL_LOGITS, "on", False):
+        return None
+    return _cpu_product(module, x)
+
+
 class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
-    """nn.QuantizedEmbedding whose tied output projection (`as_linear`) uses the same CPU paths."""
+    """nn.QuantizedEmbedding whose tied output projection (`as_linear`) uses the same CPU paths (for
+    one position per sequence; see `all_logits`)."""
 
     def as_linear(self, x):
-        y = _cpu_product(self, x)
+        y = _head_product(self, x)
         return super().as_linear(x) if y is None else y
+
+
+class CPUQuantizedHead(nn.QuantizedLinear):
+    """A model's quantized `lm_head`: the CPU paths for one position per sequence (see `all_logits`)."""
+
+    def __call__(self, x):
+        y = _head_product(self, x)
+        if y is None:
+            return super().__call__(x)
+        return y + self["bias"] if "bias" in self else y
 
 
 def _host_call(fast, slow, *arrays):
@@ -505,9 +572,9 @@ def _np_product(lib, module, xs: np.ndarray) -> np.ndarray | None:
     m, k = xs.shape
     n = packed.w.shape[0]
     y = np.empty((m, n), dtype=np.float32)
-    fn = lib.phf_qmatmul if m >= BLOCK_ROWS else lib.phf_qmatvec
-    rc = fn(xs.ctypes.data, m, k, packed.w.ctypes.data, packed.scales.ctypes.data, packed.biases.ctypes.data, n,
-            module.bits, module.group_size, y.ctypes.data, threads(), 1)
+    fn = lib.phf_qmatmul_sd if m >= BLOCK_ROWS else lib.phf_qmatvec_sd
+    rc = fn(xs.ctypes.data, m, k, packed.w.ctypes.data, packed.scales.ctypes.data, packed.biases.ctypes.data,
+            packed.sdtype, n, module.bits, module.group_size, y.ctypes.data, threads(), 1)
     return None if rc != 0 else y
 
 
@@ -596,7 +663,7 @@ def use_cpu_kernels(model: nn.Module) -> int:
     from ..models.phi4flash import MLP, GatedMemoryUnit, Mamba, SambaYModel
 
     count = 0
-    for _, module in model.named_modules():
+    for name, module in model.named_modules():
         if type(module) is SambaYModel and _library() is not None:
             module.__class__ = _cpu_subclass(type(module), _cpu_sambay_call)
             count += 1
@@ -615,7 +682,7 @@ def use_cpu_kernels(model: nn.Module) -> int:
             module.__class__ = _cpu_subclass(type(module), _cpu_gmu_call)
             count += 1
         if type(module) is nn.QuantizedLinear:
-            module.__class__ = CPUQuantizedLinear
+            module.__class__ = CPUQuantizedHead if name.rsplit(".", 1)[-1] == "lm_head" else CPUQuantizedLinear
             count += 1
         elif type(module) is nn.QuantizedEmbedding:
             module.__class__ = CPUQuantizedEmbedding
@@ -630,7 +697,8 @@ def use_cpu_kernels(model: nn.Module) -> int:
 class _QWeight(ctypes.Structure):
     """fused.c's phf_qweight: one quantized weight in MLX's affine layout."""
     _fields_ = [("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("biases", ctypes.c_void_p),
-                ("n", ctypes.c_long), ("k", ctypes.c_long), ("bits", ctypes.c_int), ("group_size", ctypes.c_int)]
+                ("n", ctypes.c_long), ("k", ctypes.c_long), ("bits", ctypes.c_int), ("group_size", ctypes.c_int),
+                ("sdtype", ctypes.c_int)]
 
 
 ENV_FUSED = "PHIFLASH_CPU_FUSED"
@@ -688,7 +756,8 @@ def _qweight(module) -> _QWeight:
     held = module.__dict__.get("_phf_qweight")
     if held is None or held[0] is not packed:
         q = _QWeight(packed.w.ctypes.data, packed.scales.ctypes.data, packed.biases.ctypes.data,
-                     packed.w.shape[0], packed.w.shape[1] * 32 // module.bits, module.bits, module.group_size)
+                     packed.w.shape[0], packed.w.shape[1] * 32 // module.bits, module.bits, module.group_size,
+                     packed.sdtype)
         held = (packed, q)
         module.__dict__["_phf_qweight"] = held
     return held[1]

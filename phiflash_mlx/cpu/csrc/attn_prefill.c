@@ -127,27 +127,6 @@ __attribute__((target("avx2,fma"))) static void am_gemm_avx2(const float *A, lon
 }
 #undef AM_SWITCH
 
-/* exp(x) for x <= 0 (scores minus their running maximum), 8 lanes: 2^n exp(r) with n = round(x / ln 2),
- * r = x - n ln 2 (ln 2 in two parts), exp(r) by its degree-7 Taylor-like minimax polynomial on
- * |r| <= ln 2 / 2 (Cephes' expf coefficients); relative error ~1e-7. Below -87 it gives ~1e-38
- * instead of denormals or 0, which a sum of probabilities cannot tell apart. */
-__attribute__((target("avx2,fma"))) static inline __m256 am_exp256(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 /* The maximum of s[from .. to) (from < to). */
 __attribute__((target("avx2,fma"))) static float am_row_max_avx2(const float *s, long from, long to) {
     long j = from;
@@ -170,7 +149,7 @@ __attribute__((target("avx2,fma"))) static float am_row_exp_avx2(float *s, long 
     __m256 total = _mm256_setzero_ps();
     long j = from;
     for (; j + 8 <= to; j += 8) {
-        const __m256 e = am_exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
         _mm256_storeu_ps(s + j, e);
         total = _mm256_add_ps(total, e);
     }

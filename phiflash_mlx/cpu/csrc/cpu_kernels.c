@@ -38,16 +38,54 @@
 #define PHF_EXPORT __attribute__((visibility("default")))
 #define MAX_ROWS 16 /* rows of x handled per pass over the weight */
 
+/* ---- scales and biases: float32, or 16 bits as stored (MLX's float16 / bfloat16) ------------
+ * The products read them where they use them (one value per group), never converting whole
+ * matrices: 16-bit ones cut a 4-bit g64 weight's bytes from 40 to 36 per group. */
+#define PHF_SD_F32 0
+#define PHF_SD_F16 1
+#define PHF_SD_BF16 2
+
+static inline float phf_bits_to_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* IEEE binary16 -> float32, exact for every value (subnormals through an integer conversion, so a
+ * flush-to-zero mode cannot change them; infinities and NaNs keep their class). */
+static inline float phf_f16_to_float(uint16_t h) {
+    const uint32_t mag = h & 0x7fffu, exp = h & 0x7c00u;
+    const int sign = (h & 0x8000u) != 0;
+    float f;
+    if (exp == 0) f = (float)mag * 0x1p-24f;                                 /* zero, subnormal */
+    else if (exp == 0x7c00u) f = phf_bits_to_float((mag << 13) + (224u << 23)); /* inf, NaN */
+    else f = phf_bits_to_float((mag << 13) + (112u << 23));
+    return sign ? -f : f;
+}
+
+/* value i of a scales / biases array of dtype code dt */
+static inline float phf_sd(const void *p, long i, int dt) {
+    if (dt == PHF_SD_F32) return ((const float *)p)[i];
+    const uint16_t h = ((const uint16_t *)p)[i];
+    if (dt == PHF_SD_BF16) return phf_bits_to_float((uint32_t)h << 16);
+    return phf_f16_to_float(h);
+}
+
+/* a pointer to element i of a scales / biases array of dtype code dt */
+static inline const void *phf_sd_at(const void *p, long i, int dt) {
+    return dt == PHF_SD_F32 ? (const void *)((const float *)p + i) : (const void *)((const uint16_t *)p + i);
+}
+
 typedef struct {
     const float *x;       /* [m, k] */
     const float *xsum;    /* [m, groups] */
     const float *xeo;     /* one row, 4 bits: x[0::2] then x[1::2] (k / 2 each), or NULL */
     const uint32_t *w;    /* [n, k * bits / 32] */
-    const float *scales;  /* [n, groups] */
-    const float *biases;  /* [n, groups] */
+    const void *scales;   /* [n, groups], dtype code sdtype (PHF_SD_*) */
+    const void *biases;   /* [n, groups], the same dtype */
     float *y;             /* [m, n] */
     long m, k, n0, n1, n;
-    int bits, group_size, use_avx2;
+    int bits, group_size, use_avx2, sdtype;
 } job_t;
 
 /* ---- portable path ------------------------------------------------------------------------- */
@@ -60,8 +98,7 @@ static void rows_portable(const job_t *j) {
     const long words_per_group = j->group_size / per_word;
     for (long row = j->n0; row < j->n1; row++) {
         const uint32_t *wr = j->w + row * words_per_row;
-        const float *sr = j->scales + row * groups;
-        const float *br = j->biases + row * groups;
+        const long sb = row * groups;
         for (long m = 0; m < j->m; m++) {
             const float *xm = j->x + m * j->k;
             const float *xs = j->xsum + m * groups;
@@ -76,7 +113,7 @@ static void rows_portable(const job_t *j) {
                         dot += (float)((word >> (j->bits * c)) & mask) * xg[i * per_word + c];
                     }
                 }
-                total += sr[g] * dot + br[g] * xs[g];
+                total += phf_sd(j->scales, sb + g, j->sdtype) * dot + phf_sd(j->biases, sb + g, j->sdtype) * xs[g];
             }
             j->y[m * j->n + row] = total;
         }
@@ -92,6 +129,23 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
     lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
     lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
     return _mm_cvtss_f32(lo);
+}
+
+/* values i .. i+7 of a scales / biases array of dtype code dt (phf_sd's arithmetic, 8 lanes) */
+__attribute__((target("avx2,fma"))) static inline __m256 phf_sd8_avx2(const void *p, long i, int dt) {
+    if (dt == PHF_SD_F32) return _mm256_loadu_ps((const float *)p + i);
+    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+    if (dt == PHF_SD_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+    const __m256i mag = _mm256_and_si256(h, _mm256_set1_epi32(0x7fff));
+    const __m256i exp = _mm256_and_si256(h, _mm256_set1_epi32(0x7c00));
+    const __m256i bias = _mm256_set1_epi32(112 << 23);
+    __m256i bits = _mm256_add_epi32(_mm256_slli_epi32(mag, 13), bias);
+    bits = _mm256_add_epi32(bits, _mm256_and_si256(_mm256_cmpeq_epi32(exp, _mm256_set1_epi32(0x7c00)), bias));
+    const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(0x1p-24f));
+    const __m256 zero_exp = _mm256_castsi256_ps(_mm256_cmpeq_epi32(exp, _mm256_setzero_si256()));
+    const __m256 f = _mm256_blendv_ps(_mm256_castsi256_ps(bits), sub, zero_exp);
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(h, _mm256_set1_epi32(0x8000)), 16);
+    return _mm256_or_ps(f, _mm256_castsi256_ps(sign));
 }
 
 /* Codes 8i .. 8i+7 of a group starting at byte `base`, as floats: 4 bits (one uint32 word) or 8
@@ -116,8 +170,7 @@ __attribute__((target("avx2,fma"))) static void rows_avx2_single(const job_t *j)
     const float *x = j->x;
     for (long row = j->n0; row < j->n1; row++) {
         const uint32_t *wr = j->w + row * words_per_row;
-        const float *sr = j->scales + row * groups;
-        const float *br = j->biases + row * groups;
+        const long sb = row * groups;
         __m256 total = _mm256_setzero_ps();
         float bias_part = 0.0f;
         for (long g = 0; g < groups; g++) {
@@ -132,8 +185,8 @@ __attribute__((target("avx2,fma"))) static void rows_avx2_single(const job_t *j)
                 a3 = _mm256_fmadd_ps(codes8_avx2(bg, i + 3, j->bits), _mm256_loadu_ps(xg + 8 * i + 24), a3);
             }
             __m256 acc = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-            total = _mm256_fmadd_ps(acc, _mm256_set1_ps(sr[g]), total);
-            bias_part += br[g] * j->xsum[g];
+            total = _mm256_fmadd_ps(acc, _mm256_set1_ps(phf_sd(j->scales, sb + g, j->sdtype)), total);
+            bias_part += phf_sd(j->biases, sb + g, j->sdtype) * j->xsum[g];
         }
         j->y[row] = hsum256(total) + bias_part;
     }
@@ -151,8 +204,7 @@ __attribute__((target("avx2,fma"))) static void rows_avx2_single_q4(const job_t 
     const __m256i low4 = _mm256_set1_epi8(15);
     for (long row = j->n0; row < j->n1; row++) {
         const uint8_t *wr = (const uint8_t *)(j->w + row * (j->k / 8));
-        const float *sr = j->scales + row * groups;
-        const float *br = j->biases + row * groups;
+        const long sb = row * groups;
         __m256 total = _mm256_setzero_ps();
         float bias_part = 0.0f;
         for (long g = 0; g < groups; g++) {
@@ -176,8 +228,8 @@ __attribute__((target("avx2,fma"))) static void rows_avx2_single_q4(const job_t 
 #undef PHF_W8
             }
             __m256 acc = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-            total = _mm256_fmadd_ps(acc, _mm256_set1_ps(sr[g]), total);
-            bias_part += br[g] * j->xsum[g];
+            total = _mm256_fmadd_ps(acc, _mm256_set1_ps(phf_sd(j->scales, sb + g, j->sdtype)), total);
+            bias_part += phf_sd(j->biases, sb + g, j->sdtype) * j->xsum[g];
         }
         j->y[row] = hsum256(total) + bias_part;
     }
@@ -190,8 +242,7 @@ __attribute__((target("avx2,fma"))) static void rows_avx2(const job_t *j) {
         const long mm = (j->m - m0 < MAX_ROWS) ? j->m - m0 : MAX_ROWS;
         for (long row = j->n0; row < j->n1; row++) {
             const uint32_t *wr = j->w + row * words_per_row;
-            const float *sr = j->scales + row * groups;
-            const float *br = j->biases + row * groups;
+            const long sb = row * groups;
             __m256 total[MAX_ROWS];
             float bias_part[MAX_ROWS];
             for (long m = 0; m < mm; m++) {
@@ -209,10 +260,11 @@ __attribute__((target("avx2,fma"))) static void rows_avx2(const job_t *j) {
                         acc[m] = _mm256_fmadd_ps(qf, _mm256_loadu_ps(j->x + (m0 + m) * j->k + base + i * 8), acc[m]);
                     }
                 }
-                const __m256 s = _mm256_set1_ps(sr[g]);
+                const __m256 s = _mm256_set1_ps(phf_sd(j->scales, sb + g, j->sdtype));
+                const float bg_ = phf_sd(j->biases, sb + g, j->sdtype);
                 for (long m = 0; m < mm; m++) {
                     total[m] = _mm256_fmadd_ps(acc[m], s, total[m]);
-                    bias_part[m] += br[g] * j->xsum[(m0 + m) * groups + g];
+                    bias_part[m] += bg_ * j->xsum[(m0 + m) * groups + g];
                 }
             }
             for (long m = 0; m < mm; m++) j->y[(m0 + m) * j->n + row] = hsum256(total[m]) + bias_part[m];
@@ -392,10 +444,10 @@ PHF_EXPORT int phf_simd(void) {
 typedef struct {
     const float *x;
     const uint32_t *w;
-    const float *scales, *biases;
+    const void *scales, *biases; /* dtype code sdtype */
     float *y; /* [m, n], zeroed by the caller */
     long m, k, n;
-    int bits, group_size, shares, use_avx2;
+    int bits, group_size, shares, use_avx2, sdtype;
     int failed;
     long next; /* the next tile of QMM_NT output rows to take */
 } qmm_t;
@@ -410,7 +462,8 @@ static void qmm_dequant_portable(const qmm_t *a, long r0, long nt, long k0, long
         for (long c = 0; c < kc; c++) {
             const long col = k0 + c, g = col / a->group_size;
             const uint32_t code = (wr[col / per_word] >> (a->bits * (col % per_word))) & mask;
-            dst[c] = a->scales[(r0 + r) * groups + g] * (float)code + a->biases[(r0 + r) * groups + g];
+            dst[c] = phf_sd(a->scales, (r0 + r) * groups + g, a->sdtype) * (float)code +
+                     phf_sd(a->biases, (r0 + r) * groups + g, a->sdtype);
         }
     }
 }
@@ -433,10 +486,11 @@ __attribute__((target("avx2,fma"))) static void qmm_dequant_avx2(const qmm_t *a,
     const long g0 = k0 / a->group_size, gn = kc / a->group_size;
     for (long r = 0; r < nt; r++) {
         const uint8_t *wr = (const uint8_t *)(a->w + (r0 + r) * words_per_row);
-        const float *sr = a->scales + (r0 + r) * groups, *br = a->biases + (r0 + r) * groups;
+        const long sb = (r0 + r) * groups + g0;
         for (long g = 0; g < gn; g++) {
             const uint8_t *bg = wr + (g0 + g) * a->group_size * a->bits / 8;
-            const __m256 s = _mm256_set1_ps(sr[g0 + g]), b = _mm256_set1_ps(br[g0 + g]);
+            const __m256 s = _mm256_set1_ps(phf_sd(a->scales, sb + g, a->sdtype));
+            const __m256 b = _mm256_set1_ps(phf_sd(a->biases, sb + g, a->sdtype));
             float *dst = wd + r * kc + g * a->group_size;
             for (long i = 0; i < a->group_size / 8; i++)
                 _mm256_storeu_ps(dst + 8 * i, _mm256_fmadd_ps(codes8_avx2(bg, i, a->bits), s, b));
@@ -533,23 +587,24 @@ static void qmm_share(void *arg, int share) {
 /* int8-activation products (q8.c): phf_qmatvec and phf_qmatmul hand 4- and 8-bit products to
  * phf_q8_matmul while phf_set_q8(1) is in effect */
 PHF_EXPORT int phf_q8(void);
-PHF_EXPORT int phf_q8_matmul(const float *x, long m, long k, const uint32_t *w, const float *scales,
-                             const float *biases, long n, int bits, int group_size, float *y, int threads,
-                             int level);
+PHF_EXPORT int phf_q8_matmul_sd(const float *x, long m, long k, const uint32_t *w, const void *scales,
+                                const void *biases, int sdtype, long n, int bits, int group_size, float *y,
+                                int threads, int level);
 
 /*
  * y[m, n] = x[m, k] @ dequantize(w, scales, biases)[n, k]^T for blocks of rows, tile by tile (see
  * above); same arguments and layout as phf_qmatvec. Returns 0, or -1 for an unsupported case or when
  * scratch memory could not be had (y is then incomplete).
  */
-PHF_EXPORT int phf_qmatmul(const float *x, long m, long k, const uint32_t *w, const float *scales,
-                           const float *biases, long n, int bits, int group_size, float *y, int threads,
-                           int simd) {
+PHF_EXPORT int phf_qmatmul_sd(const float *x, long m, long k, const uint32_t *w, const void *scales,
+                              const void *biases, int sdtype, long n, int bits, int group_size, float *y,
+                              int threads, int simd) {
     if (!(bits == 2 || bits == 4 || bits == 8) || group_size <= 0 || m <= 0 || n <= 0 || k <= 0) return -1;
     if (group_size % 32 != 0 || k % group_size != 0) return -1;
+    if (sdtype < PHF_SD_F32 || sdtype > PHF_SD_BF16) return -1;
     if ((bits == 4 || bits == 8) && phf_q8())
-        return phf_q8_matmul(x, m, k, w, scales, biases, n, bits, group_size, y, threads, simd ? -1 : 0);
-    qmm_t a = {x, w, scales, biases, y, m, k, n, bits, group_size, 1, 0, 0, 0};
+        return phf_q8_matmul_sd(x, m, k, w, scales, biases, sdtype, n, bits, group_size, y, threads, simd ? -1 : 0);
+    qmm_t a = {x, w, scales, biases, y, m, k, n, bits, group_size, 1, 0, sdtype, 0, 0};
     a.use_avx2 = simd && phf_simd();
     if (threads < 1 || m * n * k < (1L << 20)) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
@@ -560,18 +615,28 @@ PHF_EXPORT int phf_qmatmul(const float *x, long m, long k, const uint32_t *w, co
     return a.failed ? -1 : 0;
 }
 
-/*
- * y[m, n] = x[m, k] @ dequantize(w, scales, biases)[n, k]^T. All arrays are contiguous float32 /
- * uint32. Returns 0, or -1 for an unsupported bits / group size / shape (nothing written).
- * simd: 1 to use the AVX2 path when the CPU has it, 0 to force the portable loop.
- */
-PHF_EXPORT int phf_qmatvec(const float *x, long m, long k, const uint32_t *w, const float *scales,
+/* phf_qmatmul_sd with float32 scales and biases */
+PHF_EXPORT int phf_qmatmul(const float *x, long m, long k, const uint32_t *w, const float *scales,
                            const float *biases, long n, int bits, int group_size, float *y, int threads,
                            int simd) {
+    return phf_qmatmul_sd(x, m, k, w, scales, biases, PHF_SD_F32, n, bits, group_size, y, threads, simd);
+}
+
+/*
+ * y[m, n] = x[m, k] @ dequantize(w, scales, biases)[n, k]^T. x, y contiguous float32, w uint32;
+ * scales and biases contiguous, of dtype code sdtype: PHF_SD_F32 (0) float32, PHF_SD_F16 (1) float16,
+ * PHF_SD_BF16 (2) bfloat16, read as stored. Returns 0, or -1 for an unsupported bits / group size /
+ * shape / dtype code (nothing written). simd: 1 to use the AVX2 path when the CPU has it, 0 to force
+ * the portable loop.
+ */
+PHF_EXPORT int phf_qmatvec_sd(const float *x, long m, long k, const uint32_t *w, const void *scales,
+                              const void *biases, int sdtype, long n, int bits, int group_size, float *y,
+                              int threads, int simd) {
     if (!(bits == 2 || bits == 4 || bits == 8) || group_size <= 0 || m <= 0 || n <= 0 || k <= 0) return -1;
     if (group_size % 32 != 0 || k % group_size != 0) return -1;
+    if (sdtype < PHF_SD_F32 || sdtype > PHF_SD_BF16) return -1;
     if ((bits == 4 || bits == 8) && phf_q8())
-        return phf_q8_matmul(x, m, k, w, scales, biases, n, bits, group_size, y, threads, simd ? -1 : 0);
+        return phf_q8_matmul_sd(x, m, k, w, scales, biases, sdtype, n, bits, group_size, y, threads, simd ? -1 : 0);
     const long groups = k / group_size;
     float *xsum = (float *)malloc(sizeof(float) * (size_t)(m * groups));
     if (!xsum) return -1;
@@ -604,6 +669,7 @@ PHF_EXPORT int phf_qmatvec(const float *x, long m, long k, const uint32_t *w, co
     jb->x = x; jb->xsum = xsum; jb->xeo = xeo; jb->w = w; jb->scales = scales; jb->biases = biases; jb->y = y;
     jb->m = m; jb->k = k; jb->n = n; jb->bits = bits; jb->group_size = group_size;
     jb->use_avx2 = use_avx2;
+    jb->sdtype = sdtype;
     jb->n0 = 0; jb->n1 = n;
     /* chunks of ~64 KB of codes, at least 8 per thread */
     q.chunk = (64L * 1024 * 8) / (k * bits) + 1;
@@ -614,6 +680,13 @@ PHF_EXPORT int phf_qmatvec(const float *x, long m, long k, const uint32_t *w, co
     free(xsum);
     free(xeo);
     return 0;
+}
+
+/* phf_qmatvec_sd with float32 scales and biases (the original entry point) */
+PHF_EXPORT int phf_qmatvec(const float *x, long m, long k, const uint32_t *w, const float *scales,
+                           const float *biases, long n, int bits, int group_size, float *y, int threads,
+                           int simd) {
+    return phf_qmatvec_sd(x, m, k, w, scales, biases, PHF_SD_F32, n, bits, group_size, y, threads, simd);
 }
 
 /* ---- attention of a few queries over a long cache (CPU decode) ------------------------------
@@ -774,6 +847,52 @@ PHF_EXPORT int phf_attend(const float *q, long q_bs, long q_hs, const float *k, 
  * element-wise passes; here the state of a channel stays in L1 for all L tokens and the channels
  * are split over the pool. The final state goes to `state_out` (may equal `state`). */
 
+/* ---- exp on 8 lanes (Cephes' single-precision polynomial; relative error ~2e-7) --------------- */
+#ifdef PHF_X86
+__attribute__((target("avx2,fma"))) static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* s = exp(delta * A) * s + du * B over n (a multiple of 8) lanes; returns s . C */
+__attribute__((target("avx2,fma"))) static float ssm_lanes_avx2(float *s, const float *A, const float *B,
+                                                                const float *C, float delta, float du, long n) {
+    const __m256 dv = _mm256_set1_ps(delta), uv = _mm256_set1_ps(du);
+    __m256 acc = _mm256_setzero_ps();
+    for (long i = 0; i < n; i += 8) {
+        __m256 st = _mm256_loadu_ps(s + i);
+        st = _mm256_fmadd_ps(exp256(_mm256_mul_ps(dv, _mm256_loadu_ps(A + i))), st,
+                             _mm256_mul_ps(uv, _mm256_loadu_ps(B + i)));
+        _mm256_storeu_ps(s + i, st);
+        acc = _mm256_fmadd_ps(st, _mm256_loadu_ps(C + i), acc);
+    }
+    return hsum256(acc);
+}
+#endif
+
+static float ssm_lanes_portable(float *s, const float *A, const float *B, const float *C, float delta, float du,
+                                long n) {
+    float y = 0.0f;
+    for (long i = 0; i < n; i++) {
+        s[i] = expf(delta * A[i]) * s[i] + du * B[i];
+        y += s[i] * C[i];
+    }
+    return y;
+}
+
+
 #define SSM_MAX_N 256
 
 typedef struct {
@@ -782,6 +901,7 @@ typedef struct {
     long B, L, Di, R, N;
     int shares;
     long next; /* the next chunk of SSM_CHUNK channels to take */
+    int use_avx2;
 } ssm_t;
 
 #define SSM_CHUNK 128
@@ -801,15 +921,20 @@ static void ssm_share(void *arg, int share) {
         for (long t = 0; t < a->L; t++) {
             const long row = b * a->L + t;
             const float *dt = a->dbc + row * width, *Bv = dt + a->R, *Cv = Bv + a->N;
-            float acc = 0.0f;
-            for (long r = 0; r < a->R; r++) acc += w[r] * dt[r];
+            float acc, y;
+#ifdef PHF_X86
+            acc = a->use_avx2 ? dot_avx2(w, dt, a->R) : dot_portable(w, dt, a->R);
+#else
+            acc = dot_portable(w, dt, a->R);
+#endif
             if (a->b_dt) acc += a->b_dt[d];
             const float delta = softplus20(acc), ud = a->u[row * a->Di + d], du = delta * ud;
-            float y = 0.0f;
-            for (long i = 0; i < a->N; i++) {
-                s[i] = expf(delta * Ad[i]) * s[i] + du * Bv[i];
-                y += s[i] * Cv[i];
-            }
+#ifdef PHF_X86
+            if (a->use_avx2 && a->N % 8 == 0)
+                y = ssm_lanes_avx2(s, Ad, Bv, Cv, delta, du, a->N);
+            else
+#endif
+                y = ssm_lanes_portable(s, Ad, Bv, Cv, delta, du, a->N);
             y += a->D[d] * ud;
             if (a->z) {
                 const float z = a->z[row * a->Di + d];
@@ -830,7 +955,7 @@ PHF_EXPORT int phf_ssm_scan(const float *u, const float *dbc, const float *z, co
                             const float *A, const float *D, const float *state, float *y, float *state_out, long B,
                             long L, long Di, long R, long N, int threads) {
     if (B <= 0 || L <= 0 || Di <= 0 || R <= 0 || N <= 0 || N > SSM_MAX_N) return -1;
-    ssm_t a = {u, dbc, z, w_dt, b_dt, A, D, state, y, state_out, B, L, Di, R, N, 1, 0};
+    ssm_t a = {u, dbc, z, w_dt, b_dt, A, D, state, y, state_out, B, L, Di, R, N, 1, 0, phf_simd()};
     if (threads < 1 || B * L * Di * N < (1L << 14)) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     a.shares = threads;

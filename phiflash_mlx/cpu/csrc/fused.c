@@ -6,20 +6,23 @@
  * `phf_qmatvec` (whatever path it takes), everything between them spread over the thread pool.
  *
  * Quantized weights are described by `phf_qweight` (MLX's affine layout, see the top of
- * cpu_kernels.c); a product is y[n] = x[k] @ W^T. All arrays are contiguous float32, batch 1. */
+ * cpu_kernels.c); a product is y[n] = x[k] @ W^T. All arrays are contiguous float32, batch 1, except a
+ * weight's scales and biases, which are float32, float16 or bfloat16 as `sdtype` says (PHF_SD_*). */
 
 typedef struct {
     const uint32_t *w;
-    const float *scales, *biases;
+    const void *scales, *biases;
     long n, k;
     int bits, group_size;
+    int sdtype; /* PHF_SD_F32 (0), PHF_SD_F16 (1), PHF_SD_BF16 (2) */
 } phf_qweight;
 
 /* simd 0 forces the portable loops in this file and in the products (tests); 1 uses AVX2 where the CPU has it */
 static int fused_simd = 1;
 
 static int qw_product(const phf_qweight *q, const float *x, float *y, int threads) {
-    return phf_qmatvec(x, 1, q->k, q->w, q->scales, q->biases, q->n, q->bits, q->group_size, y, threads, fused_simd);
+    return phf_qmatvec_sd(x, 1, q->k, q->w, q->scales, q->biases, q->sdtype, q->n, q->bits, q->group_size, y, threads,
+                          fused_simd);
 }
 
 /* Sets the SIMD switch of the fused steps (1 = AVX2 where available, 0 = portable C); returns the old one. */
@@ -27,51 +30,6 @@ PHF_EXPORT int phf_fused_simd(int simd) {
     int old = fused_simd;
     fused_simd = simd ? 1 : 0;
     return old;
-}
-
-/* ---- exp on 8 lanes (Cephes' single-precision polynomial; relative error ~2e-7) --------------- */
-#ifdef PHF_X86
-__attribute__((target("avx2,fma"))) static inline __m256 exp256(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
-/* s = exp(delta * A) * s + du * B over n (a multiple of 8) lanes; returns s . C */
-__attribute__((target("avx2,fma"))) static float ssm_lanes_avx2(float *s, const float *A, const float *B,
-                                                                const float *C, float delta, float du, long n) {
-    const __m256 dv = _mm256_set1_ps(delta), uv = _mm256_set1_ps(du);
-    __m256 acc = _mm256_setzero_ps();
-    for (long i = 0; i < n; i += 8) {
-        __m256 st = _mm256_loadu_ps(s + i);
-        st = _mm256_fmadd_ps(exp256(_mm256_mul_ps(dv, _mm256_loadu_ps(A + i))), st,
-                             _mm256_mul_ps(uv, _mm256_loadu_ps(B + i)));
-        _mm256_storeu_ps(s + i, st);
-        acc = _mm256_fmadd_ps(st, _mm256_loadu_ps(C + i), acc);
-    }
-    return hsum256(acc);
-}
-#endif
-
-static float ssm_lanes_portable(float *s, const float *A, const float *B, const float *C, float delta, float du,
-                                long n) {
-    float y = 0.0f;
-    for (long i = 0; i < n; i++) {
-        s[i] = expf(delta * A[i]) * s[i] + du * B[i];
-        y += s[i] * C[i];
-    }
-    return y;
 }
 
 static inline float silu1(float x) { return x / (1.0f + expf(-x)); }

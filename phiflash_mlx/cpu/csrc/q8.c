@@ -66,10 +66,10 @@ typedef struct {
     const float *dl;     /* [m, units, 8]: d of each int32 lane of a unit (SIMD only) */
     const float *sx;     /* [m, groups] */
     const uint8_t *w;    /* [n, k * bits / 8] */
-    const float *scales, *biases; /* [n, groups] */
+    const void *scales, *biases; /* [n, groups], dtype code sdtype (PHF_SD_*) */
     float *y;            /* [m, n] */
     long m, k, n, groups, units, row_bytes;
-    int bits, group_size, level;
+    int bits, group_size, level, sdtype;
     int unit_cols;       /* columns per unit: the group, or 64 for 4-bit groups of 32 (two groups) */
     long rows_per_task, tasks, next;
 } q8job_t;
@@ -189,7 +189,7 @@ static void q8_rows_portable(const q8job_t *j, long n0, long n1) {
     const long G = j->group_size;
     for (long n = n0; n < n1; n++) {
         const uint8_t *wr = j->w + n * j->row_bytes;
-        const float *sr = j->scales + n * j->groups, *br = j->biases + n * j->groups;
+        const long sb = n * j->groups;
         for (long m = 0; m < j->m; m++) {
             const int8_t *xr = j->xq + m * j->k;
             const float *dr = j->d + m * j->groups, *sxr = j->sx + m * j->groups;
@@ -205,8 +205,8 @@ static void q8_rows_portable(const q8job_t *j, long n0, long n1) {
                     const uint8_t *bg = wr + g * G;
                     for (long i = 0; i < G; i++) isum += (int32_t)bg[i] * xg[i];
                 }
-                acc += (float)isum * dr[g] * sr[g];
-                bacc += br[g] * sxr[g];
+                acc += (float)isum * dr[g] * phf_sd(j->scales, sb + g, j->sdtype);
+                bacc += phf_sd(j->biases, sb + g, j->sdtype) * sxr[g];
             }
             j->y[m * j->n + n] = acc + bacc;
         }
@@ -286,20 +286,22 @@ static void q8_share(void *arg, int share) {
 
 /*
  * y[m, n] = x[m, k] @ dequantize(w, scales, biases)[n, k]^T with x quantized to int8 per group (see the
- * top of this file); same arguments and layout as phf_qmatvec, bits 4 or 8. level: the SIMD level to
- * use at most (2 VNNI, 1 AVX2, 0 portable; a negative value: the best this CPU has). Returns 0, or -1
- * for an unsupported case or when scratch memory could not be had (nothing written).
+ * top of this file); same arguments and layout as phf_qmatvec_sd (scales and biases float32, float16
+ * or bfloat16 by sdtype), bits 4 or 8. level: the SIMD level to use at most (2 VNNI, 1 AVX2, 0
+ * portable; a negative value: the best this CPU has). Returns 0, or -1 for an unsupported case or
+ * when scratch memory could not be had (nothing written).
  */
 /* blocks of many rows: weight rows in vector lanes (q8_gemm.c) */
-static int q8g_route(const float *x, long m, long k, const uint32_t *w, const float *scales, const float *biases,
-                     long n, int bits, int group_size, float *y, int threads, int level);
+static int q8g_route(const float *x, long m, long k, const uint32_t *w, const void *scales, const void *biases,
+                     int sdtype, long n, int bits, int group_size, float *y, int threads, int level);
 
-PHF_EXPORT int phf_q8_matmul(const float *x, long m, long k, const uint32_t *w, const float *scales,
-                             const float *biases, long n, int bits, int group_size, float *y, int threads,
-                             int level) {
+PHF_EXPORT int phf_q8_matmul_sd(const float *x, long m, long k, const uint32_t *w, const void *scales,
+                                const void *biases, int sdtype, long n, int bits, int group_size, float *y,
+                                int threads, int level) {
     if (!(bits == 4 || bits == 8) || group_size <= 0 || m <= 0 || n <= 0 || k <= 0) return -1;
+    if (sdtype < PHF_SD_F32 || sdtype > PHF_SD_BF16) return -1;
     if (group_size % 32 != 0 || k % group_size != 0) return -1;
-    if (q8g_route(x, m, k, w, scales, biases, n, bits, group_size, y, threads, level) == 0) return 0;
+    if (q8g_route(x, m, k, w, scales, biases, sdtype, n, bits, group_size, y, threads, level) == 0) return 0;
     const int best = phf_q8_level();
     if (level < 0 || level > best) level = best;
     /* 4-bit SIMD works on 64 columns at a time */
@@ -335,7 +337,7 @@ PHF_EXPORT int phf_q8_matmul(const float *x, long m, long k, const uint32_t *w, 
     j.xq = xq; j.d = d; j.dl = dl; j.sx = sx;
     j.w = (const uint8_t *)w; j.scales = scales; j.biases = biases; j.y = y;
     j.m = m; j.k = k; j.n = n; j.groups = groups; j.units = units; j.row_bytes = k * bits / 8;
-    j.bits = bits; j.group_size = group_size; j.level = level; j.unit_cols = unit_cols;
+    j.bits = bits; j.group_size = group_size; j.level = level; j.unit_cols = unit_cols; j.sdtype = sdtype;
     /* below about a million weights a second thread costs more than it saves */
     if (threads < 1 || n * k < (1L << 20)) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
@@ -353,6 +355,13 @@ PHF_EXPORT int phf_q8_matmul(const float *x, long m, long k, const uint32_t *w, 
     free(d);
     free(dl);
     return 0;
+}
+
+/* phf_q8_matmul_sd with float32 scales and biases */
+PHF_EXPORT int phf_q8_matmul(const float *x, long m, long k, const uint32_t *w, const float *scales,
+                             const float *biases, long n, int bits, int group_size, float *y, int threads,
+                             int level) {
+    return phf_q8_matmul_sd(x, m, k, w, scales, biases, PHF_SD_F32, n, bits, group_size, y, threads, level);
 }
 
 #else /* PHF_Q8_BODY: the SIMD kernels, compiled once per instruction set (see above) */
@@ -410,9 +419,10 @@ __attribute__((always_inline, target(Q8_TARGET))) static inline void Q8_NAME(q8_
         }
         __m256 sv[Q8_NR];
         for (int b = 0; b < NR; b++) {
-            const float *sr = j->scales + (n0 + b) * j->groups;
-            sv[b] = split ? _mm256_blend_ps(_mm256_set1_ps(sr[2 * u]), _mm256_set1_ps(sr[2 * u + 1]), 0xF0)
-                          : _mm256_set1_ps(sr[u]);
+            const long sb = (n0 + b) * j->groups;
+            sv[b] = split ? _mm256_blend_ps(_mm256_set1_ps(phf_sd(j->scales, sb + 2 * u, j->sdtype)),
+                                            _mm256_set1_ps(phf_sd(j->scales, sb + 2 * u + 1, j->sdtype)), 0xF0)
+                          : _mm256_set1_ps(phf_sd(j->scales, sb + u, j->sdtype));
         }
         for (int a = 0; a < MR; a++) {
             const __m256 dv = _mm256_loadu_ps(j->dl + ((m0 + a) * units + u) * 8);
@@ -423,13 +433,13 @@ __attribute__((always_inline, target(Q8_TARGET))) static inline void Q8_NAME(q8_
     for (int a = 0; a < MR; a++) {
         const float *sxr = j->sx + (m0 + a) * j->groups;
         for (int b = 0; b < NR; b++) {
-            const float *br = j->biases + (n0 + b) * j->groups;
+            const long sb = (n0 + b) * j->groups;
             __m256 bacc = _mm256_setzero_ps();
             long g = 0;
             for (; g + 8 <= j->groups; g += 8)
-                bacc = _mm256_fmadd_ps(_mm256_loadu_ps(br + g), _mm256_loadu_ps(sxr + g), bacc);
+                bacc = _mm256_fmadd_ps(phf_sd8_avx2(j->biases, sb + g, j->sdtype), _mm256_loadu_ps(sxr + g), bacc);
             float bias_part = 0.0f;
-            for (; g < j->groups; g++) bias_part += br[g] * sxr[g];
+            for (; g < j->groups; g++) bias_part += phf_sd(j->biases, sb + g, j->sdtype) * sxr[g];
             j->y[(m0 + a) * j->n + n0 + b] = hsum256(acc[a][b]) + hsum256(bacc) + bias_part;
         }
     }

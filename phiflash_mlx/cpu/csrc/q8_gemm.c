@@ -23,8 +23,8 @@
  * the pool by tiles of weight rows; each thread packs its tile once and passes all rows of x over
  * it, Q8G_MR x rows at a time.
  *
- * phf_q8_matmul hands blocks of at least q8g_min_rows rows of x to phf_q8_gemm when the SIMD level
- * allows it; decode rows (and whatever this file declines) stay with q8.c's kernels.
+ * phf_q8_matmul(_sd) hands blocks of at least q8g_min_rows rows of x to phf_q8_gemm_sd when the SIMD
+ * level allows it; decode rows (and whatever this file declines) stay with q8.c's kernels.
  */
 
 #ifndef PHF_Q8G_BODY
@@ -43,11 +43,11 @@ typedef struct {
     const int8_t *xq;        /* [m, k], natural column order */
     const float *d, *sx;     /* [m, groups] */
     const uint8_t *w;        /* [n, row_bytes] */
-    const float *scales, *biases; /* [n, groups] */
+    const void *scales, *biases; /* [n, groups], dtype code sdtype (PHF_SD_*) */
     float *y;                /* [m, n] */
     uint8_t *scratch;        /* per share: packed codes, transposed scales and biases */
     long m, k, n, groups, row_bytes, scratch_bytes;
-    int bits, group_size, level;
+    int bits, group_size, level, sdtype;
     long tiles, next;
 } q8g_t;
 
@@ -108,11 +108,13 @@ __attribute__((target("avx2,fma"))) static void q8g_pack_avx2(const q8g_t *j, lo
                 _mm256_store_si256((__m256i *)(wp + ((c0 / 4 + c) * Q8G_NT + 8 * h) * 4), v[c]);
         }
     }
-    for (long g = 0; g < j->groups; g++)
-        for (int r = 0; r < Q8G_NT; r++) {
-            st[g * Q8G_NT + r] = r < nr ? j->scales[(n0 + r) * j->groups + g] : 0.0f;
-            bt[g * Q8G_NT + r] = r < nr ? j->biases[(n0 + r) * j->groups + g] : 0.0f;
+    for (int r = 0; r < Q8G_NT; r++) {
+        const long sb = (n0 + r) * j->groups;
+        for (long g = 0; g < j->groups; g++) {
+            st[g * Q8G_NT + r] = r < nr ? phf_sd(j->scales, sb + g, j->sdtype) : 0.0f;
+            bt[g * Q8G_NT + r] = r < nr ? phf_sd(j->biases, sb + g, j->sdtype) : 0.0f;
         }
+    }
 }
 
 __attribute__((target("avx2,fma"))) static inline __m256i q8g_dot_avx2(__m256i acc, __m256i w, __m256i x) {
@@ -165,15 +167,17 @@ static void q8g_share(void *arg, int share) {
 }
 
 /*
- * The same product as phf_q8_matmul (same arguments; float32 scales and biases), always with this
- * file's kernel: bits 4 at level 1 (AVX2) or 2 (VNNI), bits 8 at level 2. level: the SIMD level to use
- * at most (negative: the best this CPU has). Returns 0, or -1 when this kernel does not cover the case
- * (level, bits, shape) or scratch memory could not be had (nothing written then).
+ * The same product as phf_q8_matmul_sd (same arguments; scales and biases float32, float16 or bfloat16
+ * by sdtype, converted to float32 when a tile is packed), always with this file's kernel: bits 4 at
+ * level 1 (AVX2) or 2 (VNNI), bits 8 at level 2. level: the SIMD level to use at most (negative: the
+ * best this CPU has). Returns 0, or -1 when this kernel does not cover the case (level, bits, shape,
+ * dtype) or scratch memory could not be had (nothing written then).
  */
-PHF_EXPORT int phf_q8_gemm(const float *x, long m, long k, const uint32_t *w, const float *scales,
-                           const float *biases, long n, int bits, int group_size, float *y, int threads,
-                           int level) {
+PHF_EXPORT int phf_q8_gemm_sd(const float *x, long m, long k, const uint32_t *w, const void *scales,
+                              const void *biases, int sdtype, long n, int bits, int group_size, float *y,
+                              int threads, int level) {
     if (!(bits == 4 || bits == 8) || group_size <= 0 || m <= 0 || n <= 0 || k <= 0) return -1;
+    if (sdtype < PHF_SD_F32 || sdtype > PHF_SD_BF16) return -1;
     if (group_size % 32 != 0 || k % group_size != 0) return -1;
     const int best = phf_q8_level();
     if (level < 0 || level > best) level = best;
@@ -200,7 +204,7 @@ PHF_EXPORT int phf_q8_gemm(const float *x, long m, long k, const uint32_t *w, co
     j.xq = xq; j.d = d; j.sx = sx;
     j.w = (const uint8_t *)w; j.scales = scales; j.biases = biases; j.y = y;
     j.m = m; j.k = k; j.n = n; j.groups = groups; j.row_bytes = k * bits / 8;
-    j.bits = bits; j.group_size = group_size; j.level = level;
+    j.bits = bits; j.group_size = group_size; j.level = level; j.sdtype = sdtype;
     j.tiles = tiles; j.next = 0;
     run_shares(q8g_share, &j, threads);
     free(j.scratch);
@@ -209,13 +213,20 @@ PHF_EXPORT int phf_q8_gemm(const float *x, long m, long k, const uint32_t *w, co
     return 0;
 }
 
-/* phf_q8_matmul's route to phf_q8_gemm: blocks of rows at a level this kernel covers. Returns 0 when
- * done here, -1 to leave the product to q8.c. */
-static int q8g_route(const float *x, long m, long k, const uint32_t *w, const float *scales, const float *biases,
-                     long n, int bits, int group_size, float *y, int threads, int level) {
+/* phf_q8_gemm_sd with float32 scales and biases */
+PHF_EXPORT int phf_q8_gemm(const float *x, long m, long k, const uint32_t *w, const float *scales,
+                           const float *biases, long n, int bits, int group_size, float *y, int threads,
+                           int level) {
+    return phf_q8_gemm_sd(x, m, k, w, scales, biases, PHF_SD_F32, n, bits, group_size, y, threads, level);
+}
+
+/* phf_q8_matmul_sd's route to phf_q8_gemm_sd: blocks of rows at a level this kernel covers. Returns 0
+ * when done here, -1 to leave the product to q8.c. */
+static int q8g_route(const float *x, long m, long k, const uint32_t *w, const void *scales, const void *biases,
+                     int sdtype, long n, int bits, int group_size, float *y, int threads, int level) {
     const int rows = __atomic_load_n(&q8g_min_rows, __ATOMIC_ACQUIRE);
     if (rows <= 0 || m < rows) return -1;
-    return phf_q8_gemm(x, m, k, w, scales, biases, n, bits, group_size, y, threads, level);
+    return phf_q8_gemm_sd(x, m, k, w, scales, biases, sdtype, n, bits, group_size, y, threads, level);
 }
 
 #else /* PHF_Q8G_BODY: the kernels, once per instruction set */
