@@ -285,14 +285,17 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def quality_report(ref_model, quant_model, sequences: list[list[int]]) -> dict:
     """Teacher-forced over each sequence: mean KL(ref || quant) of the next-token distributions,
     top-1 agreement, and the perplexity of each model on the sequence's own next tokens."""
+    from .cpu.kernels import all_logits          # every position's logits are read here
+
     kl_sum = agree = count = 0.0
     nll = {"ref": 0.0, "quant": 0.0}
     for ids in sequences:
         if len(ids) < 2:
             continue
         x = mx.array([ids])
-        lp_ref = _log_softmax(np.array(ref_model(x)[0, :-1]))
-        lp_q = _log_softmax(np.array(quant_model(x)[0, :-1]))
+        with all_logits():
+            lp_ref = _log_softmax(np.array(ref_model(x)[0, :-1]))
+            lp_q = _log_softmax(np.array(quant_model(x)[0, :-1]))
         target = np.array(ids[1:])
         kl_sum += float((np.exp(lp_ref) * (lp_ref - lp_q)).sum(-1).sum())
         agree += float((lp_ref.argmax(-1) == lp_q.argmax(-1)).sum())

@@ -27,9 +27,11 @@ the MLX ops it replaces; tests compare them. `PHIFLASH_CPU_KERNELS=0` turns the 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+import threading
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -304,12 +306,51 @@ class CPUQuantizedLinear(nn.QuantizedLinear):
         return y + self["bias"] if "bias" in self else y
 
 
+# The output projection (LM head) is the one product whose result a prefill throws away: mlx-lm's
+# generate_step and our `generate.prefill` evaluate only the caches for all but the last token, and
+# MLX computes nothing that is not evaluated. A host call computes on the spot instead (it is
+# eager): rows x vocab x hidden multiply-adds for nothing (511 x 200064 x 2560 = 2.6e11 for one
+# 512-token chunk of the released model). So for more than one position per sequence the head stays
+# a lazy MLX product, unless `all_logits()` says every position's logits will be read (teacher-forced
+# scoring); one position per sequence (decoding, also batched; a prompt's last token) takes the C kernels.
+_ALL_LOGITS = threading.local()
+
+
+@contextlib.contextmanager
+def all_logits():
+    """Within this block the LM head computes every position with the C kernels (all logits are
+    wanted, e.g. perplexity); outside it, only one position per sequence does."""
+    before = getattr(_ALL_LOGITS, "on", False)
+    _ALL_LOGITS.on = True
+    try:
+        yield
+    finally:
+        _ALL_LOGITS.on = before
+
+
+def _head_product(module, x: mx.array) -> mx.array | None:
+    if x.ndim >= 2 and x.shape[-2] > 1 and not getattr(_ALL_LOGITS, "on", False):
+        return None
+    return _cpu_product(module, x)
+
+
 class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
-    """nn.QuantizedEmbedding whose tied output projection (`as_linear`) uses the same CPU paths."""
+    """nn.QuantizedEmbedding whose tied output projection (`as_linear`) uses the same CPU paths (for
+    one position per sequence; see `all_logits`)."""
 
     def as_linear(self, x):
-        y = _cpu_product(self, x)
+        y = _head_product(self, x)
         return super().as_linear(x) if y is None else y
+
+
+class CPUQuantizedHead(nn.QuantizedLinear):
+    """A model's quantized `lm_head`: the CPU paths for one position per sequence (see `all_logits`)."""
+
+    def __call__(self, x):
+        y = _head_product(self, x)
+        if y is None:
+            return super().__call__(x)
+        return y + self["bias"] if "bias" in self else y
 
 
 def _host_call(fast, slow, *arrays):
@@ -623,7 +664,7 @@ def use_cpu_kernels(model: nn.Module) -> int:
     from ..models.phi4flash import MLP, GatedMemoryUnit, Mamba, SambaYModel
 
     count = 0
-    for _, module in model.named_modules():
+    for name, module in model.named_modules():
         if type(module) is SambaYModel and _library() is not None:
             module.__class__ = _cpu_subclass(type(module), _cpu_sambay_call)
             count += 1
@@ -642,7 +683,7 @@ def use_cpu_kernels(model: nn.Module) -> int:
             module.__class__ = _cpu_subclass(type(module), _cpu_gmu_call)
             count += 1
         if type(module) is nn.QuantizedLinear:
-            module.__class__ = CPUQuantizedLinear
+            module.__class__ = CPUQuantizedHead if name.rsplit(".", 1)[-1] == "lm_head" else CPUQuantizedLinear
             count += 1
         elif type(module) is nn.QuantizedEmbedding:
             module.__class__ = CPUQuantizedEmbedding
