@@ -71,9 +71,10 @@ def test_int8_products_read_16_bit_scales(dtype, bits, group_size, m, n, groups,
 
 
 def test_16_bit_special_values_convert_exactly():
-    """Every float16 and every bfloat16 bit pattern as the scale of a one-hot product: y is the value
-    times 127 exactly (portable and SIMD; subnormals, signed zeros), infinite scales give infinities of
-    their sign (portable); a bad dtype code is refused."""
+    """Every float16 and every bfloat16 bit pattern as the scale of a one-hot product, and every finite
+    one as a bias (8 groups: the SIMD bias sums convert 8 at a time; x in each lane in turn): y is the
+    value times 127 exactly (portable and SIMD; subnormals, signed zeros), infinite scales give
+    infinities of their sign (portable); a bad dtype code is refused."""
     group_size, n = 32, 4096
     codes = np.zeros((n, group_size), np.int64)
     codes[:, 0] = 1
@@ -100,6 +101,23 @@ def test_16_bit_special_values_convert_exactly():
                     continue                      # SIMD lanes multiply partial sums of 0 by it: NaN
                 inf = np.isinf(values[start:start + n])
                 assert np.all(np.isinf(got[inf]) & (np.sign(got[inf]) == np.sign(values[start:start + n][inf])))
+    # biases: 8 groups, the int8 path's 8-lane conversion; x in one group (lane) at a time
+    k8 = 8 * group_size
+    w8 = pack(np.zeros((n, k8), np.int64), 8)
+    for dtype, values in cases:
+        finite = np.where(np.isfinite(values) & (np.abs(values) < 1e30), patterns, 0).astype(np.uint16)
+        for level in sorted({0, BEST}):
+            for start in range(0, 65536, n):
+                lane = (start // n) % 8
+                xl = np.zeros((1, k8), np.float32)
+                xl[0, lane * group_size] = 127.0
+                b16 = np.ascontiguousarray(np.repeat(finite[start:start + n, None], 8, 1))
+                s16 = np.zeros_like(b16)
+                got = q8_sd(xl, w8, s16, b16, DTYPES[dtype], 8, group_size, 1, level)[0]
+                with np.errstate(invalid="ignore"):
+                    want = (np.where(finite[start:start + n] == patterns[start:start + n], values[start:start + n], 0)
+                            * 127.0).astype(np.float32)
+                np.testing.assert_array_equal(got, want)
     y = np.zeros((1, n), np.float32)
     s = np.zeros((n, 1), np.float32)
     assert LIB.phf_qmatvec_sd(x.ctypes.data, 1, group_size, w.ctypes.data, s.ctypes.data, s.ctypes.data, 3, n, 8,
