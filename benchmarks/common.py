@@ -234,17 +234,35 @@ def summarize(times: list[float]) -> dict:
 # --------------------------------------------------------------------------- random weights
 
 
-def randomize(model, quant: str, seed: int = 0, scale: float = 0.02) -> None:
+# dtype of the random 4-bit models' scales and biases in the quantized linear layers: float32 (the
+# default), or bfloat16 / float16 as a converted checkpoint stores them (the C products read them as
+# stored). The quantized embedding keeps float32: its output is the model's activation dtype.
+ENV_SCALES = "PHIFLASH_BENCH_SCALES"
+
+
+def scales_dtype(name: str | None = None):
+    """The mx dtype for `name` (else $PHIFLASH_BENCH_SCALES, else float32)."""
+    import mlx.core as mx
+
+    name = (name or os.environ.get(ENV_SCALES, "") or "float32").strip()
+    if name not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"{ENV_SCALES}={name!r}: choose float32, bfloat16 or float16")
+    return getattr(mx, name)
+
+
+def randomize(model, quant: str, seed: int = 0, scale: float = 0.02, scales: str | None = None) -> None:
     """Give every linear / embedding weight random values, tensor by tensor, and evaluate each module
     before the next, so peak memory is the final weights plus one tensor.
 
     quant "q4": 4-bit group-64 affine (mlx.nn.quantize), packed words drawn directly (uniform codes),
     scales `scale`/8 and biases -scale: values in about [-scale, scale]. Modules whose input width is
     not a multiple of 64 (dt_proj, input 160) stay float32. quant "fp32": uniform in [-scale, scale].
+    `scales`: the dtype of the quantized linear layers' scales and biases (see ENV_SCALES).
     Norms, biases, A_log, D, the λ vectors and the conv keep their (cheap) initial values."""
     import mlx.core as mx
     import mlx.nn as nn
 
+    sdtype = scales_dtype(scales)
     if quant == "q4":
         nn.quantize(model, group_size=64, bits=4,
                     class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0)
@@ -256,8 +274,9 @@ def randomize(model, quant: str, seed: int = 0, scale: float = 0.02) -> None:
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             w = module.weight
             module.weight = mx.random.randint(0, 2**31 - 1, w.shape, key=k).astype(mx.uint32)
-            module.scales = mx.full(module.scales.shape, scale / 8, dtype=mx.float32)
-            module.biases = mx.full(module.biases.shape, -scale, dtype=mx.float32)
+            dt = sdtype if isinstance(module, nn.QuantizedLinear) else mx.float32
+            module.scales = mx.full(module.scales.shape, scale / 8, dtype=dt)
+            module.biases = mx.full(module.biases.shape, -scale, dtype=dt)
         elif isinstance(module, (nn.Linear, nn.Embedding)):
             module.weight = mx.random.uniform(-scale, scale, module.weight.shape, key=k)
             if getattr(module, "bias", None) is not None and "bias" in module:
@@ -299,12 +318,13 @@ def cpu_kernel_available() -> bool:
     return not mx.metal.is_available() and kernel_info()["active"]
 
 
-def build_sambay(cfg: dict, quant: str, seed: int = 0):
+def build_sambay(cfg: dict, quant: str, seed: int = 0, scales: str | None = None):
+    """The SambaY model with random weights; `scales`: see ENV_SCALES (quant "q4")."""
     import phiflash_mlx  # noqa: F401  (routes fp32 GEMMs to OpenBLAS before mlx.core is used)
     from phiflash_mlx.models.phi4flash import Model, ModelArgs
 
     model = Model(ModelArgs.from_dict(cfg))
-    randomize(model, quant, seed)
+    randomize(model, quant, seed, scales=scales)
     return model
 
 

@@ -136,11 +136,21 @@ def build_model(config: dict, weights: dict, dtype=None) -> Model:
     if unexpected:
         log.warning("ignoring %d tensors the model does not use (first: %s)", len(unexpected), unexpected[0])
     dtype = activation_dtype(dtype)
+    # Computing in float32 (the CPU default), quantized linear layers keep 16-bit scales and biases as
+    # stored: their products (mx.quantized_matmul, the CPU kernels) read them at that precision and give
+    # the same numbers as from a float32 copy, which would only cost memory and bandwidth. The quantized
+    # embedding's are cast: its output is the activations.
+    scales16 = set()
+    if dtype == mx.float32:
+        scales16 = {f"{path}.{leaf}" for path, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)
+                    for leaf in ("scales", "biases")}
     items = []
     for name in expected:
         w = weights[name]
         keep_fp32 = not model.cast_predicate(name)
-        if mx.issubdtype(w.dtype, mx.floating) and (keep_fp32 or dtype is not None):
+        if name in scales16 and w.dtype in (mx.float16, mx.bfloat16):
+            pass
+        elif mx.issubdtype(w.dtype, mx.floating) and (keep_fp32 or dtype is not None):
             w = w.astype(mx.float32 if keep_fp32 else dtype)
         items.append((name, w))
     model.load_weights(items, strict=True)

@@ -71,9 +71,10 @@ def test_int8_products_read_16_bit_scales(dtype, bits, group_size, m, n, groups,
 
 
 def test_16_bit_special_values_convert_exactly():
-    """Every float16 and every bfloat16 bit pattern as the scale of a one-hot product: y is the value
-    times 127 exactly (portable and SIMD; subnormals, signed zeros), infinite scales give infinities of
-    their sign (portable); a bad dtype code is refused."""
+    """Every float16 and every bfloat16 bit pattern as the scale of a one-hot product, and every finite
+    one as a bias (8 groups: the SIMD bias sums convert 8 at a time; x in each lane in turn): y is the
+    value times 127 exactly (portable and SIMD; subnormals, signed zeros), infinite scales give
+    infinities of their sign (portable); a bad dtype code is refused."""
     group_size, n = 32, 4096
     codes = np.zeros((n, group_size), np.int64)
     codes[:, 0] = 1
@@ -100,6 +101,23 @@ def test_16_bit_special_values_convert_exactly():
                     continue                      # SIMD lanes multiply partial sums of 0 by it: NaN
                 inf = np.isinf(values[start:start + n])
                 assert np.all(np.isinf(got[inf]) & (np.sign(got[inf]) == np.sign(values[start:start + n][inf])))
+    # biases: 8 groups, the int8 path's 8-lane conversion; x in one group (lane) at a time
+    k8 = 8 * group_size
+    w8 = pack(np.zeros((n, k8), np.int64), 8)
+    for dtype, values in cases:
+        finite = np.where(np.isfinite(values) & (np.abs(values) < 1e30), patterns, 0).astype(np.uint16)
+        for level in sorted({0, BEST}):
+            for start in range(0, 65536, n):
+                lane = (start // n) % 8
+                xl = np.zeros((1, k8), np.float32)
+                xl[0, lane * group_size] = 127.0
+                b16 = np.ascontiguousarray(np.repeat(finite[start:start + n, None], 8, 1))
+                s16 = np.zeros_like(b16)
+                got = q8_sd(xl, w8, s16, b16, DTYPES[dtype], 8, group_size, 1, level)[0]
+                with np.errstate(invalid="ignore"):
+                    want = (np.where(finite[start:start + n] == patterns[start:start + n], values[start:start + n], 0)
+                            * 127.0).astype(np.float32)
+                np.testing.assert_array_equal(got, want)
     y = np.zeros((1, n), np.float32)
     s = np.zeros((n, 1), np.float32)
     assert LIB.phf_qmatvec_sd(x.ctypes.data, 1, group_size, w.ctypes.data, s.ctypes.data, s.ctypes.data, 3, n, 8,
@@ -197,3 +215,63 @@ def test_whole_model_decode_with_bfloat16_scales(golden, int8, monkeypatch):
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
     assert got_ids == want_ids
+
+
+def test_loader_keeps_16_bit_scales_of_quantized_linear_layers(tmp_path):
+    """A 4-bit checkpoint with bfloat16 scales and biases (as mlx-lm writes one from a bfloat16 model)
+    loaded for float32 on a CPU: the quantized linear layers keep bfloat16 scales and biases (the
+    products read them as stored), the quantized embedding and every other floating tensor are float32,
+    and the logits (prompt and cached decode) equal those of the same checkpoint with every scale cast
+    to float32."""
+    import phiflash_mlx
+    from conftest import GOLDEN_MODELS, golden_path
+    from phiflash_mlx.convert import convert
+
+    if mx.metal.is_available():
+        pytest.skip("the float32 policy applies without Metal")
+    out = convert(str(golden_path(GOLDEN_MODELS[0])), str(tmp_path / "q"), dtype="bfloat16", quantize=True,
+                  q_bits=4, q_group_size=32)
+    for f in out.glob("*.safetensors"):
+        raw = mx.load(str(f))
+        raw = {k: v.astype(mx.bfloat16) if k.endswith((".scales", ".biases")) else v for k, v in raw.items()}
+        mx.save_safetensors(str(f), raw, metadata={"format": "mlx"})
+    model, _ = phiflash_mlx.load(str(out), tokenizer=False)
+    twin, _ = phiflash_mlx.load(str(out), tokenizer=False)
+    seen = set()
+    for _, m in model.named_modules():
+        if isinstance(m, nn.QuantizedLinear):
+            seen.add((str(m.scales.dtype), str(m.biases.dtype)))
+        elif isinstance(m, nn.QuantizedEmbedding):
+            assert m.scales.dtype == mx.float32 and m.biases.dtype == mx.float32
+    assert seen == {("mlx.core.bfloat16", "mlx.core.bfloat16")}, seen
+    assert model.layers[0].input_layernorm.weight.dtype == mx.float32
+    for _, m in twin.named_modules():
+        if isinstance(m, nn.QuantizedLinear):
+            m.scales, m.biases = m.scales.astype(mx.float32), m.biases.astype(mx.float32)
+
+    def run(mdl):
+        cache = mdl.make_cache()
+        logits = [np.asarray(mdl(mx.array([[5, 9, 2, 7, 1, 3] * 4]), cache=cache))]
+        for t in (4, 8, 15):
+            logits.append(np.asarray(mdl(mx.array([[t]]), cache=cache)))
+        return logits
+
+    got, want = run(model), run(twin)
+    assert got[0].dtype == np.float32
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_block_fallback_dequantizes_16_bit_scales_in_float32():
+    """A quantized layer too small for the C kernels, a block of rows (dequantize + GEMM): with bfloat16
+    scales it equals mx.quantized_matmul on the same scales (the weight is not rounded to bfloat16)."""
+    layer = nn.QuantizedLinear(256, 64, bias=False, group_size=64, bits=4)
+    layer.scales = (mx.random.uniform(0.01, 0.02, layer.scales.shape, key=mx.random.key(1))).astype(mx.bfloat16)
+    layer.biases = (mx.random.uniform(-0.1, 0.1, layer.biases.shape, key=mx.random.key(2))).astype(mx.bfloat16)
+    layer.__class__ = cpu_kernels.CPUQuantizedLinear
+    assert not cpu_kernels._kernel_applies(layer)
+    x = mx.random.normal((cpu_kernels.MIN_TOKENS + 3, 256), key=mx.random.key(3))
+    want = mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, transpose=True, group_size=64, bits=4)
+    got = layer(x)
+    assert got.dtype == mx.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

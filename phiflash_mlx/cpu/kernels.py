@@ -218,6 +218,7 @@ class _Packed:
     def __init__(self, weight: mx.array, scales: mx.array, biases: mx.array):
         mx.eval(weight, scales, biases)
         self.source = weight                    # identity check: the views follow the module's arrays
+        self.scales_source = scales
         self.w = np.asarray(weight)
         if not self.w.flags["C_CONTIGUOUS"]:
             self.w = np.ascontiguousarray(self.w)
@@ -274,7 +275,7 @@ def _kernel_applies(module) -> bool:
 
 def _packed(module) -> _Packed:
     cached = module.__dict__.get("_phf_packed")
-    if cached is None or cached.source is not module["weight"]:
+    if cached is None or cached.source is not module["weight"] or cached.scales_source is not module["scales"]:
         cached = _Packed(module["weight"], module["scales"], module["biases"])
         module.__dict__["_phf_packed"] = cached
     return cached
@@ -289,8 +290,12 @@ def _cpu_product(module, x: mx.array) -> mx.array | None:
                        packed=_packed(module))
     rows = x.size // x.shape[-1]
     if rows >= MIN_TOKENS:
-        w = mx.dequantize(module["weight"], module["scales"], module.get("biases"), group_size=module.group_size,
-                          bits=module.bits, mode=module.mode)
+        scales, biases = module["scales"], module.get("biases")
+        if x.dtype == mx.float32 and scales.dtype in (mx.float16, mx.bfloat16):   # dequantize in float32
+            scales = scales.astype(mx.float32)
+            biases = None if biases is None else biases.astype(mx.float32)
+        w = mx.dequantize(module["weight"], scales, biases, group_size=module.group_size, bits=module.bits,
+                          mode=module.mode)
         return x @ w.astype(x.dtype).T
     return None
 
