@@ -86,7 +86,11 @@ def worker(args) -> dict:
         model = common.build_phi3(cfg, args.quant)
         run_prefill = _prefill_phi3
         make_cache = lambda: make_prompt_cache(model)  # noqa: E731
-    out = {"model": args.model, "quant": args.quant, "config": cfg, "build_s": round(time.perf_counter() - t0, 1),
+    if args.cpu_kernels:                          # both models: our CPU products (and our model's CPU paths)
+        from phiflash_mlx.cpu.kernels import use_cpu_kernels
+        use_cpu_kernels(model)
+    out = {"model": args.model, "quant": args.quant, "cpu_kernels": bool(args.cpu_kernels), "config": cfg,
+           "build_s": round(time.perf_counter() - t0, 1),
            "params": common.param_count(model), "non_embedding_params": _non_embedding(model, cfg),
            "weight_bytes": common.param_bytes(model), "blas": blas_info(), "points": {}}
     rng = np.random.default_rng(0)
@@ -171,6 +175,9 @@ def main(argv=None) -> int:
     p.add_argument("--step", type=int, default=512, help="prefill chunk size for both models")
     p.add_argument("--rounds", type=int, help="default 2, quick 1")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--cpu-kernels", action="store_true",
+                   help="q4: attach phiflash_mlx's CPU kernels to both models (as load() does for ours); "
+                        "writes prefill-ck.json")
     p.add_argument("--shared-machine", action="store_true", help="record that other jobs were running")
     p.add_argument("--out-dir", default=common.RESULTS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -185,7 +192,7 @@ def main(argv=None) -> int:
     rounds = args.rounds or (1 if args.quick else 2)
     report = {"machine": common.machine(), "quick": args.quick, "shared_machine": args.shared_machine,
               "settings": {"layers": args.layers, "lengths": args.lengths, "quant": args.quant, "step": args.step,
-                           "rounds": rounds},
+                           "rounds": rounds, "cpu_kernels": args.cpu_kernels},
               "load_before": common.load_snapshot(), "runs": []}
     t0 = time.perf_counter()
     for rnd in range(rounds):
@@ -194,7 +201,8 @@ def main(argv=None) -> int:
             print(f"round {rnd + 1}/{rounds}: {model}", flush=True)
             r = common.run_worker(os.path.abspath(__file__),
                                   ["--model", model, "--layers", str(args.layers), "--quant", args.quant,
-                                   "--step", str(args.step), "--lengths", *map(str, args.lengths)])
+                                   "--step", str(args.step), "--lengths", *map(str, args.lengths),
+                                   *(["--cpu-kernels"] if args.cpu_kernels else [])])
             r["round"], r["load"] = rnd, common.load_snapshot()
             report["runs"].append(r)
             if "error" in r:
@@ -208,7 +216,7 @@ def main(argv=None) -> int:
                                      for T in res["sambay"]["points"] if T in res["phi3"]["points"]}
         print("prefill speed-up of ours over phi3:", json.dumps(report["speedup_vs_phi3"]))
     os.makedirs(args.out_dir, exist_ok=True)
-    stem = "prefill-quick" if args.quick else "prefill"
+    stem = ("prefill-quick" if args.quick else "prefill") + ("-ck" if args.cpu_kernels else "")
     common.write_result(os.path.join(args.out_dir, stem + ".json"), report)
     print(f"wrote {os.path.join(args.out_dir, stem + '.json')}")
     if plot(report, os.path.join(args.out_dir, stem + ".png")):
