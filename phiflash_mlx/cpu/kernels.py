@@ -825,6 +825,28 @@ class _MambaHost:
         return held
 
 
+def _mamba_step_host(lib, mixer, a: np.ndarray, conv_state: mx.array, ssm_state: mx.array):
+    """One token through the Mamba mixer in one C call (`phf_mamba_step`): a is the mixer's input,
+    (H,) float32 on the host; the states are evaluated MLX arrays of the cache's shapes. Returns
+    (out (H,), memory (Di,) or None, new conv state (max(K-1, 1), Di), new ssm state (Di, N)) as
+    NumPy arrays, or None where the kernel refuses."""
+    Di, N, K = mixer.d_inner, mixer.d_state, mixer.d_conv
+    keep = K - 1
+    host = _MambaHost.of(mixer)
+    cs = _host_f32(conv_state, (keep, Di))
+    ss = _host_f32(ssm_state, (Di, N))
+    conv_out = np.empty((max(keep, 1), Di), dtype=np.float32)
+    ssm_out = np.empty((Di, N), dtype=np.float32)
+    out = np.empty(a.shape, dtype=np.float32)
+    memory = np.empty((Di,), dtype=np.float32) if mixer.produces_memory else None
+    qs = [_qweight(m) for m in (mixer.in_proj, mixer.x_proj, mixer.out_proj)]
+    rc = lib.phf_mamba_step(a.ctypes.data, *[ctypes.addressof(q) for q in qs], _ptr(host.conv_w),
+                            _ptr(host.conv_b), _ptr(host.dt_w), _ptr(host.dt_b), _ptr(host.A), _ptr(host.D),
+                            cs.ctypes.data, ss.ctypes.data, conv_out.ctypes.data, ssm_out.ctypes.data,
+                            out.ctypes.data, _ptr(memory), a.shape[-1], Di, K, mixer.dt_rank, N, threads())
+    return None if rc != 0 else (out, memory, conv_out, ssm_out)
+
+
 def _ptr(a: np.ndarray | None):
     return None if a is None else a.ctypes.data
 
@@ -834,7 +856,7 @@ def _mamba_step(mixer, a, cache):
     own Mamba.__call__ on a scratch cache is the twin (mx.compile, gradients, any failure)."""
     from ..models.cache import ArraysCache
 
-    Di, R, N, K = mixer.d_inner, mixer.dt_rank, mixer.d_state, mixer.d_conv
+    Di, N, K = mixer.d_inner, mixer.d_state, mixer.d_conv
     H = a.shape[-1]
     keep = K - 1
     conv_state = None if cache is None else cache[0]
@@ -857,21 +879,10 @@ def _mamba_step(mixer, a, cache):
         mx.eval(a, conv_state, ssm_state)
         if conv_state.shape != (1, keep, Di) or ssm_state.shape != (1, Di, N):
             return None
-        host = _MambaHost.of(mixer)
-        an = _host_f32(a, (H,))
-        cs = _host_f32(conv_state, (keep, Di))
-        ss = _host_f32(ssm_state, (Di, N))
-        conv_out = np.empty((max(keep, 1), Di), dtype=np.float32)
-        ssm_out = np.empty((Di, N), dtype=np.float32)
-        out = np.empty((H,), dtype=np.float32)
-        memory = np.empty((Di,), dtype=np.float32) if mem else None
-        qs = [_qweight(m) for m in (mixer.in_proj, mixer.x_proj, mixer.out_proj)]
-        rc = lib.phf_mamba_step(an.ctypes.data, *[ctypes.addressof(q) for q in qs], _ptr(host.conv_w),
-                                _ptr(host.conv_b), _ptr(host.dt_w), _ptr(host.dt_b), _ptr(host.A), _ptr(host.D),
-                                cs.ctypes.data, ss.ctypes.data, conv_out.ctypes.data, ssm_out.ctypes.data,
-                                out.ctypes.data, _ptr(memory), H, Di, K, R, N, threads())
-        if rc != 0:
+        step = _mamba_step_host(lib, mixer, _host_f32(a, (H,)), conv_state, ssm_state)
+        if step is None:
             return None
+        out, memory, conv_out, ssm_out = step
         dtype = a.dtype
         res = [mx.array(out).reshape(1, 1, H).astype(dtype)]
         if mem:
@@ -974,24 +985,14 @@ def _mamba_unit(layer, h, cache):
         mx.eval(h, conv_state, ssm_state)
         if lib is None or conv_state.shape != (1, keep, Di) or ssm_state.shape != (1, Di, N):
             return None
-        host = _MambaHost.of(mixer)
         hn = _h_in(h)
         a = np.empty_like(hn)
         w, b, eps = _norm_host(layer.input_layernorm)
         lib.phf_layernorm(hn.ctypes.data, _ptr(w), _ptr(b), eps, a.ctypes.data, H)
-        cs = _host_f32(conv_state, (keep, Di))
-        ss = _host_f32(ssm_state, (Di, N))
-        conv_out = np.empty((max(keep, 1), Di), dtype=np.float32)
-        ssm_out = np.empty((Di, N), dtype=np.float32)
-        out = np.empty((H,), dtype=np.float32)
-        memory = np.empty((Di,), dtype=np.float32) if mem else None
-        qs = [_qweight(m) for m in (mixer.in_proj, mixer.x_proj, mixer.out_proj)]
-        rc = lib.phf_mamba_step(a.ctypes.data, *[ctypes.addressof(q) for q in qs], _ptr(host.conv_w),
-                                _ptr(host.conv_b), _ptr(host.dt_w), _ptr(host.dt_b), _ptr(host.A), _ptr(host.D),
-                                cs.ctypes.data, ss.ctypes.data, conv_out.ctypes.data, ssm_out.ctypes.data,
-                                out.ctypes.data, _ptr(memory), H, Di, K, mixer.dt_rank, N, threads())
-        if rc != 0:
+        step = _mamba_step_host(lib, mixer, a, conv_state, ssm_state)
+        if step is None:
             return None
+        out, memory, conv_out, ssm_out = step
         hn += out
         if not _mlp_half(lib, layer, hn):
             return None
