@@ -847,6 +847,16 @@ def _mamba_step_host(lib, mixer, a: np.ndarray, conv_state: mx.array, ssm_state:
     return None if rc != 0 else (out, memory, conv_out, ssm_out)
 
 
+def _mamba_step_arrays(mixer, memory, conv_out, ssm_out, dtype, conv_dtype) -> tuple:
+    """`_mamba_step_host`'s memory (where the layer makes one) and new states as MLX arrays of the
+    cache's shapes: ((1, 1, Di) memory,) (1, K-1, Di) conv state, (1, Di, N) float32 scan state."""
+    Di, N, keep = mixer.d_inner, mixer.d_state, mixer.d_conv - 1
+    res = [] if memory is None else [mx.array(memory).reshape(1, 1, Di).astype(dtype)]
+    res.append(mx.array(conv_out[:keep]).reshape(1, keep, Di).astype(conv_dtype))
+    res.append(mx.array(ssm_out).reshape(1, Di, N))
+    return tuple(res)
+
+
 def _ptr(a: np.ndarray | None):
     return None if a is None else a.ctypes.data
 
@@ -884,12 +894,8 @@ def _mamba_step(mixer, a, cache):
             return None
         out, memory, conv_out, ssm_out = step
         dtype = a.dtype
-        res = [mx.array(out).reshape(1, 1, H).astype(dtype)]
-        if mem:
-            res.append(mx.array(memory).reshape(1, 1, Di).astype(dtype))
-        res.append(mx.array(conv_out[:keep]).reshape(1, keep, Di).astype(conv_state.dtype))
-        res.append(mx.array(ssm_out).reshape(1, Di, N))
-        return tuple(res)
+        return (mx.array(out).reshape(1, 1, H).astype(dtype),
+                *_mamba_step_arrays(mixer, memory, conv_out, ssm_out, dtype, conv_state.dtype))
 
     res = _host_call(fast, slow, a, conv_state, ssm_state)
     if mem:
@@ -996,12 +1002,7 @@ def _mamba_unit(layer, h, cache):
         hn += out
         if not _mlp_half(lib, layer, hn):
             return None
-        res = [_h_out(hn, h)]
-        if mem:
-            res.append(mx.array(memory).reshape(1, 1, Di).astype(h.dtype))
-        res.append(mx.array(conv_out[:keep]).reshape(1, keep, Di).astype(conv_state.dtype))
-        res.append(mx.array(ssm_out).reshape(1, Di, N))
-        return tuple(res)
+        return (_h_out(hn, h), *_mamba_step_arrays(mixer, memory, conv_out, ssm_out, h.dtype, conv_state.dtype))
 
     res = _host_call(fast, slow, h, conv_state, ssm_state)
     if mem:
