@@ -407,15 +407,16 @@ __attribute__((noinline, target(Q8V_TARGET))) static void q8v_single(const q8v_t
 static void q8v_share(void *arg, int share) {
     q8v_t *j = (q8v_t *)arg;
     (void)share;
-    const long pf = __atomic_load_n(&q8v_prefetch, __ATOMIC_ACQUIRE);
+    const long pf = __atomic_load_n(&q8v_prefetch, __ATOMIC_ACQUIRE), rb = j->row_bytes;
     for (long t; (t = next_chunk(&j->next)) < j->tasks;) {
         const long n0 = t * j->rows_per_task, n1 = n0 + j->rows_per_task < j->n ? n0 + j->rows_per_task : j->n;
+        /* prefetch only within the task: the rows after it may be another thread's, and a line fetched
+         * into this core's L2 does not help that one; so the task's first rows are fetched up front */
+        const long lead = n0 + 2 * pf < n1 ? n0 + 2 * pf : n1;
+        for (const uint8_t *p = j->w + n0 * rb, *e = j->w + lead * rb; p < e; p += 64)
+            _mm_prefetch((const char *)p, _MM_HINT_T1);
         long n = n0;
-        for (; n + 2 <= n1; n += 2) {
-            /* prefetch the same bytes pf pairs of rows on, while they are still in this product */
-            const long ahead = pf && n + 2 * pf + 2 <= j->n ? 2 * pf * j->row_bytes : 0;
-            q8v_pair(j, n, ahead);
-        }
+        for (; n + 2 <= n1; n += 2) q8v_pair(j, n, pf && n + 2 * pf + 2 <= n1 ? 2 * pf * rb : 0);
         if (n < n1) q8v_single(j, n);
     }
 }
@@ -465,8 +466,9 @@ static int q8v_matvec(const float *x, long k, const uint32_t *w, const void *sca
     if (threads < 1 || n * k < (1L << 20)) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (n < 8L * threads) threads = (int)(n / 8) > 0 ? (int)(n / 8) : 1;
-    /* tasks of ~64 KB of codes, at least 8 per thread, an even number of rows */
-    long rows = Q8_TILE_BYTES / j.row_bytes + 1;
+    /* tasks of ~256 KB of codes (each starts its prefetch anew), at least 8 per thread, an even
+     * number of rows */
+    long rows = 4 * Q8_TILE_BYTES / j.row_bytes + 1;
     if (rows > n / (8L * threads) + 1) rows = n / (8L * threads) + 1;
     if (rows > 2) rows -= rows % 2;
     j.rows_per_task = rows;
