@@ -967,5 +967,6 @@ PHF_EXPORT int phf_ssm_scan(const float *u, const float *dbc, const float *z, co
  * Separate files for readability; they are part of this translation unit and use its thread pool. */
 #include "q8.c"
 #include "q8_gemm.c"
+#include "attn_decode.c"
 #include "fused.c"
 #include "attn_prefill.c"

@@ -294,6 +294,9 @@ PHF_EXPORT int phf_attend_rows(const float *q, const float *k, long k_hs, long k
                                long v_ts, const int *rows, const float *k_new, const float *v_new, float *out,
                                long P, long R, long D, long DV, long T, int threads) {
     if (P <= 0 || R <= 0 || D <= 0 || DV <= 0 || T <= 0) return -1;
+    if (fused_simd && attend_decode(q, k, k_hs, k_ts, v, v_hs, v_ts, rows, k_new, v_new, out, P, R, D, DV, T, threads,
+                                    0) == 0)
+        return 0;
     attend_rows_t a = {q, k, v, k_new, v_new, rows, k_hs, k_ts, v_hs, v_ts, out, P, R, D, DV, T,
                        fused_simd && phf_simd(), 0, 0};
     if (threads < 1 || T * P * D < (1L << 14)) threads = 1;
