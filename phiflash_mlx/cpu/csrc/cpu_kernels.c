@@ -701,20 +701,25 @@ PHF_EXPORT int phf_qmatvec(const float *x, long m, long k, const uint32_t *w, co
  *   out[b][h][part * R + r] = softmax_t(q[b][j][r] . k[b][h, part][t] + bias[b][r % L][t]) @ v[b][h]
  *
  * One unit of work is one (b, h): it reads both key heads once and the value head once, which is
- * what makes the step memory-bound instead of copy-bound. Units are spread over the pool. */
+ * what makes the step memory-bound instead of copy-bound. Units are spread over the pool.
+ *
+ * Keys and values are float32 or float16 (kvtype PHF_SD_F32 / PHF_SD_F16, the codes of the scales):
+ * 16-bit caches are widened where they are read (F16C on x86 CPUs that have it, phf_f16_to_float
+ * elsewhere), so a step reads half the bytes and computes the same float32 math on the stored
+ * values. */
 
 typedef struct {
     const float *q;
     long q_bs, q_hs;           /* q[b][j][r][0..D), rows contiguous (stride D) */
-    const float *k;
+    const void *k;             /* float32 or float16 (kvtype), like v; strides in elements */
     long k_bs, k_hs, k_ps, k_ts; /* key head (h, part): k + b * k_bs + h * k_hs + part * k_ps */
-    const float *v;
+    const void *v;
     long v_bs, v_hs, v_ts;     /* v[b][h][t][0..DV) */
     const float *bias;         /* bias[b][l][t], or NULL */
     long bias_bs, bias_ls;
     float *out;                /* [B][nkv / 2][2R][DV], contiguous */
     long B, nkv, R, L, D, DV, T;
-    int shares, use_avx2;
+    int shares, use_avx2, kvtype;
     int failed;                /* set by a share that could not allocate its scratch */
     long next;                 /* the next unit to take */
 } attend_t;
@@ -750,7 +755,105 @@ __attribute__((target("avx2,fma"))) static void axpy_avx2(float *y, float a, con
         _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
     for (; i < n; i++) y[i] += a * x[i];
 }
+
+/* the same over a float16 row (F16C widens 8 values per instruction) */
+__attribute__((target("avx2,fma,f16c"))) static float dot_f16_avx2(const float *a, const void *bv, long n) {
+    const uint16_t *b = (const uint16_t *)bv;
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    long i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i))), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8),
+                             _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i + 8))), s1);
+    }
+    for (; i + 8 <= n; i += 8)
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i))), s0);
+    float s = hsum256(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) s += a[i] * phf_f16_to_float(b[i]);
+    return s;
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void axpy_f16_avx2(float *y, float a, const void *xv, long n) {
+    const uint16_t *x = (const uint16_t *)xv;
+    const __m256 av = _mm256_set1_ps(a);
+    long i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))),
+                                                _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * phf_f16_to_float(x[i]);
+}
+
+/* n float16 values -> float32 */
+__attribute__((target("avx2,f16c"))) static void widen_f16_avx2(float *dst, const uint16_t *src, long n) {
+    long i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++) dst[i] = phf_f16_to_float(src[i]);
+}
+
+__attribute__((target("avx2,fma"))) static float dot_f32_avx2(const float *a, const void *b, long n) {
+    return dot_avx2(a, (const float *)b, n);
+}
+
+__attribute__((target("avx2,fma"))) static void axpy_f32_avx2(float *y, float a, const void *x, long n) {
+    axpy_avx2(y, a, (const float *)x, n);
+}
 #endif
+
+/* 1 if this CPU widens float16 K/V with F16C (the AVX2 path of 16-bit caches); 0: phf_f16_to_float. */
+PHF_EXPORT int phf_f16c(void) {
+#ifdef PHF_X86
+    __builtin_cpu_init();
+    return phf_simd() && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+/* Marks a library whose attention kernels take the K/V dtype code (kvtype); Python checks it exists. */
+PHF_EXPORT int phf_kv16(void) { return 1; }
+
+static float dot_f16_portable(const float *a, const void *bv, long n) {
+    const uint16_t *b = (const uint16_t *)bv;
+    float s = 0.0f;
+    for (long i = 0; i < n; i++) s += a[i] * phf_f16_to_float(b[i]);
+    return s;
+}
+
+static void axpy_f16_portable(float *y, float a, const void *xv, long n) {
+    const uint16_t *x = (const uint16_t *)xv;
+    for (long i = 0; i < n; i++) y[i] += a * phf_f16_to_float(x[i]);
+}
+
+static float dot_f32_portable(const float *a, const void *b, long n) { return dot_portable(a, (const float *)b, n); }
+
+static void axpy_f32_portable(float *y, float a, const void *x, long n) { axpy_portable(y, a, (const float *)x, n); }
+
+typedef float (*kv_dot_fn)(const float *, const void *, long);
+typedef void (*kv_axpy_fn)(float *, float, const void *, long);
+
+/* The dot and axpy over K/V rows of dtype code kvtype (PHF_SD_F32 or PHF_SD_F16); simd: the AVX2
+ * (+F16C for float16) loops where the CPU has them. */
+static void kv_kernels(int kvtype, int simd, kv_dot_fn *dot, kv_axpy_fn *axpy) {
+    if (kvtype == PHF_SD_F16) {
+        *dot = dot_f16_portable;
+        *axpy = axpy_f16_portable;
+#ifdef PHF_X86
+        if (simd && phf_f16c()) {
+            *dot = dot_f16_avx2;
+            *axpy = axpy_f16_avx2;
+        }
+#endif
+        return;
+    }
+    *dot = dot_f32_portable;
+    *axpy = axpy_f32_portable;
+#ifdef PHF_X86
+    if (simd) {
+        *dot = dot_f32_avx2;
+        *axpy = axpy_f32_avx2;
+    }
+#endif
+}
 
 static void attend_share(void *arg, int share) {
     attend_t *a = (attend_t *)arg;
@@ -764,22 +867,17 @@ static void attend_share(void *arg, int share) {
         __atomic_store_n(&a->failed, 1, __ATOMIC_RELEASE);
         return;
     }
-    float (*dot)(const float *, const float *, long) = dot_portable;
-    void (*axpy)(float *, float, const float *, long) = axpy_portable;
-#ifdef PHF_X86
-    if (a->use_avx2) {
-        dot = dot_avx2;
-        axpy = axpy_avx2;
-    }
-#endif
+    kv_dot_fn dot;
+    kv_axpy_fn axpy;
+    kv_kernels(a->kvtype, a->use_avx2, &dot, &axpy);
     for (long u; (u = next_chunk(&a->next)) < units;) {
         const long b = u / half, h = u % half;
         /* scores: one pass over the pair's key rows, both heads of a row while it is in cache */
-        const float *kh = a->k + b * a->k_bs + h * a->k_hs;
+        const long kh = b * a->k_bs + h * a->k_hs;
         for (long t = 0; t < a->T; t++) {
             for (int part = 0; part < 2; part++) {
                 const float *qj = a->q + b * a->q_bs + (h + part * half) * a->q_hs;
-                const float *kt = kh + t * a->k_ts + part * a->k_ps;
+                const void *kt = phf_sd_at(a->k, kh + t * a->k_ts + part * a->k_ps, a->kvtype);
                 for (long r = 0; r < a->R; r++) {
                     float sc = dot(qj + r * a->D, kt, a->D);
                     if (a->bias) sc += a->bias[b * a->bias_bs + (r % a->L) * a->bias_ls + t];
@@ -802,9 +900,9 @@ static void attend_share(void *arg, int share) {
             const float inv = 1.0f / sum;
             for (long t = 0; t < a->T; t++) sr[t] *= inv;
         }
-        const float *vh = a->v + b * a->v_bs + h * a->v_hs;      /* values: read once for all rows */
+        const long vh = b * a->v_bs + h * a->v_hs;               /* values: read once for all rows */
         for (long t = 0; t < a->T; t++) {
-            const float *vt = vh + t * a->v_ts;
+            const void *vt = phf_sd_at(a->v, vh + t * a->v_ts, a->kvtype);
             for (long row = 0; row < rows; row++) axpy(acc + row * a->DV, scores[row * a->T + t], vt, a->DV);
         }
         float *out = a->out + u * rows * a->DV;
@@ -815,16 +913,18 @@ static void attend_share(void *arg, int share) {
 }
 
 /*
- * See the block comment above. Strides are in floats. Returns 0, or -1 when scratch memory could
- * not be had (the output is then incomplete).
+ * See the block comment above. Strides are in elements (of q and bias: floats; of k and v: kvtype's).
+ * kvtype: PHF_SD_F32 or PHF_SD_F16 for both k and v. Returns 0, or -1 for a bad size or dtype code or
+ * when scratch memory could not be had (the output is then incomplete).
  */
-PHF_EXPORT int phf_attend(const float *q, long q_bs, long q_hs, const float *k, long k_bs, long k_hs,
-                          long k_ps, long k_ts, const float *v, long v_bs, long v_hs, long v_ts,
+PHF_EXPORT int phf_attend(const float *q, long q_bs, long q_hs, const void *k, long k_bs, long k_hs,
+                          long k_ps, long k_ts, const void *v, long v_bs, long v_hs, long v_ts,
                           const float *bias, long bias_bs, long bias_ls, float *out, long B, long nkv,
-                          long R, long L, long D, long DV, long T, int threads, int simd) {
+                          long R, long L, long D, long DV, long T, int threads, int simd, int kvtype) {
     if (B <= 0 || nkv < 2 || nkv % 2 || R <= 0 || L <= 0 || D <= 0 || DV <= 0 || T <= 0) return -1;
+    if (kvtype != PHF_SD_F32 && kvtype != PHF_SD_F16) return -1;
     attend_t a = {q, q_bs, q_hs, k, k_bs, k_hs, k_ps, k_ts, v, v_bs, v_hs, v_ts, bias, bias_bs, bias_ls, out,
-                  B, nkv, R, L, D, DV, T, 1, simd && phf_simd(), 0, 0};
+                  B, nkv, R, L, D, DV, T, 1, simd && phf_simd(), kvtype, 0, 0};
     long units = B * (nkv / 2);
     if (threads < 1 || T * nkv * D < (1L << 16)) threads = 1;   /* short caches: not worth waking */
     if (threads > MAX_THREADS) threads = MAX_THREADS;
