@@ -79,10 +79,10 @@ def attend_many(q: mx.array, keys, values, mask, scale: float, simd: bool = True
     """Both stripes of differential attention for many queries with the C kernel, the result of
     ``DiffAttention._core``: q (b, nh, l, hd) in natural head order; keys, values (b, nkv/2, s, 2hd)
     in the pair layout (stripe 1 uses the first hd columns of the keys, stripe 2 the last; the values
-    serve both), float32 or float16 (q float32); mask None, "causal" or a bool array broadcastable to (b, 1, l, s). Returns
-    (attn1, attn2), each (b, nh/2, l, 2hd), or None to leave it to MLX ops. Queries that may see no
-    key get zeros (MLX's attention gives NaN there). `block`: query positions per unit of work (0:
-    the kernel's default)."""
+    serve both), float32 or float16 (q float32); mask None, "causal" or a bool array broadcastable to
+    (b, 1, l, s). Returns (attn1, attn2), each (b, nh/2, l, 2hd) float32, or None to leave it to MLX
+    ops. Queries that may see no key get zeros (MLX's attention gives NaN there). `block`: query
+    positions per unit of work (0: the kernel's default)."""
     lib = _lib()
     if lib is None or not all(isinstance(x, mx.array) for x in (q, keys, values)):
         return None

@@ -806,7 +806,8 @@ def _fused_library():
             lib.phf_gmu_residual.restype = i32
             lib.phf_fused_simd.argtypes = [i32]
             lib.phf_fused_simd.restype = i32
-            lib.phf_attend_rows.argtypes = [ptr, ptr, lng, lng, ptr, lng, lng, ptr, ptr, ptr, ptr] + [lng] * 5 + [i32, i32]
+            lib.phf_attend_rows.argtypes = ([ptr, ptr, lng, lng, ptr, lng, lng, ptr, ptr, ptr, ptr] + [lng] * 5
+                                            + [i32, i32])
             lib.phf_attend_rows.restype = i32
         except AttributeError:
             lib._phf_fused_ready = False

@@ -281,7 +281,8 @@ static void am_unit(const many_t *a, long u, float *qs, float *kt, float *sc, fl
             sum[r] += am_row_exp(a->use_avx2, s, from, to, mx[r]);
         }
         if (f16) {                                                  /* the block's values, widened */
-            for (long j = 0; j < kb; j++) am_widen(a, vblock + j * DV, (const uint16_t *)a->v + vh + (t0 + j) * a->v_ts, DV);
+            for (long j = 0; j < kb; j++)
+                am_widen(a, vblock + j * DV, (const uint16_t *)a->v + vh + (t0 + j) * a->v_ts, DV);
             am_gemm(a->use_avx2, sc, kbp, vblock, DV, acc, DV, rows, DV, kb, 1);
         } else {
             am_gemm(a->use_avx2, sc, kbp, (const float *)a->v + vh + t0 * a->v_ts, a->v_ts, acc, DV, rows, DV, kb, 1);

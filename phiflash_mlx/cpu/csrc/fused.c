@@ -263,10 +263,12 @@ static void attend_rows_share(void *arg, int share) {
                 const float *qh = a->q + (part * a->P + h) * a->R * a->D;
                 if (row >= 0) {
                     const void *kt = phf_sd_at(a->k, h * a->k_hs + row * a->k_ts + part * a->D, a->kvtype);
-                    for (long r = 0; r < a->R; r++) scores[(part * a->R + r) * a->T + t] = dot(qh + r * a->D, kt, a->D);
+                    for (long r = 0; r < a->R; r++)
+                        scores[(part * a->R + r) * a->T + t] = dot(qh + r * a->D, kt, a->D);
                 } else {
                     const float *kt = a->k_new + h * 2 * a->D + part * a->D;
-                    for (long r = 0; r < a->R; r++) scores[(part * a->R + r) * a->T + t] = dot32(qh + r * a->D, kt, a->D);
+                    for (long r = 0; r < a->R; r++)
+                        scores[(part * a->R + r) * a->T + t] = dot32(qh + r * a->D, kt, a->D);
                 }
             }
         }
