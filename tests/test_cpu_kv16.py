@@ -122,8 +122,8 @@ def test_attend_many_reads_float16(b, pairs, g, l, offset, hd, spare, mask, wind
        length=st.integers(1, 200), spare=st.integers(0, 4), new_at=st.integers(0, 10**6), simd=st.booleans(),
        threads=st.integers(1, 4), seed=st.integers(0, 2**16))
 def test_attend_rows_reads_float16(pairs, r, hd, length, spare, new_at, simd, threads, seed):
-    """phf_attend_rows (the one-call decode step) over a float16 cache plus a float32 new row, the rows
-    in the order a rotating cache would hand them out."""
+    """phf_attend_rows (the one-call decode step) over a float16 cache plus this step's new row, the
+    rows in the order a rotating cache would hand them out."""
     lib = cpu_kernels._fused_library()
     rng = np.random.default_rng(seed)
     kbuf = rng.standard_normal((pairs, length + spare, 2 * hd)).astype(np.float16)
@@ -131,8 +131,8 @@ def test_attend_rows_reads_float16(pairs, r, hd, length, spare, new_at, simd, th
     k, v = kbuf[:, :length], vbuf[:, :length]                     # a prefix of the buffer: strided
     rows = rng.permutation(length).astype(np.int32)
     rows[new_at % length] = -1                                     # this step's row
-    k_new = rng.standard_normal((pairs, 2 * hd)).astype(np.float32)
-    v_new = rng.standard_normal((pairs, 2 * hd)).astype(np.float32)
+    k_new = rng.standard_normal((pairs, 2 * hd)).astype(np.float16)
+    v_new = rng.standard_normal((pairs, 2 * hd)).astype(np.float16)
     q = rng.standard_normal((2, pairs, r, hd)).astype(np.float32) * hd ** -0.5
     out = np.empty((pairs, 2 * r, 2 * hd), np.float32)
     old = lib.phf_fused_simd(int(simd))

@@ -1549,11 +1549,12 @@ def _whole_step(model, h0, plan):
                             or kn.strides[-1] != kn.itemsize or vn.strides[-1] != vn.itemsize:
                         return None
                     rows_ = rows
-                    if _stores_f16(attn):         # the new row as the cache will hold it
+                    if _stores_f16(attn):         # the new row as the cache will hold it, in the cache's dtype
                         k16, v16 = k_new.astype(np.float16), v_new.astype(np.float16)
-                        k_new, v_new = k16.astype(np.float32), v16.astype(np.float32)
                         outs += [mx.array(k16).reshape(1, P, 1, 2 * hd), mx.array(v16).reshape(1, P, 1, 2 * hd)]
-                    else:
+                        k_new, v_new = (k16, v16) if kvtype == SD_F16 else (k16.astype(np.float32),
+                                                                            v16.astype(np.float32))
+                    else:                         # (a float16 cache always gets float16 rows: _step_plan)
                         outs += [mx.array(k_new).reshape(1, P, 1, 2 * hd), mx.array(v_new).reshape(1, P, 1, 2 * hd)]
                     if kind == GLOBAL:
                         shared = (kn, vn, rows, k_new, v_new, kvtype)

@@ -855,6 +855,201 @@ static void kv_kernels(int kvtype, int simd, kv_dot_fn *dot, kv_axpy_fn *axpy) {
 #endif
 }
 
+/* ---- one KV pair of a decode step, register-blocked (AVX2 + FMA + F16C) ------------------------
+ *
+ * The loops in attend_share / attend_rows_share call a dot product per (key row, query row) and an
+ * axpy that loads and stores the output rows per key row: at long contexts that is compute-bound,
+ * well below what memory delivers (measured at 32K: ~11 GB/s on 2 threads), so halving the bytes
+ * (float16 caches) would not show. Here, for one pair: the scores of two query rows against two key
+ * rows at a time (4 accumulators, one 4-way reduction), a vectorised softmax, and the value pass in
+ * blocks of PAIR_TB key rows (L1-resident) with the output strip of up to four query rows held in
+ * registers. Applies where D % 8 == 0 and DV % 16 == 0; the loops above do the rest. */
+
+typedef struct {
+    const float *q0, *q1;       /* the pair's R query rows of part 0 / part 1 (scaled), D floats each */
+    const void *k, *v;          /* the pair's row 0 (kvtype elements) */
+    long k_ts, v_ts;            /* row strides, elements */
+    const int *rows;            /* T row indices (< 0: the new row), or NULL for row t */
+    const void *k_new, *v_new;  /* the new row, kvtype elements (where rows has < 0) */
+    const float *bias;          /* bias[(r % L) * bias_ls + t] for query row r of either part, or NULL */
+    long bias_ls, L;
+    long R, D, DV, T;
+    int f16;
+} pair_t;
+
+#define PAIR_TB 64     /* key rows per block of the value pass */
+#define PAIR_AHEAD 16  /* key rows the score pass fetches ahead */
+
+#ifdef PHF_X86
+__attribute__((target("avx2,fma"))) static inline __m256 exp256(__m256 x);
+
+static inline const void *pair_row(const pair_t *p, const void *base, const void *fresh, long ts, long t) {
+    long i = t;
+    if (p->rows) {
+        i = p->rows[t];
+        if (i < 0) return fresh;
+    }
+    return p->f16 ? (const void *)((const uint16_t *)base + i * ts) : (const void *)((const float *)base + i * ts);
+}
+
+#define PAIR_LD8(base, i, f16)                                                                            \
+    ((f16) ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)(base) + (i))))         \
+           : _mm256_loadu_ps((const float *)(base) + (i)))
+
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void pair_attend_body(const pair_t *p,
+                                                                                          float *scores,
+                                                                                          float *out,
+                                                                                          const int f16) {
+    const long R = p->R, D = p->D, DV = p->DV, T = p->T, R2 = 2 * R, key_bytes = 2 * D * (f16 ? 2 : 4);
+    /* scores: two key rows x two query rows per pass */
+    for (long t = 0; t < T; t += 2) {
+        const int two = t + 1 < T;
+        const void *ka = pair_row(p, p->k, p->k_new, p->k_ts, t);
+        const void *kb = two ? pair_row(p, p->k, p->k_new, p->k_ts, t + 1) : ka;
+        if (t + PAIR_AHEAD + 1 < T) {                               /* key rows a few ahead */
+            const char *pa = (const char *)pair_row(p, p->k, p->k_new, p->k_ts, t + PAIR_AHEAD);
+            const char *pb = (const char *)pair_row(p, p->k, p->k_new, p->k_ts, t + PAIR_AHEAD + 1);
+            for (long off = 0; off < key_bytes; off += 64) {
+                _mm_prefetch(pa + off, _MM_HINT_T0);
+                _mm_prefetch(pb + off, _MM_HINT_T0);
+            }
+        }
+        for (int part = 0; part < 2; part++) {
+            const float *qp = part ? p->q1 : p->q0;
+            const long off = part * D;
+            for (long r = 0; r < R; r += 2) {
+                const long r1 = r + 1 < R ? r + 1 : r;
+                const float *qa = qp + r * D, *qb = qp + r1 * D;
+                __m256 a00 = _mm256_setzero_ps(), a01 = _mm256_setzero_ps();
+                __m256 a10 = _mm256_setzero_ps(), a11 = _mm256_setzero_ps();
+                for (long d = 0; d < D; d += 8) {
+                    const __m256 x = PAIR_LD8(ka, off + d, f16), y = PAIR_LD8(kb, off + d, f16);
+                    const __m256 u = _mm256_loadu_ps(qa + d), w = _mm256_loadu_ps(qb + d);
+                    a00 = _mm256_fmadd_ps(u, x, a00);
+                    a01 = _mm256_fmadd_ps(u, y, a01);
+                    a10 = _mm256_fmadd_ps(w, x, a10);
+                    a11 = _mm256_fmadd_ps(w, y, a11);
+                }
+                const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a00, a01), _mm256_hadd_ps(a10, a11));
+                float s4[4];
+                _mm_storeu_ps(s4, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+                float *sa = scores + (part * R + r) * T, *sb = scores + (part * R + r1) * T;
+                const float *ba = p->bias ? p->bias + (r % p->L) * p->bias_ls : NULL;
+                const float *bb = p->bias ? p->bias + (r1 % p->L) * p->bias_ls : NULL;
+                sa[t] = s4[0] + (ba ? ba[t] : 0.0f);
+                if (two) sa[t + 1] = s4[1] + (ba ? ba[t + 1] : 0.0f);
+                if (r1 != r) {
+                    sb[t] = s4[2] + (bb ? bb[t] : 0.0f);
+                    if (two) sb[t + 1] = s4[3] + (bb ? bb[t + 1] : 0.0f);
+                }
+            }
+        }
+    }
+    /* softmax per query row, normalised */
+    for (long i = 0; i < R2; i++) {
+        float *sr = scores + i * T;
+        long t = 0;
+        float m = sr[0];
+        if (T >= 8) {
+            __m256 mv = _mm256_loadu_ps(sr);
+            for (t = 8; t + 8 <= T; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(sr + t));
+            __m128 hm = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+            hm = _mm_max_ps(hm, _mm_movehl_ps(hm, hm));
+            hm = _mm_max_ss(hm, _mm_movehdup_ps(hm));
+            m = _mm_cvtss_f32(hm);
+        }
+        for (; t < T; t++) m = sr[t] > m ? sr[t] : m;
+        const __m256 mv = _mm256_set1_ps(m);
+        __m256 sv = _mm256_setzero_ps();
+        for (t = 0; t + 8 <= T; t += 8) {
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + t), mv));
+            _mm256_storeu_ps(sr + t, e);
+            sv = _mm256_add_ps(sv, e);
+        }
+        float sum = hsum256(sv);
+        for (; t < T; t++) {
+            sr[t] = expf(sr[t] - m);
+            sum += sr[t];
+        }
+        const __m256 inv = _mm256_set1_ps(1.0f / sum);
+        for (t = 0; t + 8 <= T; t += 8) _mm256_storeu_ps(sr + t, _mm256_mul_ps(_mm256_loadu_ps(sr + t), inv));
+        for (; t < T; t++) sr[t] *= 1.0f / sum;
+    }
+    /* values: blocks of PAIR_TB key rows; per 16 columns, up to four query rows in registers */
+    memset(out, 0, sizeof(float) * (size_t)(R2 * DV));
+    const void *vrow[PAIR_TB];
+    const long row_bytes = DV * (f16 ? 2 : 4);
+    for (long t0 = 0; t0 < T; t0 += PAIR_TB) {
+        const long tb = T - t0 < PAIR_TB ? T - t0 : PAIR_TB;
+        for (long j = 0; j < tb; j++) vrow[j] = pair_row(p, p->v, p->v_new, p->v_ts, t0 + j);
+        /* the strips below walk the block column-wise: fetch the next block's rows meanwhile, in order */
+        for (long j = t0 + PAIR_TB; j < t0 + 2 * PAIR_TB && j < T; j++) {
+            const char *row = (const char *)pair_row(p, p->v, p->v_new, p->v_ts, j);
+            for (long off = 0; off < row_bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+        }
+        for (long i = 0; i < R2; i += 4) {
+            const long n = R2 - i < 4 ? R2 - i : 4;
+            const float *p0 = scores + i * T + t0;
+            const float *p1 = scores + (i + (n > 1 ? 1 : 0)) * T + t0;
+            const float *p2 = scores + (i + (n > 2 ? 2 : 0)) * T + t0;
+            const float *p3 = scores + (i + (n > 3 ? 3 : 0)) * T + t0;
+            for (long c = 0; c < DV; c += 16) {
+                float *o0 = out + i * DV + c;
+                __m256 c00 = _mm256_loadu_ps(o0), c01 = _mm256_loadu_ps(o0 + 8);
+                __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+                __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
+                __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+                if (n > 1) c10 = _mm256_loadu_ps(o0 + DV), c11 = _mm256_loadu_ps(o0 + DV + 8);
+                if (n > 2) c20 = _mm256_loadu_ps(o0 + 2 * DV), c21 = _mm256_loadu_ps(o0 + 2 * DV + 8);
+                if (n > 3) c30 = _mm256_loadu_ps(o0 + 3 * DV), c31 = _mm256_loadu_ps(o0 + 3 * DV + 8);
+                for (long j = 0; j < tb; j++) {
+                    const __m256 v0 = PAIR_LD8(vrow[j], c, f16), v1 = PAIR_LD8(vrow[j], c + 8, f16);
+                    __m256 w = _mm256_broadcast_ss(p0 + j);
+                    c00 = _mm256_fmadd_ps(w, v0, c00);
+                    c01 = _mm256_fmadd_ps(w, v1, c01);
+                    w = _mm256_broadcast_ss(p1 + j);
+                    c10 = _mm256_fmadd_ps(w, v0, c10);
+                    c11 = _mm256_fmadd_ps(w, v1, c11);
+                    w = _mm256_broadcast_ss(p2 + j);
+                    c20 = _mm256_fmadd_ps(w, v0, c20);
+                    c21 = _mm256_fmadd_ps(w, v1, c21);
+                    w = _mm256_broadcast_ss(p3 + j);
+                    c30 = _mm256_fmadd_ps(w, v0, c30);
+                    c31 = _mm256_fmadd_ps(w, v1, c31);
+                }
+                _mm256_storeu_ps(o0, c00);
+                _mm256_storeu_ps(o0 + 8, c01);
+                if (n > 1) _mm256_storeu_ps(o0 + DV, c10), _mm256_storeu_ps(o0 + DV + 8, c11);
+                if (n > 2) _mm256_storeu_ps(o0 + 2 * DV, c20), _mm256_storeu_ps(o0 + 2 * DV + 8, c21);
+                if (n > 3) _mm256_storeu_ps(o0 + 3 * DV, c30), _mm256_storeu_ps(o0 + 3 * DV + 8, c31);
+            }
+        }
+    }
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void pair_attend_avx2(const pair_t *p, float *scores, float *out) {
+    if (p->f16)
+        pair_attend_body(p, scores, out, 1);
+    else
+        pair_attend_body(p, scores, out, 0);
+}
+#undef PAIR_LD8
+#endif
+
+/* 1 if pair_attend applies to these sizes with this SIMD switch (the CPU has AVX2, FMA and F16C). */
+static int pair_attend_ok(int simd, long D, long DV) {
+    return simd && D % 8 == 0 && DV % 16 == 0 && phf_f16c();
+}
+
+/* scores: 2R x T scratch; out: 2R x DV. Only where pair_attend_ok. */
+static void pair_attend(const pair_t *p, float *scores, float *out) {
+#ifdef PHF_X86
+    pair_attend_avx2(p, scores, out);
+#else
+    (void)p, (void)scores, (void)out;
+#endif
+}
+
 static void attend_share(void *arg, int share) {
     attend_t *a = (attend_t *)arg;
     const long half = a->nkv / 2, rows = 2 * a->R, units = a->B * half;
@@ -870,8 +1065,19 @@ static void attend_share(void *arg, int share) {
     kv_dot_fn dot;
     kv_axpy_fn axpy;
     kv_kernels(a->kvtype, a->use_avx2, &dot, &axpy);
+    const int blocked = pair_attend_ok(a->use_avx2, a->D, a->DV) && a->k_ps == a->D; /* part 1 after part 0 */
     for (long u; (u = next_chunk(&a->next)) < units;) {
         const long b = u / half, h = u % half;
+        if (blocked) {
+            const int f16 = a->kvtype == PHF_SD_F16;
+            const long k0 = b * a->k_bs + h * a->k_hs, v0 = b * a->v_bs + h * a->v_hs;
+            pair_t p = {a->q + b * a->q_bs + h * a->q_hs, a->q + b * a->q_bs + (h + half) * a->q_hs,
+                        phf_sd_at(a->k, k0, a->kvtype), phf_sd_at(a->v, v0, a->kvtype), a->k_ts, a->v_ts, NULL,
+                        NULL, NULL, a->bias ? a->bias + b * a->bias_bs : NULL, a->bias_ls, a->L, a->R, a->D, a->DV,
+                        a->T, f16};
+            pair_attend(&p, scores, a->out + u * rows * a->DV);
+            continue;
+        }
         /* scores: one pass over the pair's key rows, both heads of a row while it is in cache */
         const long kh = b * a->k_bs + h * a->k_hs;
         for (long t = 0; t < a->T; t++) {

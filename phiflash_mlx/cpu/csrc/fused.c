@@ -228,13 +228,13 @@ PHF_EXPORT int phf_gmu_residual(float *h, const float *ln_w, const float *ln_b, 
  *
  *   out[h][part * R + r] = softmax_t(q[part][h][r] . key(t, h, part)) @ value(t, h)
  *
- * q: [2][P][R][D] (already scaled); out: [P][2R][DV]. The cache's k and v are float32 or float16
- * (kvtype, as in phf_attend); the new row is float32 (holding the values the cache will store). */
+ * q: [2][P][R][D] (already scaled); out: [P][2R][DV]. k, v and the new row are float32 or float16
+ * (kvtype, as in phf_attend; the new row holds the values the cache will store). */
 
 typedef struct {
     const float *q;
     const void *k, *v;
-    const float *k_new, *v_new;
+    const void *k_new, *v_new;
     const int *rows;
     long k_hs, k_ts, v_hs, v_ts;
     float *out;
@@ -252,24 +252,26 @@ static void attend_rows_share(void *arg, int share) {
         __atomic_store_n(&a->failed, 1, __ATOMIC_RELEASE);
         return;
     }
-    kv_dot_fn dot, dot32;
-    kv_axpy_fn axpy, axpy32;
+    kv_dot_fn dot;
+    kv_axpy_fn axpy;
     kv_kernels(a->kvtype, a->use_avx2, &dot, &axpy);
-    kv_kernels(PHF_SD_F32, a->use_avx2, &dot32, &axpy32);           /* the new row */
+    const int blocked = pair_attend_ok(a->use_avx2, a->D, a->DV);
     for (long h; (h = next_chunk(&a->next)) < a->P;) {
+        if (blocked) {
+            pair_t p = {a->q + h * a->R * a->D, a->q + (a->P + h) * a->R * a->D, phf_sd_at(a->k, h * a->k_hs, a->kvtype),
+                        phf_sd_at(a->v, h * a->v_hs, a->kvtype), a->k_ts, a->v_ts, a->rows,
+                        phf_sd_at(a->k_new, h * 2 * a->D, a->kvtype), phf_sd_at(a->v_new, h * a->DV, a->kvtype), NULL, 0,
+                        1, a->R, a->D, a->DV, a->T, a->kvtype == PHF_SD_F16};
+            pair_attend(&p, scores, a->out + h * R2 * a->DV);
+            continue;
+        }
         for (long t = 0; t < a->T; t++) {
             const long row = a->rows[t];
             for (int part = 0; part < 2; part++) {
                 const float *qh = a->q + (part * a->P + h) * a->R * a->D;
-                if (row >= 0) {
-                    const void *kt = phf_sd_at(a->k, h * a->k_hs + row * a->k_ts + part * a->D, a->kvtype);
-                    for (long r = 0; r < a->R; r++)
-                        scores[(part * a->R + r) * a->T + t] = dot(qh + r * a->D, kt, a->D);
-                } else {
-                    const float *kt = a->k_new + h * 2 * a->D + part * a->D;
-                    for (long r = 0; r < a->R; r++)
-                        scores[(part * a->R + r) * a->T + t] = dot32(qh + r * a->D, kt, a->D);
-                }
+                const void *kt = row >= 0 ? phf_sd_at(a->k, h * a->k_hs + row * a->k_ts + part * a->D, a->kvtype)
+                                          : phf_sd_at(a->k_new, h * 2 * a->D + part * a->D, a->kvtype);
+                for (long r = 0; r < a->R; r++) scores[(part * a->R + r) * a->T + t] = dot(qh + r * a->D, kt, a->D);
             }
         }
         float *o = a->out + h * R2 * a->DV;
@@ -288,13 +290,9 @@ static void attend_rows_share(void *arg, int share) {
         }
         for (long t = 0; t < a->T; t++) {
             const long row = a->rows[t];
-            if (row >= 0) {
-                const void *vt = phf_sd_at(a->v, h * a->v_hs + row * a->v_ts, a->kvtype);
-                for (long i = 0; i < R2; i++) axpy(o + i * a->DV, scores[i * a->T + t], vt, a->DV);
-            } else {
-                const float *vt = a->v_new + h * a->DV;
-                for (long i = 0; i < R2; i++) axpy32(o + i * a->DV, scores[i * a->T + t], vt, a->DV);
-            }
+            const void *vt = row >= 0 ? phf_sd_at(a->v, h * a->v_hs + row * a->v_ts, a->kvtype)
+                                      : phf_sd_at(a->v_new, h * a->DV, a->kvtype);
+            for (long i = 0; i < R2; i++) axpy(o + i * a->DV, scores[i * a->T + t], vt, a->DV);
         }
     }
     free(scores);
@@ -303,7 +301,7 @@ static void attend_rows_share(void *arg, int share) {
 /* Strides in elements of k and v. Returns 0, or -1 for a bad shape or dtype code or no memory (the
  * output is then incomplete). */
 PHF_EXPORT int phf_attend_rows(const float *q, const void *k, long k_hs, long k_ts, const void *v, long v_hs,
-                               long v_ts, const int *rows, const float *k_new, const float *v_new, float *out,
+                               long v_ts, const int *rows, const void *k_new, const void *v_new, float *out,
                                long P, long R, long D, long DV, long T, int threads, int kvtype) {
     if (P <= 0 || R <= 0 || D <= 0 || DV <= 0 || T <= 0) return -1;
     if (kvtype != PHF_SD_F32 && kvtype != PHF_SD_F16) return -1;
