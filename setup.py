@@ -30,7 +30,7 @@ if sys.platform.startswith("linux"):
         Extension(
             "phiflash_mlx.cpu._cpu_kernels",
             sources=["phiflash_mlx/cpu/csrc/cpu_kernels.c"],
-            depends=["phiflash_mlx/cpu/csrc/q8.c", "phiflash_mlx/cpu/csrc/q8_gemm.c", "phiflash_mlx/cpu/csrc/fused.c", "phiflash_mlx/cpu/csrc/attn_prefill.c"],
+            depends=["phiflash_mlx/cpu/csrc/q8.c", "phiflash_mlx/cpu/csrc/q8_gemm.c", "phiflash_mlx/cpu/csrc/fused.c", "phiflash_mlx/cpu/csrc/attn_prefill.c", "phiflash_mlx/cpu/csrc/attn_decode.c"],
             libraries=["pthread", "m"],
             extra_compile_args=["-O3", "-fvisibility=hidden"],
             optional=True,

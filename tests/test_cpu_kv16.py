@@ -117,13 +117,14 @@ def test_attend_many_reads_float16(b, pairs, g, l, offset, hd, spare, mask, wind
 
 
 @needs_kernel
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(pairs=st.integers(1, 4), r=st.integers(1, 4), hd=st.sampled_from([4, 8, 12, 16, 64]),
-       length=st.integers(1, 200), spare=st.integers(0, 4), new_at=st.integers(0, 10**6), simd=st.booleans(),
-       threads=st.integers(1, 4), seed=st.integers(0, 2**16))
-def test_attend_rows_reads_float16(pairs, r, hd, length, spare, new_at, simd, threads, seed):
+       length=st.integers(1, 200), spare=st.integers(0, 4), new_at=st.integers(0, 10**6),
+       path=st.sampled_from(["best", "avx2", "portable"]), threads=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_attend_rows_reads_float16(pairs, r, hd, length, spare, new_at, path, threads, seed):
     """phf_attend_rows (the one-call decode step) over a float16 cache plus this step's new row, the
-    rows in the order a rotating cache would hand them out."""
+    rows in the order a rotating cache would hand them out. Paths: the best this CPU has (the 512-bit
+    kernel of csrc/attn_decode.c where it applies), that one forbidden (AVX2), all SIMD off."""
     lib = cpu_kernels._fused_library()
     rng = np.random.default_rng(seed)
     kbuf = rng.standard_normal((pairs, length + spare, 2 * hd)).astype(np.float16)
@@ -135,7 +136,8 @@ def test_attend_rows_reads_float16(pairs, r, hd, length, spare, new_at, simd, th
     v_new = rng.standard_normal((pairs, 2 * hd)).astype(np.float16)
     q = rng.standard_normal((2, pairs, r, hd)).astype(np.float32) * hd ** -0.5
     out = np.empty((pairs, 2 * r, 2 * hd), np.float32)
-    old = lib.phf_fused_simd(int(simd))
+    old = lib.phf_fused_simd(int(path != "portable"))
+    old_ad = lib.phf_set_attend_decode(int(path == "best"))
     try:
         rc = lib.phf_attend_rows(q.ctypes.data, k.ctypes.data, k.strides[0] // 2, k.strides[1] // 2, v.ctypes.data,
                                  v.strides[0] // 2, v.strides[1] // 2, rows.ctypes.data, k_new.ctypes.data,
@@ -143,6 +145,7 @@ def test_attend_rows_reads_float16(pairs, r, hd, length, spare, new_at, simd, th
                                  cpu_kernels.SD_F16)
     finally:
         lib.phf_fused_simd(old)
+        lib.phf_set_attend_decode(old_ad)
     assert rc == 0
     K = np.where((rows < 0)[None, :, None], k_new[:, None].astype(np.float64), k.astype(np.float64)[:, rows])
     V = np.where((rows < 0)[None, :, None], v_new[:, None].astype(np.float64), v.astype(np.float64)[:, rows])

@@ -945,20 +945,29 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void pair_
             }
         }
     }
-    /* softmax per query row, normalised */
+    /* softmax per query row, normalised; a NaN score makes the row NaN (exp256 would clamp it away) */
     for (long i = 0; i < R2; i++) {
         float *sr = scores + i * T;
         long t = 0;
         float m = sr[0];
+        int nan = 0;
         if (T >= 8) {
-            __m256 mv = _mm256_loadu_ps(sr);
-            for (t = 8; t + 8 <= T; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(sr + t));
+            __m256 mv = _mm256_loadu_ps(sr), un = _mm256_cmp_ps(mv, mv, _CMP_UNORD_Q);
+            for (t = 8; t + 8 <= T; t += 8) {
+                const __m256 x = _mm256_loadu_ps(sr + t);
+                mv = _mm256_max_ps(mv, x);
+                un = _mm256_or_ps(un, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+            }
             __m128 hm = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
             hm = _mm_max_ps(hm, _mm_movehl_ps(hm, hm));
             hm = _mm_max_ss(hm, _mm_movehdup_ps(hm));
             m = _mm_cvtss_f32(hm);
+            nan = _mm256_movemask_ps(un) != 0;
         }
-        for (; t < T; t++) m = sr[t] > m ? sr[t] : m;
+        for (; t < T; t++) {
+            m = sr[t] > m ? sr[t] : m;
+            nan |= sr[t] != sr[t];
+        }
         const __m256 mv = _mm256_set1_ps(m);
         __m256 sv = _mm256_setzero_ps();
         for (t = 0; t + 8 <= T; t += 8) {
@@ -971,6 +980,7 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void pair_
             sr[t] = expf(sr[t] - m);
             sum += sr[t];
         }
+        if (nan) sum = NAN;
         const __m256 inv = _mm256_set1_ps(1.0f / sum);
         for (t = 0; t + 8 <= T; t += 8) _mm256_storeu_ps(sr + t, _mm256_mul_ps(_mm256_loadu_ps(sr + t), inv));
         for (; t < T; t++) sr[t] *= 1.0f / sum;
@@ -1273,5 +1283,6 @@ PHF_EXPORT int phf_ssm_scan(const float *u, const float *dbc, const float *z, co
  * Separate files for readability; they are part of this translation unit and use its thread pool. */
 #include "q8.c"
 #include "q8_gemm.c"
+#include "attn_decode.c"
 #include "fused.c"
 #include "attn_prefill.c"

@@ -305,6 +305,24 @@ PHF_EXPORT int phf_attend_rows(const float *q, const void *k, long k_hs, long k_
                                long P, long R, long D, long DV, long T, int threads, int kvtype) {
     if (P <= 0 || R <= 0 || D <= 0 || DV <= 0 || T <= 0) return -1;
     if (kvtype != PHF_SD_F32 && kvtype != PHF_SD_F16) return -1;
+    if (fused_simd) { /* attn_decode.c's 512-bit kernel where it applies; it takes the new row as float32 */
+        if (kvtype == PHF_SD_F32) {
+            if (attend_decode(q, k, k_hs, k_ts, v, v_hs, v_ts, rows, (const float *)k_new, (const float *)v_new, out,
+                              P, R, D, DV, T, threads, 0) == 0)
+                return 0;
+        } else {
+            const long nk = P * 2 * D, nv = P * DV;
+            float *fresh = (float *)malloc(sizeof(float) * (size_t)(nk + nv));
+            if (fresh) {
+                for (long i = 0; i < nk; i++) fresh[i] = phf_f16_to_float(((const uint16_t *)k_new)[i]);
+                for (long i = 0; i < nv; i++) fresh[nk + i] = phf_f16_to_float(((const uint16_t *)v_new)[i]);
+                const int rc = attend_decode(q, k, k_hs, k_ts, v, v_hs, v_ts, rows, fresh, fresh + nk, out, P, R, D,
+                                             DV, T, threads, 1);
+                free(fresh);
+                if (rc == 0) return 0;
+            }
+        }
+    }
     attend_rows_t a = {q, k, v, k_new, v_new, rows, k_hs, k_ts, v_hs, v_ts, out, P, R, D, DV, T,
                        fused_simd && phf_simd(), kvtype, 0, 0};
     if (threads < 1 || T * P * D < (1L << 14)) threads = 1;

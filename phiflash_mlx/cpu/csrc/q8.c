@@ -284,6 +284,203 @@ static void q8_share(void *arg, int share) {
     }
 }
 
+static int q8v_prefetch = 8; /* prefetch distance in weight-row pairs (0: none) */
+
+/* Sets the software prefetch distance of the 512-bit mat-vec in pairs of weight rows (0 = none);
+ * returns the previous one. */
+PHF_EXPORT int phf_set_q8v_prefetch(int pairs) {
+    return __atomic_exchange_n(&q8v_prefetch, pairs < 0 ? 0 : pairs, __ATOMIC_ACQ_REL);
+}
+
+#ifdef PHF_X86
+/* ---- one row of x against 4-bit weights on 512-bit VNNI (decode) ----------------------------
+ *
+ * The block kernel above spends its time on per-group float work: for every 32 bytes of codes it
+ * converts 8 int32 lanes, fetches the weight row's scale and multiplies twice, which held one core to
+ * ~15 GB/s of codes, below what it can read. Here one 64-byte vector holds 128 codes, two 64-column
+ * segments of one weight row; the activations are stored per 128 columns as
+ *
+ *   [even columns of segment 0 | even of segment 1 | odd of segment 0 | odd of segment 1]  (32 bytes each)
+ *
+ * so the low nibbles meet the first 64 bytes and the high nibbles the second. Eight such vectors (16
+ * segments, 1024 columns) accumulate in eight int32 vectors; a tree of unpacks and adds then reduces
+ * them to one vector holding the 16 segment sums, and the float work is done once for 16 segments:
+ * convert, multiply by (d of x) x (scale of the row), add; the bias term is one FMA of 16 biases with
+ * 16 sums of x. Groups of 128 columns are two segments each: their scales and biases are spread over
+ * both, and the second segment's sum of x is 0 so the bias counts once. Two weight rows share each
+ * load of activations. */
+
+#define Q8V_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c"
+
+typedef struct {
+    const int8_t *xq;            /* [k], the layout above */
+    const float *dseg, *sxseg;   /* [segments]: d of the segment's group; the group's sum of x, or 0 */
+    const uint8_t *w;            /* [n, row_bytes] */
+    const void *scales, *biases; /* [n, groups], dtype code sdtype */
+    float *y;                    /* [n] */
+    long k, n, groups, row_bytes, loads;
+    int spg, sdtype;             /* segments per group: 1 (groups of 64) or 2 (128) */
+    long rows_per_task, tasks, next;
+} q8v_t;
+
+/* `count` (<= 16) consecutive scales / biases from element i, as floats; lanes past count are 0. With
+ * spg 2 each value fills two lanes (count counts lanes). */
+__attribute__((always_inline, target(Q8V_TARGET))) static inline __m512 q8v_sd16(const void *p, long i, int count,
+                                                                                   int spg, int dt) {
+    const int values = count / spg;
+    const __mmask16 m = values >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << values) - 1u);
+    __m512 v;
+    if (dt == PHF_SD_F32) v = _mm512_maskz_loadu_ps(m, (const float *)p + i);
+    else {
+        const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i);
+        if (dt == PHF_SD_BF16) v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        else v = _mm512_cvtph_ps(h);
+    }
+    if (spg == 2) v = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), v);
+    return v;
+}
+
+/* 8 vectors of int32 -> one vector: lane 2i + j = the sum of vector i's 256-bit half j */
+__attribute__((always_inline, target(Q8V_TARGET))) static inline __m512i q8v_tree(const __m512i *v) {
+    __m512i a[4], b[2];
+    for (int p = 0; p < 4; p++)
+        a[p] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * p], v[2 * p + 1]),
+                                _mm512_unpackhi_epi32(v[2 * p], v[2 * p + 1]));
+    for (int p = 0; p < 2; p++)
+        b[p] = _mm512_add_epi32(_mm512_unpacklo_epi64(a[2 * p], a[2 * p + 1]),
+                                _mm512_unpackhi_epi64(a[2 * p], a[2 * p + 1]));
+    /* b[p] 128-bit lane L, element i: the sum of lane L of vector 4p + i */
+    const __m512i s = _mm512_add_epi32(_mm512_shuffle_i32x4(b[0], b[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                       _mm512_shuffle_i32x4(b[0], b[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15), s);
+}
+
+/* weight rows n .. n + NR - 1 (NR 1 or 2, a constant after inlining) */
+__attribute__((always_inline, target(Q8V_TARGET))) static inline void q8v_block(const q8v_t *j, long n, const int NR,
+                                                                                 long ahead) {
+    const __m512i low4 = _mm512_set1_epi8(15);
+    const uint8_t *wr[2];
+    for (int r = 0; r < NR; r++) wr[r] = j->w + (n + r) * j->row_bytes;
+    __m512 acc[2], bacc[2];
+    for (int r = 0; r < NR; r++) acc[r] = bacc[r] = _mm512_setzero_ps();
+    const long sb0 = n * j->groups;
+    for (long l0 = 0; l0 < j->loads; l0 += 8) {
+        const int cnt = j->loads - l0 < 8 ? (int)(j->loads - l0) : 8;
+        __m512i is[2][8];
+#pragma GCC unroll 8
+        for (int t = 0; t < 8; t++) {
+            for (int r = 0; r < NR; r++) is[r][t] = _mm512_setzero_si512();
+            if (t >= cnt) continue;
+            const int8_t *xp = j->xq + (l0 + t) * 128;
+            const __m512i xe = _mm512_loadu_si512((const void *)xp), xo = _mm512_loadu_si512((const void *)(xp + 64));
+            for (int r = 0; r < NR; r++) {
+                const uint8_t *src = wr[r] + (l0 + t) * 64;
+                if (ahead) _mm_prefetch((const char *)(src + ahead), _MM_HINT_T1);
+                const __m512i v = _mm512_loadu_si512((const void *)src);
+                is[r][t] = _mm512_dpbusd_epi32(is[r][t], _mm512_and_si512(v, low4), xe);
+                is[r][t] = _mm512_dpbusd_epi32(is[r][t], _mm512_and_si512(_mm512_srli_epi16(v, 4), low4), xo);
+            }
+        }
+        const long seg = 2 * l0;
+        const int segs = 2 * cnt;
+        const __mmask16 m = segs >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << segs) - 1u);
+        const __m512 d = _mm512_maskz_loadu_ps(m, j->dseg + seg), sx = _mm512_maskz_loadu_ps(m, j->sxseg + seg);
+        for (int r = 0; r < NR; r++) {
+            const long at = sb0 + r * j->groups + seg / j->spg;
+            const __m512 s = q8v_sd16(j->scales, at, segs, j->spg, j->sdtype);
+            const __m512 b = q8v_sd16(j->biases, at, segs, j->spg, j->sdtype);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q8v_tree(is[r])), _mm512_mul_ps(d, s), acc[r]);
+            bacc[r] = _mm512_fmadd_ps(b, sx, bacc[r]);
+        }
+    }
+    for (int r = 0; r < NR; r++) j->y[n + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], bacc[r]));
+}
+
+__attribute__((noinline, target(Q8V_TARGET))) static void q8v_pair(const q8v_t *j, long n, long ahead) {
+    q8v_block(j, n, 2, ahead);
+}
+
+__attribute__((noinline, target(Q8V_TARGET))) static void q8v_single(const q8v_t *j, long n) {
+    q8v_block(j, n, 1, 0);
+}
+
+static void q8v_share(void *arg, int share) {
+    q8v_t *j = (q8v_t *)arg;
+    (void)share;
+    const long pf = __atomic_load_n(&q8v_prefetch, __ATOMIC_ACQUIRE), rb = j->row_bytes;
+    for (long t; (t = next_chunk(&j->next)) < j->tasks;) {
+        const long n0 = t * j->rows_per_task, n1 = n0 + j->rows_per_task < j->n ? n0 + j->rows_per_task : j->n;
+        /* prefetch only within the task: the rows after it may be another thread's, and a line fetched
+         * into this core's L2 does not help that one; so the task's first rows are fetched up front */
+        const long lead = n0 + 2 * pf < n1 ? n0 + 2 * pf : n1;
+        for (const uint8_t *p = j->w + n0 * rb, *e = j->w + lead * rb; p < e; p += 64)
+            _mm_prefetch((const char *)p, _MM_HINT_T1);
+        long n = n0;
+        for (; n + 2 <= n1; n += 2) q8v_pair(j, n, pf && n + 2 * pf + 2 <= n1 ? 2 * pf * rb : 0);
+        if (n < n1) q8v_single(j, n);
+    }
+}
+
+static int q8v_supported(void) {
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c");
+    }
+    return known;
+}
+
+/* One row of x (m = 1), 4-bit codes, groups of 64 or 128, k a multiple of 128: returns 0 when done
+ * here, -1 to leave the product to the block kernel (nothing written). */
+static int q8v_matvec(const float *x, long k, const uint32_t *w, const void *scales, const void *biases, int sdtype,
+                      long n, int group_size, float *y, int threads) {
+    if (!q8v_supported() || k % 128 != 0 || !(group_size == 64 || group_size == 128)) return -1;
+    const long groups = k / group_size, segs = k / 64;
+    int8_t *xq = (int8_t *)malloc((size_t)k);
+    float *f = (float *)malloc(sizeof(float) * (size_t)(2 * groups + 2 * segs));
+    if (!xq || !f) {
+        free(xq);
+        free(f);
+        return -1;
+    }
+    float *d = f, *sx = d + groups, *dseg = sx + groups, *sxseg = dseg + segs;
+    /* each 64 columns even-first, then odd; then swap the middle quarters of every 128 columns */
+    q8_quantize(x, 1, k, group_size, 1, 1, xq, d, sx);
+    for (long c = 0; c < k; c += 128) {
+        int8_t tmp[32];
+        memcpy(tmp, xq + c + 32, 32);
+        memcpy(xq + c + 32, xq + c + 64, 32);
+        memcpy(xq + c + 64, tmp, 32);
+    }
+    const int spg = (int)(group_size / 64);
+    for (long s = 0; s < segs; s++) {
+        dseg[s] = d[s / spg];
+        sxseg[s] = s % spg == 0 ? sx[s / spg] : 0.0f;
+    }
+    q8v_t j;
+    j.xq = xq; j.dseg = dseg; j.sxseg = sxseg; j.w = (const uint8_t *)w; j.scales = scales; j.biases = biases;
+    j.y = y; j.k = k; j.n = n; j.groups = groups; j.row_bytes = k / 2; j.loads = k / 128; j.spg = spg;
+    j.sdtype = sdtype;
+    if (threads < 1 || n * k < (1L << 20)) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (n < 8L * threads) threads = (int)(n / 8) > 0 ? (int)(n / 8) : 1;
+    /* tasks of ~256 KB of codes (each starts its prefetch anew), at least 8 per thread, an even
+     * number of rows */
+    long rows = 4 * Q8_TILE_BYTES / j.row_bytes + 1;
+    if (rows > n / (8L * threads) + 1) rows = n / (8L * threads) + 1;
+    if (rows > 2) rows -= rows % 2;
+    j.rows_per_task = rows;
+    j.tasks = (n + rows - 1) / rows;
+    j.next = 0;
+    run_shares(q8v_share, &j, threads);
+    free(xq);
+    free(f);
+    return 0;
+}
+#endif
+
 /*
  * y[m, n] = x[m, k] @ dequantize(w, scales, biases)[n, k]^T with x quantized to int8 per group (see the
  * top of this file); same arguments and layout as phf_qmatvec_sd (scales and biases float32, float16
@@ -304,6 +501,11 @@ PHF_EXPORT int phf_q8_matmul_sd(const float *x, long m, long k, const uint32_t *
     if (q8g_route(x, m, k, w, scales, biases, sdtype, n, bits, group_size, y, threads, level) == 0) return 0;
     const int best = phf_q8_level();
     if (level < 0 || level > best) level = best;
+#ifdef PHF_X86
+    if (m == 1 && bits == 4 && level == Q8_VNNI &&
+        q8v_matvec(x, k, w, scales, biases, sdtype, n, group_size, y, threads) == 0)
+        return 0;
+#endif
     /* 4-bit SIMD works on 64 columns at a time */
     if (bits == 4 && k % 64 != 0) level = Q8_PORTABLE;
     const long groups = k / group_size;
