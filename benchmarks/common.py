@@ -234,17 +234,18 @@ def summarize(times: list[float]) -> dict:
 # --------------------------------------------------------------------------- random weights
 
 
-# dtype of the random 4-bit models' scales and biases in the quantized linear layers: float32 (the
-# default), or bfloat16 / float16 as a converted checkpoint stores them (the C products read them as
-# stored). The quantized embedding keeps float32: its output is the model's activation dtype.
+# dtype of the random 4-bit models' scales and biases in the quantized linear layers: float16 (the
+# default, what `phiflash convert` writes and our loader keeps on CPUs, so the numbers are what users
+# get), or bfloat16 / float32 (the C products read them as stored). The quantized embedding keeps
+# float32, as the loader casts it: its output is the model's activation dtype.
 ENV_SCALES = "PHIFLASH_BENCH_SCALES"
 
 
 def scales_dtype(name: str | None = None):
-    """The mx dtype for `name` (else $PHIFLASH_BENCH_SCALES, else float32)."""
+    """The mx dtype for `name` (else $PHIFLASH_BENCH_SCALES, else float16)."""
     import mlx.core as mx
 
-    name = (name or os.environ.get(ENV_SCALES, "") or "float32").strip()
+    name = (name or os.environ.get(ENV_SCALES, "") or "float16").strip()
     if name not in ("float32", "bfloat16", "float16"):
         raise SystemExit(f"{ENV_SCALES}={name!r}: choose float32, bfloat16 or float16")
     return getattr(mx, name)

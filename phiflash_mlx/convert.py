@@ -7,6 +7,13 @@ memory is therefore about one output shard plus the input pages in use, whatever
 The output follows mlx-lm's layout: quantized modules store `weight` (packed), `scales` and, for
 affine quantization, `biases`; `config.json` gets a `quantization` entry with the defaults and, per
 module path, any override (a dict) or `false` for a module kept in full precision.
+
+Affine scales and biases are computed in float32 by mx.quantize and stored rounded once to
+`scales_dtype` (float16 by default, as mlx-lm stores them in a model's 16-bit dtype): a 4-bit group of
+64 then costs 0.5 + 4/64 bytes per weight instead of 0.5 + 8/64. float16 keeps 11 significant bits
+(bfloat16 8); its range covers real scales (normal from 6.1e-5; mx.quantize never gives a scale below
+1e-7, and a group that small, 8-bit with a range under ~0.016 or 4-bit under ~0.001, keeps an absolute
+error below 1e-5 per weight in float16's subnormals). mxfp4/mxfp8 scales are 8-bit exponents, kept.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from .progress import progress
 AFFINE_BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 MX_MODES = {"mxfp4": (4, 32), "mxfp8": (8, 32)}          # mode -> (bits, group size), fixed by the format
+SCALES_DTYPES = ("float16", "bfloat16", "float32")          # affine scales / biases as stored; first: default
 # Parameters the original keeps in float32 (SAMBAY.md 3.7) and that we never round further.
 KEEP_FP32 = ("A_log", "D", "lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
 # Copied unchanged from the source directory.
@@ -133,12 +141,18 @@ def is_converted_checkpoint(path: Path) -> bool:
     return isinstance(listed, list) and present <= set(listed)
 
 
-def _check_options(dtype, quantize, q_bits, q_group_size, q_mode, recipe, overrides, max_shard_size_gb):
+def _check_options(dtype, quantize, q_bits, q_group_size, q_mode, recipe, overrides, max_shard_size_gb,
+                   scales_dtype=None):
     """Every option is checked before the source is read or the destination touched."""
     if dtype is not None and dtype not in DTYPES:
         raise PhiflashError(f"unsupported --dtype {dtype}; choose float32, float16 or bfloat16")
-    if not quantize and (q_bits is not None or q_group_size is not None or q_mode != "affine" or overrides):
-        raise PhiflashError("--q-bits, --q-group-size, --q-mode and --q-override need -q/--quantize")
+    if scales_dtype is not None and scales_dtype not in SCALES_DTYPES:
+        raise PhiflashError(f"unknown --scales-dtype {scales_dtype!r}; choose {', '.join(SCALES_DTYPES[:-1])} "
+                            f"or {SCALES_DTYPES[-1]}")
+    if not quantize and (q_bits is not None or q_group_size is not None or q_mode != "affine" or overrides
+                         or scales_dtype is not None):
+        raise PhiflashError("--q-bits, --q-group-size, --q-mode, --q-override and --scales-dtype need "
+                            "-q/--quantize")
     default = make_spec(q_bits, q_group_size, q_mode) if quantize else None
     if recipe not in ("uniform", "mixed"):
         raise PhiflashError(f"unknown --recipe {recipe!r}; use uniform or mixed")
@@ -168,15 +182,20 @@ def _check_source(src_path: Path, config: dict):
 
 def convert(src: str, dst: str, dtype: str | None = None, quantize: bool = False, q_bits: int | None = None,
             q_group_size: int | None = None, q_mode: str = "affine", recipe: str = "uniform",
-            overrides: list[str] | None = None, max_shard_size_gb: float = 5.0, force: bool = False) -> Path:
+            overrides: list[str] | None = None, max_shard_size_gb: float = 5.0, force: bool = False,
+            scales_dtype: str | None = None) -> Path:
     """Convert `src` (directory or hub id) to `dst`. Returns the output directory.
+
+    `scales_dtype`: how quantized modules store their affine scales and biases, "float16" (default),
+    "bfloat16" or "float32"; computed in float32 and rounded once.
 
     Options, then the source, then the destination are checked before anything is written; the output
     is built in a temporary sibling of `dst` and renamed into place when complete (phiflash_mlx/outdir.py:
     a destination that is, contains or lies inside the source is refused, and an existing one is
     replaced only when it is empty or an earlier output of convert, with force=True)."""
     default, rules = _check_options(dtype, quantize, q_bits, q_group_size, q_mode, recipe, overrides,
-                                    max_shard_size_gb)
+                                    max_shard_size_gb, scales_dtype)
+    scales_mx = DTYPES[scales_dtype or SCALES_DTYPES[0]]
     src_path = resolve_model_path(src)
     config = load_config(src_path)
     if "quantization" in config:
@@ -187,11 +206,18 @@ def convert(src: str, dst: str, dtype: str | None = None, quantize: bool = False
     store = _check_source(src_path, config)
     dst_path = check_destination(dst, [str(src_path)], is_converted_checkpoint, "phiflash convert", force)
     with atomic_directory(dst_path) as tmp:
-        _write(tmp, src_path, config, store, plan, dtype, quantize, default, max_shard_size_gb)
+        _write(tmp, src_path, config, store, plan, dtype, quantize, default, max_shard_size_gb, scales_mx)
     return dst_path
 
 
-def _write(out: Path, src_path: Path, config: dict, store, plan, dtype, quantize, default, max_shard_size_gb):
+def _store_scales(a: mx.array, dtype) -> mx.array:
+    """Affine scales or biases (float32 from mx.quantize) rounded once to `dtype`; the mx modes' 8-bit
+    exponent scales are not floating and stay as they are."""
+    return a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a
+
+
+def _write(out: Path, src_path: Path, config: dict, store, plan, dtype, quantize, default, max_shard_size_gb,
+           scales_dtype=mx.float16):
     tie = bool(config.get("tie_word_embeddings", True))
     names = sorted(n for n in store.names() if not (tie and n == "lm_head.weight"))
     src_dtypes = {store.files[n].dtype(n) for n in names}
@@ -216,9 +242,9 @@ def _write(out: Path, src_path: Path, config: dict, store, plan, dtype, quantize
         if _quantizable(name, w.shape, spec):
             parts = mx.quantize(w, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
             module = _module_of(name)
-            written = {name: parts[0], f"{module}.scales": parts[1]}
+            written = {name: parts[0], f"{module}.scales": _store_scales(parts[1], scales_dtype)}
             if len(parts) > 2 and parts[2] is not None:
-                written[f"{module}.biases"] = parts[2]
+                written[f"{module}.biases"] = _store_scales(parts[2], scales_dtype)
             if spec != default:
                 quant_config[module] = spec.as_dict()
         else:
@@ -256,7 +282,9 @@ def _write(out: Path, src_path: Path, config: dict, store, plan, dtype, quantize
     files = sorted({p.name for p in out.iterdir()} | {MARKER, "config.json"})
     (out / MARKER).write_text(json.dumps({"written_by": "phiflash convert", "source": str(src_path),
                                           "torch_dtype": new_config["torch_dtype"],
-                                          "quantization": quant_config, "files": files}, indent=2) + "\n")
+                                          "quantization": quant_config,
+                                          "scales_dtype": str(scales_dtype).split(".")[-1] if quant_config else None,
+                                          "files": files}, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(new_config, indent=2))      # last: a partial output has none
 
 

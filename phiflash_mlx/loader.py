@@ -139,18 +139,28 @@ def build_model(config: dict, weights: dict, dtype=None) -> Model:
     # Computing in float32 (the CPU default), quantized linear layers keep 16-bit scales and biases as
     # stored: their products (mx.quantized_matmul, the CPU kernels) read them at that precision and give
     # the same numbers as from a float32 copy, which would only cost memory and bandwidth. The quantized
-    # embedding's are cast: its output is the activations.
-    scales16 = set()
-    if dtype == mx.float32:
-        scales16 = {f"{path}.{leaf}" for path, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)
-                    for leaf in ("scales", "biases")}
+    # embedding's are cast: its output is the activations. Keeping the stored dtypes (dtype None, Metal),
+    # scales stored in another dtype than the model's other weights (float16 ones, as phiflash convert
+    # writes by default, in a bfloat16 model) are cast to the model's: MLX would otherwise promote the
+    # products, and every activation after them, to float32.
+    linear_scales, all_scales = set(), set()
+    for path, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            names = {f"{path}.{leaf}" for leaf in ("scales", "biases")}
+            all_scales |= names
+            if isinstance(m, nn.QuantizedLinear):
+                linear_scales |= names
+    compute = dtype if dtype is not None else _stored_float_dtype(model, weights, expected, floating, all_scales)
     items = []
     for name in expected:
         w = weights[name]
         keep_fp32 = not model.cast_predicate(name)
-        if name in scales16 and w.dtype in (mx.float16, mx.bfloat16):
+        is_float = mx.issubdtype(w.dtype, mx.floating)
+        if name in linear_scales and compute == mx.float32 and w.dtype in (mx.float16, mx.bfloat16):
             pass
-        elif mx.issubdtype(w.dtype, mx.floating) and (keep_fp32 or dtype is not None):
+        elif name in all_scales and compute is not None and is_float:
+            w = w.astype(compute)
+        elif is_float and (keep_fp32 or dtype is not None):
             w = w.astype(mx.float32 if keep_fp32 else dtype)
         items.append((name, w))
     model.load_weights(items, strict=True)
@@ -159,6 +169,14 @@ def build_model(config: dict, weights: dict, dtype=None) -> Model:
         from .cpu.kernels import use_cpu_kernels
         use_cpu_kernels(model)
     return model
+
+
+def _stored_float_dtype(model, weights: dict, expected, floating: set, scales: set):
+    """The one dtype the model's floating weights (other than quantization scales and the float32-kept
+    parameters) are stored in; None when there are several or none."""
+    found = {weights[n].dtype for n in expected
+             if n in floating and n not in scales and model.cast_predicate(n) and n in weights}
+    return found.pop() if len(found) == 1 else None
 
 
 def _apply_quantization(model: Model, quant: dict, weights: dict) -> None:

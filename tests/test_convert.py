@@ -147,3 +147,155 @@ def test_cpu_kernelsized_paths_equal_quantized_matmul(tmp_path, monkeypatch):
             m.__class__ = nn.QuantizedEmbedding
     for got, want in zip(fast, run()):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+# --- how scales and biases are stored --------------------------------------------------------------
+
+def _raw(out):
+    raw = {}
+    for f in out.glob("*.safetensors"):
+        raw.update(mx.load(str(f)))
+    return raw
+
+
+def _bf16_round(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 (round to nearest, ties to even) -> float32, in NumPy bit arithmetic."""
+    bits = a.astype(np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+@pytest.mark.parametrize("scales_dtype", [None, "float32", "bfloat16"])
+def test_scales_and_biases_are_mx_quantize_rounded_once(tmp_path, scales_dtype):
+    """Every quantized module (embedding included) stores the codes of mx.quantize on the float32 source
+    and its float32 scales and biases rounded to float16 (default), bfloat16 or kept float32."""
+    from reference.weights import open_checkpoint
+
+    out = convert(SRC, str(tmp_path / "q"), quantize=True, q_bits=4, scales_dtype=scales_dtype)
+    raw, store = _raw(out), open_checkpoint(SRC)
+    want_dtype = {None: mx.float16, "float32": mx.float32, "bfloat16": mx.bfloat16}[scales_dtype]
+    rounding = {None: lambda a: a.astype(np.float16).astype(np.float32), "float32": lambda a: a,
+                "bfloat16": _bf16_round}[scales_dtype]
+    modules = [k[: -len(".scales")] for k in raw if k.endswith(".scales")]
+    assert "model.embed_tokens" in modules and len(modules) > 10
+    for module in modules:
+        w = mx.array(np.asarray(store[f"{module}.weight"], dtype=np.float32))
+        codes, scales, biases = mx.quantize(w, group_size=64, bits=4)
+        for leaf, value in (("scales", scales), ("biases", biases)):
+            stored = raw[f"{module}.{leaf}"]
+            assert stored.dtype == want_dtype, (module, leaf, stored.dtype)
+            np.testing.assert_array_equal(np.asarray(stored.astype(mx.float32)), rounding(np.asarray(value)))
+        np.testing.assert_array_equal(np.asarray(raw[f"{module}.weight"]), np.asarray(codes))
+    marker = json.loads((out / "phiflash-convert.json").read_text())
+    assert marker["scales_dtype"] == str(want_dtype).split(".")[-1]
+
+
+def test_mx_mode_scales_are_not_rounded(tmp_path):
+    raw = _raw(convert(SRC, str(tmp_path / "mx"), quantize=True, q_mode="mxfp4"))
+    assert raw["model.layers.0.mlp.fc1.scales"].dtype == mx.uint8
+    assert "model.layers.0.mlp.fc1.biases" not in raw
+
+
+@pytest.fixture(scope="module")
+def scale_twins(tmp_path_factory):
+    """The golden model at 4 and 8 bits with float16 and with float32 scales and biases, and an oracle
+    for the float16 one: the float32 checkpoint with its scales and biases rounded to float16 by NumPy
+    and stored back as float32."""
+    base = tmp_path_factory.mktemp("scales")
+    out = {}
+    for bits in (4, 8):
+        f16 = convert(SRC, str(base / f"q{bits}-f16"), quantize=True, q_bits=bits)
+        f32 = convert(SRC, str(base / f"q{bits}-f32"), quantize=True, q_bits=bits, scales_dtype="float32")
+        oracle = convert(SRC, str(base / f"q{bits}-oracle"), quantize=True, q_bits=bits, scales_dtype="float32")
+        for f in oracle.glob("*.safetensors"):
+            raw = {k: mx.array(np.asarray(v).astype(np.float16).astype(np.float32))
+                   if k.endswith((".scales", ".biases")) else v for k, v in mx.load(str(f)).items()}
+            mx.save_safetensors(str(f), raw, metadata={"format": "mlx"})
+        out[bits] = {"f16": f16, "f32": f32, "oracle": oracle}
+    return out
+
+
+def _prompt_and_steps(model, ids):
+    cache = model.make_cache()
+    logits = [np.asarray(model(ids, cache=cache))]
+    for t in (7, 3, 11):
+        logits.append(np.asarray(model(mx.array([[t]]), cache=cache)))
+    return logits
+
+
+@pytest.mark.parametrize("kernels", ["on", "off"])
+def test_float16_scales_load_and_compute_as_their_float32_values(scale_twins, source, monkeypatch, kernels):
+    """Loaded for float32 (the CPU default), the float16 checkpoint gives the logits of the oracle
+    (same values in float32), prompt and cached decode steps, with the C kernels and with plain MLX
+    (mx.quantized_matmul, dequantize + GEMM: PHIFLASH_CPU_KERNELS=0)."""
+    from phiflash_mlx.cpu import kernels as cpu_kernels
+
+    if kernels == "off":
+        monkeypatch.setattr(cpu_kernels, "_library", lambda: None)
+    _, ids, _ = source
+    for bits, twins in scale_twins.items():
+        model, _ = phiflash_mlx.load(str(twins["f16"]), tokenizer=False)
+        oracle, _ = phiflash_mlx.load(str(twins["oracle"]), tokenizer=False)
+        fc1 = model.layers[0].mlp.fc1
+        assert fc1.scales.dtype == mx.float16 and fc1.biases.dtype == mx.float16       # kept as stored
+        assert model.model.embed_tokens.scales.dtype == mx.float32                       # the activations' dtype
+        for got, want in zip(_prompt_and_steps(model, ids), _prompt_and_steps(oracle, ids)):
+            assert got.dtype == np.float32
+            np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4, err_msg=f"{bits} bits")
+
+
+def test_float16_scales_change_logits_little(scale_twins, source):
+    """float16 instead of float32 scales: measured on this golden model, max |logit difference| 0.033
+    (4 bits) and 0.041 (8 bits), 0.7-0.9% of the largest float logit (4.48), an eighth of what 8-bit
+    quantization itself changes (0.33); bfloat16 scales change them 7x more (0.25, 0.28). Bounds: 2% of the
+    largest logit, a quarter of the 8-bit quantization's change, and some difference (the rounding is real)."""
+    _, ids, want = source
+    q8 = np.asarray(phiflash_mlx.load(str(scale_twins[8]["f32"]), tokenizer=False)[0](ids))
+    quant8 = np.abs(q8 - want).max()
+    for bits, twins in scale_twins.items():
+        f16 = np.asarray(phiflash_mlx.load(str(twins["f16"]), tokenizer=False)[0](ids))
+        f32 = np.asarray(phiflash_mlx.load(str(twins["f32"]), tokenizer=False)[0](ids))
+        diff = np.abs(f16 - f32).max()
+        assert 0 < diff <= 0.02 * np.abs(want).max(), (bits, diff)
+        assert diff <= 0.25 * quant8, (bits, diff, quant8)
+
+
+def test_bfloat16_model_keeping_stored_dtypes_gets_its_dtype_for_scales(tmp_path, source, monkeypatch):
+    """Keeping the stored dtypes (as with Metal), a bfloat16 checkpoint with float16 scales loads with
+    bfloat16 scales, so no product promotes the activations to float32."""
+    from phiflash_mlx import loader
+
+    _, ids, want = source
+    out = convert(SRC, str(tmp_path / "q"), dtype="bfloat16", quantize=True, q_bits=8)
+    assert _raw(out)["model.layers.0.mlp.fc1.scales"].dtype == mx.float16
+    monkeypatch.setattr(loader, "activation_dtype", lambda requested=None: None)
+    model, _ = phiflash_mlx.load(str(out), tokenizer=False)
+    for path, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and m.mode == "affine":
+            assert m.scales.dtype == mx.bfloat16 and m.biases.dtype == mx.bfloat16, path
+    assert model.layers[0].input_layernorm.weight.dtype == mx.bfloat16
+    logits = model(ids)
+    assert logits.dtype == mx.bfloat16
+    assert np.abs(np.asarray(logits.astype(mx.float32)) - want).max() < 0.25 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["-q", "--scales-dtype", "fp8"], "unknown --scales-dtype 'fp8'; choose float16, bfloat16 or float32"),
+    (["--scales-dtype", "float32"], "need -q/--quantize"),
+])
+def test_scales_dtype_option_errors(tmp_path, capsys, argv, needle):
+    from phiflash_mlx.cli import main
+
+    assert main(["convert", SRC, str(tmp_path / "out"), *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_scales_dtype_option_reaches_the_checkpoint(tmp_path, capsys):
+    from phiflash_mlx.cli import main
+
+    assert main(["convert", SRC, str(tmp_path / "out"), "-q", "--q-bits", "8", "--scales-dtype", "bfloat16"]) == 0
+    raw = _raw(tmp_path / "out")
+    assert raw["model.layers.0.mlp.fc1.scales"].dtype == mx.bfloat16
+    assert raw["model.embed_tokens.biases"].dtype == mx.bfloat16

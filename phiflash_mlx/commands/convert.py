@@ -16,6 +16,7 @@ examples:
   phiflash convert ./ckpt ./ckpt-q -q --q-override 'model.layers.17.*=8' --q-override 'model.embed_tokens=6:32'
   phiflash convert ./ckpt ./ckpt-mxfp4 -q --q-mode mxfp4
   phiflash convert ./ckpt ./ckpt-fp32 --dtype float32
+  phiflash convert ./ckpt ./ckpt-q8 -q --q-bits 8 --scales-dtype float32
 
 The output is written into a hidden sibling directory and renamed into place when complete. An existing
 destination is replaced (with --force, after the new one is whole) only when it is empty or an earlier
@@ -24,6 +25,7 @@ containing it, files and any other directory are refused.
 
 Norms, the Mamba conv, A_log, D and the differential-attention lambdas are never quantized; A_log, D
 and the lambdas stay float32. The recipe is recorded in config.json ("quantization", mlx-lm layout).
+Quantization scales and biases are computed in float32 and stored as float16 (--scales-dtype).
 """
 
 
@@ -41,6 +43,9 @@ def register(sub) -> None:
     p.add_argument("--q-bits", type=int, default=None, help="bits per weight: 2, 3, 4, 5, 6 or 8 (default 4)")
     p.add_argument("--q-group-size", type=int, default=None, help="group size: 32, 64 or 128 (default 64)")
     p.add_argument("--q-mode", default="affine", help="affine (default), mxfp4 or mxfp8")
+    p.add_argument("--scales-dtype", default=None, metavar="DTYPE",
+                   help="how the quantization scales and biases are stored: float16 (default), bfloat16 or "
+                        "float32 (computed in float32, rounded once)")
     p.add_argument("--recipe", default="uniform", choices=["uniform", "mixed"],
                    help="mixed: embeddings and the full-attention layer at 8 bits, the rest at --q-bits")
     p.add_argument("--q-override", action="append", default=[], metavar="PATTERN=BITS[:GROUP]",
@@ -56,6 +61,7 @@ def run(args) -> int:
     terminate_cleanly()
     out = convert(args.src, args.dst, dtype=args.dtype, quantize=args.quantize, q_bits=args.q_bits,
                   q_group_size=args.q_group_size, q_mode=args.q_mode, recipe=args.recipe,
-                  overrides=args.q_override, max_shard_size_gb=args.max_shard_size, force=args.force)
+                  overrides=args.q_override, max_shard_size_gb=args.max_shard_size, force=args.force,
+                  scales_dtype=args.scales_dtype)
     print(f"wrote {out} ({directory_size(out) / 1e6:.1f} MB of weights)", file=sys.stderr)
     return 0
