@@ -76,16 +76,17 @@ def _config(model: str, layers: int) -> dict:
 def _fill_sambay(model, ctx: int, key, kv_dtype=None):
     """The model's own caches (mlx-lm's classes) as after a `ctx`-token prefill: the shared full
     attention K/V holds `ctx` positions (with room to grow), every sliding window its last 512 (a
-    full ring), every Mamba layer random conv/SSM states. K/V are in the pair layout, float32 unless
-    `kv_dtype` (what the CPU attachment stores: DiffAttention.kv_dtype)."""
+    full ring), every Mamba layer random conv/SSM states. K/V are in the pair layout, in the dtype
+    each layer stores (its DiffAttention.kv_dtype: float16 for the shared full-attention cache once
+    the CPU kernels are attached, unless PHIFLASH_CPU_KV16=0; else float32), or all in `kv_dtype`."""
     import mlx.core as mx
     from phiflash_mlx.models.cache import ArraysCache, KVCache, RotatingKVCache
 
     a = model.args
     P, hd, Di, n, K = a.num_key_value_heads // 2, a.head_dim, a.d_inner, a.mamba_d_state, a.mamba_d_conv
-    dt = kv_dtype or mx.float32
     caches = model.make_cache()
     for i, c in enumerate(caches):
+        dt = kv_dtype or getattr(model.layers[i].attn, "kv_dtype", None) or mx.float32
         k1, k2 = mx.random.split(mx.random.key(1000 + i))
         if isinstance(c, ArraysCache):
             c[0] = mx.random.uniform(-1, 1, (1, K - 1, Di), key=k1)

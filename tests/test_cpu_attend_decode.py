@@ -43,7 +43,7 @@ def attend(q, k, v, rows, k_new, v_new, threads):
     assert ks[-1] == 1 and vs[-1] == 1
     rc = LIB.phf_attend_rows(q.ctypes.data, k.ctypes.data, int(ks[0]), int(ks[1]), v.ctypes.data, int(vs[0]),
                              int(vs[1]), rows.ctypes.data, k_new.ctypes.data, v_new.ctypes.data, out.ctypes.data,
-                             P, R, D, DV, rows.shape[0], threads)
+                             P, R, D, DV, rows.shape[0], threads, cpu_kernels.SD_F32)
     assert rc == 0
     return out
 

@@ -20,6 +20,15 @@ needs_kernel = pytest.mark.skipif(
     else "phiflash_mlx/cpu/_cpu_kernels*.so was not built (see setup.py)")
 
 
+@pytest.fixture(autouse=True)
+def float32_kv_caches():
+    """These checks hold the model to 1e-4: the CPU attachment's 16-bit shared K/V cache off
+    (tests/test_cpu_kv16.py bounds what it changes)."""
+    previous = cpu_kernels.set_kv16(False)
+    yield
+    cpu_kernels.set_kv16(previous)
+
+
 def reference(q, keys, values, allowed, scale):
     """Both stripes by the definition, float64: query head j of stripe j % 2 and pair (j // 2) // g
     scores keys[..., part * hd:(part + 1) * hd] of its pair at the positions `allowed` (b, l, s) lets

@@ -21,8 +21,9 @@ needs_fused = pytest.mark.skipif(
 @pytest.fixture(autouse=True)
 def exact_products(monkeypatch):
     """Float activations in the quantized products (int8 activations, where built, differ by more than
-    the tolerances here)."""
+    the tolerances here); float32 K/V caches (the 16-bit shared cache: tests/test_cpu_kv16.py)."""
     monkeypatch.setenv("PHIFLASH_CPU_INT8", "0")
+    monkeypatch.setenv("PHIFLASH_CPU_KV16", "0")
 
 
 def _args(hidden, expand, d_state, d_conv):

@@ -18,10 +18,12 @@ needs_kernel = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def float_activations():
-    """These tests hold the kernels to MLX's float results: int8 activations (tests/test_cpu_q8.py) off."""
-    previous = cpu_kernels.set_int8(False)
+    """These tests hold the kernels to MLX's float results: int8 activations (tests/test_cpu_q8.py) and
+    the 16-bit shared K/V cache (tests/test_cpu_kv16.py) off."""
+    previous, previous_kv = cpu_kernels.set_int8(False), cpu_kernels.set_kv16(False)
     yield
     cpu_kernels.set_int8(previous)
+    cpu_kernels.set_kv16(previous_kv)
 
 
 def test_kernel_is_built_on_linux():

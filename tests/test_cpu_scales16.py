@@ -188,6 +188,7 @@ def test_whole_model_decode_with_bfloat16_scales(golden, int8, monkeypatch):
     if cpu_kernels._fused_library() is None:
         pytest.skip("the fused steps were not built")
     monkeypatch.setenv(cpu_kernels.ENV_INT8, "1" if int8 else "0")
+    monkeypatch.setenv(cpu_kernels.ENV_KV16, "0")                 # float32 K/V, as the plain model's
     fast = _golden_16(golden, mx.bfloat16)
     cpu_kernels.use_cpu_kernels(fast)
     reference = _golden_16(golden, mx.bfloat16, upcast=int8)

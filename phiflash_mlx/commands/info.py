@@ -101,6 +101,9 @@ def run(args) -> int:
         if "int8_activations" in kern:
             rows.append(("  4/8-bit products", f"int8 activations ({kern['int8_simd']}); PHIFLASH_CPU_INT8=0 for float32"
                          if kern["int8_activations"] else "float32 activations (PHIFLASH_CPU_INT8=0)"))
+        if "kv16" in kern:
+            rows.append(("  shared K/V cache", f"float16 (read with {kern['kv16_simd']}); PHIFLASH_CPU_KV16=0 for float32"
+                         if kern["kv16"] else "float32 (PHIFLASH_CPU_KV16=0)"))
     else:
         rows.append(("cpu decode kernels", "off: MLX's own ops" + (f" ({kern['reason']})" if kern.get("reason") else "")))
     width = max(len(key) for key, _ in rows)

@@ -4,7 +4,8 @@
 than a few queries on a CPU: the same (attn1, attn2) as ``DiffAttention._core``, computed over each
 query's range of keys (causal, sliding window, padding) instead of MLX's CPU attention over
 zero-padded queries of width 2 * head_dim. It declines (returns None, and the model computes the
-result with MLX ops) where the kernel does not apply: library not built, not float32, quantized
+result with MLX ops) where the kernel does not apply: library not built, queries not float32 or
+keys / values neither float32 nor float16 (16-bit caches are widened as they are read), quantized
 caches, shapes outside the pair layout, or a mask whose allowed keys are not one contiguous range
 per query.
 """
@@ -16,7 +17,7 @@ import ctypes
 import mlx.core as mx
 import numpy as np
 
-from .kernels import _host_call, _library, _strides, threads
+from .kernels import _as_f32_kv, _host_call, _kv_code, _library, _strides, threads
 
 _ready: dict = {}
 
@@ -35,7 +36,7 @@ def _lib():
             _ready[key] = None
             return None
         fn.argtypes = ([ptr, lng, lng, lng, ptr, lng, lng, lng, ptr, lng, lng, lng, ptr, ptr, lng, ptr]
-                       + [lng] * 7 + [ctypes.c_float, lng, i32, i32])
+                       + [lng] * 7 + [ctypes.c_float, lng, i32, i32, i32])
         fn.restype = i32
         _ready[key] = lib
     return _ready[key]
@@ -78,14 +79,14 @@ def attend_many(q: mx.array, keys, values, mask, scale: float, simd: bool = True
     """Both stripes of differential attention for many queries with the C kernel, the result of
     ``DiffAttention._core``: q (b, nh, l, hd) in natural head order; keys, values (b, nkv/2, s, 2hd)
     in the pair layout (stripe 1 uses the first hd columns of the keys, stripe 2 the last; the values
-    serve both); mask None, "causal" or a bool array broadcastable to (b, 1, l, s). Returns
-    (attn1, attn2), each (b, nh/2, l, 2hd), or None to leave it to MLX ops. Queries that may see no
-    key get zeros (MLX's attention gives NaN there). `block`: query positions per unit of work (0:
-    the kernel's default)."""
+    serve both), float32 or float16 (q float32); mask None, "causal" or a bool array broadcastable to
+    (b, 1, l, s). Returns (attn1, attn2), each (b, nh/2, l, 2hd) float32, or None to leave it to MLX
+    ops. Queries that may see no key get zeros (MLX's attention gives NaN there). `block`: query
+    positions per unit of work (0: the kernel's default)."""
     lib = _lib()
     if lib is None or not all(isinstance(x, mx.array) for x in (q, keys, values)):
         return None
-    if any(x.dtype != mx.float32 for x in (q, keys, values)) or q.ndim != 4 or keys.ndim != 4 or values.ndim != 4:
+    if q.dtype != mx.float32 or _kv_code(keys, values) is None or q.ndim != 4 or keys.ndim != 4 or values.ndim != 4:
         return None
     b, nh, l, hd = q.shape
     pairs, s = keys.shape[1], keys.shape[2]
@@ -102,6 +103,7 @@ def attend_many(q: mx.array, keys, values, mask, scale: float, simd: bool = True
 
     def slow(q, keys, values):                         # MLX's attention, stripe by stripe
         sdpa = mx.fast.scaled_dot_product_attention
+        keys, values = _as_f32_kv(keys, values)
         return (sdpa(q[:, 0::2], keys[..., :hd], values, scale=scale, mask=mask),
                 sdpa(q[:, 1::2], keys[..., hd:], values, scale=scale, mask=mask))
 
@@ -126,7 +128,7 @@ def _attend_many_c(lib, q, keys, values, lo, hi, scale, simd, n_threads, block):
     rc = lib.phf_attend_many(qn.ctypes.data, qs[0], qs[1], qs[2], kn.ctypes.data, ks[0], ks[1], ks[2],
                              vn.ctypes.data, vs[0], vs[1], vs[2], lo.ctypes.data, hi.ctypes.data,
                              l if lo.shape[0] > 1 else 0, out.ctypes.data, b, pairs, g, l, hd, dv, s,
-                             float(scale), int(block), n_threads or threads(), int(simd))
+                             float(scale), int(block), n_threads or threads(), int(simd), _kv_code(keys, values))
     if rc != 0:
         return None
     both = mx.array(out)

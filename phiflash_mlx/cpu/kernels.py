@@ -16,13 +16,18 @@ single-threaded and compute-bound (about 0.9 G weights/s on the 2-core x86 build
   BLAS (the routed OpenBLAS on Linux, Accelerate on macOS).
 * **Differential attention, a few queries**: `phf_attend` computes both stripes' attention reading
   the shared K/V cache once, in place (`attend_few`, installed on the model's attention layers).
+* **16-bit shared K/V**: the full-attention layer's cache, read by it and every cross layer at each
+  step, stores float16 keys and values (cast when written); the attention kernels widen them as they
+  read (F16C where the CPU has it), halving the bytes of the largest long-context cost of a decode
+  step. `PHIFLASH_CPU_KV16=0` keeps float32 caches (`set_kv16` from Python).
 
 The library is compiled by setup.py into `_cpu_kernels*.so` (Linux), loaded with ctypes, uses
 AVX2+FMA where the CPU has it and portable C elsewhere, and runs on a persistent pool of threads.
 Arrays cross to NumPy without copies of weights or caches. Everything computes the same math as
 the MLX ops it replaces; tests compare them. `PHIFLASH_CPU_KERNELS=0` turns the C kernels off;
 `PHIFLASH_CPU_THREADS=N` sets their threads (default: the CPUs this process may use, at most 8);
-`PHIFLASH_CPU_INT8=0` gives 4- and 8-bit products float32 activations (`set_int8` from Python).
+`PHIFLASH_CPU_INT8=0` gives 4- and 8-bit products float32 activations (`set_int8` from Python);
+`PHIFLASH_CPU_KV16=0` keeps the shared full-attention K/V cache in float32 (`set_kv16`).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ MIN_TOKENS = 16
 ENV_SWITCH = "PHIFLASH_CPU_KERNELS"
 ENV_THREADS = "PHIFLASH_CPU_THREADS"
 ENV_INT8 = "PHIFLASH_CPU_INT8"
+ENV_KV16 = "PHIFLASH_CPU_KV16"
 # Bit widths whose products use int8 activations while that is on (2 bits keeps float activations).
 INT8_BITS = (4, 8)
 Q8_LEVELS = ("portable C", "avx2", "avx512-vnni")
@@ -64,6 +70,7 @@ _log = logging.getLogger("phiflash_mlx.cpu_kernels")
 _lib: ctypes.CDLL | None = None
 _lib_tried = False
 _int8: bool | None = None          # set_int8's choice; None: the environment's
+_kv16: bool | None = None          # set_kv16's choice; None: the environment's
 
 
 def _switched_off() -> bool:
@@ -88,6 +95,26 @@ def set_int8(on: bool | None) -> bool | None:
     _int8 = None if on is None else bool(on)
     if _lib is not None:
         _sync_int8(_lib)
+    return previous
+
+
+def kv16_enabled() -> bool:
+    """Whether the full-attention layer's K/V cache (the one the cross layers share) stores float16
+    where the CPU kernels are attached: set_kv16's choice, else PHIFLASH_CPU_KV16 (on unless
+    0/off/false/no)."""
+    if _kv16 is not None:
+        return _kv16
+    return os.environ.get(ENV_KV16, "").strip().lower() not in {"0", "off", "false", "no"}
+
+
+def set_kv16(on: bool | None) -> bool | None:
+    """Store the shared full-attention K/V in float16 (True) or float32 (False) from the next write on
+    (None: follow PHIFLASH_CPU_KV16 again); returns the previous choice (None where it followed the
+    environment), so `set_kv16(previous)` restores it. Rows already in a cache keep their dtype until
+    the cache is rebuilt; a float32 cache that receives float16 rows stays float32."""
+    global _kv16
+    previous = _kv16
+    _kv16 = None if on is None else bool(on)
     return previous
 
 
@@ -128,8 +155,10 @@ def _library() -> ctypes.CDLL | None:
         lib.phf_qmatmul.argtypes = lib.phf_qmatvec.argtypes
         lib.phf_qmatmul.restype = i32
         lib.phf_attend.argtypes = [ptr, lng, lng, ptr, lng, lng, lng, lng, ptr, lng, lng, lng, ptr, lng, lng,
-                                   ptr, lng, lng, lng, lng, lng, lng, lng, i32, i32]
+                                   ptr, lng, lng, lng, lng, lng, lng, lng, i32, i32, i32]
         lib.phf_attend.restype = i32
+        lib.phf_kv16.restype = i32                # (the attention kernels take the K/V dtype code)
+        lib.phf_f16c.restype = i32
         lib.phf_ssm_scan.argtypes = [ptr] * 10 + [lng] * 5 + [i32]
         lib.phf_ssm_scan.restype = i32
         lib.phf_simd.restype = i32
@@ -186,7 +215,8 @@ def kernel_info() -> dict:
             return {"active": False, "reason": f"{ENV_SWITCH}={os.environ[ENV_SWITCH]}"}
         return {"active": False, "reason": "not built (Linux only; compiled by pip install)"}
     return {"active": True, "simd": "avx2+fma" if lib.phf_simd() else "portable C", "threads": threads(),
-            "int8_activations": bool(lib.phf_q8()), "int8_simd": Q8_LEVELS[lib.phf_q8_level()]}
+            "int8_activations": bool(lib.phf_q8()), "int8_simd": Q8_LEVELS[lib.phf_q8_level()],
+            "kv16": kv16_enabled(), "kv16_simd": "f16c" if lib.phf_f16c() else "portable C"}
 
 
 def _as_float32(a: mx.array) -> np.ndarray:
@@ -199,6 +229,22 @@ def _as_float32(a: mx.array) -> np.ndarray:
 # dtype codes of scales and biases in the C products (cpu_kernels.c's PHF_SD_*)
 SD_F32, SD_F16, SD_BF16 = 0, 1, 2
 _SD_CODES = {mx.float16: SD_F16, mx.bfloat16: SD_BF16}
+
+
+# K/V dtypes the attention kernels read (their kvtype argument takes the same codes)
+_KV_CODES = {mx.float32: SD_F32, mx.float16: SD_F16}
+
+
+def _kv_code(*arrays) -> int | None:
+    """The kernels' dtype code of K/V arrays that share one dtype (float32 / float16), else None."""
+    dtypes = {a.dtype for a in arrays}
+    return _KV_CODES.get(dtypes.pop()) if len(dtypes) == 1 else None
+
+
+def _as_f32_kv(keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+    """16-bit K/V as float32 for MLX's attention (the MLX twins of the kernels that read them as stored)."""
+    return (keys if keys.dtype == mx.float32 else keys.astype(mx.float32),
+            values if values.dtype == mx.float32 else values.astype(mx.float32))
 
 
 def _as_bits16(a: mx.array) -> np.ndarray:
@@ -393,11 +439,13 @@ def attend_few(q: mx.array, keys: mx.array, values: mx.array, mask: mx.array | N
 
     q (b, nh, l, hd) in natural head order; keys, values (b, nkv/2, s, 2hd) in the pair layout (pair
     j = KV heads 2j and 2j+1 side by side; stripe 1 uses the first hd columns of the keys, stripe 2
-    the last); mask None or bool, broadcastable to (b, 1, l, s). Returns (attn1, attn2), each
-    (b, nh/2, l, 2hd), or None where the kernel does not apply (not built, not float32, unexpected
-    strides): the caller then computes it with MLX ops."""
+    the last); mask None or bool, broadcastable to (b, 1, l, s). q is float32; keys and values float32
+    or float16 (a 16-bit cache, widened as it is read: the result is float32 attention over the
+    stored values). Returns (attn1, attn2), each (b, nh/2, l, 2hd) float32, or None where the kernel
+    does not apply (not built, other dtypes, unexpected strides): the caller then computes it with
+    MLX ops."""
     lib = _library()
-    if lib is None or any(x.dtype != mx.float32 for x in (q, keys, values)):
+    if lib is None or q.dtype != mx.float32 or _kv_code(keys, values) is None:
         return None
     b, nh, l, hd = q.shape
     half, s, dv = keys.shape[1], keys.shape[2], values.shape[-1]
@@ -407,6 +455,7 @@ def attend_few(q: mx.array, keys: mx.array, values: mx.array, mask: mx.array | N
 
     def slow(q, keys, values):                                   # MLX's attention, stripe by stripe
         sdpa = mx.fast.scaled_dot_product_attention
+        keys, values = _as_f32_kv(keys, values)
         return (sdpa(q[:, 0::2], keys[..., :hd], values, scale=scale, mask=mask),
                 sdpa(q[:, 1::2], keys[..., hd:], values, scale=scale, mask=mask))
 
@@ -439,7 +488,7 @@ def _attend_c(lib, q, keys, values, mask, scale, simd, n_threads):
     out = np.empty((b, half, 2 * r, dv), dtype=np.float32)
     rc = lib.phf_attend(qn.ctypes.data, 2 * half * r * hd, r * hd, kn.ctypes.data, ks[0], ks[1], hd, ks[2],
                         vn.ctypes.data, vs[0], vs[1], vs[2], bias_ptr, bias_bs, bias_ls, out.ctypes.data,
-                        b, 2 * half, r, l, hd, dv, s, n_threads or threads(), int(simd))
+                        b, 2 * half, r, l, hd, dv, s, n_threads or threads(), int(simd), _kv_code(keys, values))
     if rc != 0:
         return None
     both = mx.array(out)
@@ -651,20 +700,40 @@ def _cpu_gmu_call(self, a, memory):
 _CPU_CLASSES: dict = {}
 
 
-def _cpu_subclass(cls, call):
-    """A subclass of `cls` whose __call__ is `call` (made once per class), so only the modules it is
-    given to change and the model file stays the plain MLX implementation."""
+def _cpu_subclass(cls, call=None, **attrs):
+    """A subclass of `cls` whose __call__ is `call` (and with `attrs`; made once per class), so only the
+    modules it is given to change and the model file stays the plain MLX implementation."""
     sub = _CPU_CLASSES.get(cls)
     if sub is None:
-        sub = type("CPU" + cls.__name__, (cls,), {"__call__": call})
+        body = dict(attrs)
+        if call is not None:
+            body["__call__"] = call
+        sub = type("CPU" + cls.__name__, (cls,), body)
         _CPU_CLASSES[cls] = sub
     return sub
 
 
+def _on_cpu_device() -> bool:
+    return not mx.metal.is_available() and mx.default_device().type == mx.DeviceType.cpu
+
+
+def _cpu_kv_dtype(self):
+    """DiffAttention.kv_dtype once the CPU kernels are attached: float16 for the full-attention layer
+    (whose cache every cross layer reads) while kv16_enabled() and the default device is the CPU;
+    otherwise what the model class says (None: keys and values keep the activations' dtype)."""
+    from ..models.phi4flash import GLOBAL
+
+    own = next((k.__dict__["kv_dtype"] for k in type(self).__mro__[1:] if "kv_dtype" in k.__dict__), None)
+    if own is None and getattr(self, "kind", None) == GLOBAL and kv16_enabled() and _on_cpu_device():
+        return mx.float16
+    return own
+
+
 def use_cpu_kernels(model: nn.Module) -> int:
     """Switch every QuantizedLinear / QuantizedEmbedding of `model` (ours or any mlx-lm model) to the
-    CPU versions above, and give our differential-attention layers the few-query attention kernel;
-    returns how many modules changed."""
+    CPU versions above, and give our differential-attention layers the attention kernels (and a
+    kv_dtype that stores the shared full-attention cache in float16 while `kv16_enabled()`, on a CPU
+    device); returns how many modules changed."""
     from ..models.phi4flash import MLP, GatedMemoryUnit, Mamba, SambaYModel
 
     count = 0
@@ -676,6 +745,8 @@ def use_cpu_kernels(model: nn.Module) -> int:
             module.few_query_kernel = attend_few
             from .attention import attend_many  # (it imports this module)
             module.many_query_kernel = attend_many
+            if hasattr(module, "kv_dtype") and not type(module).__name__.startswith("CPU"):
+                module.__class__ = _cpu_subclass(type(module), kv_dtype=property(_cpu_kv_dtype))
             count += 1
         if type(module) is Mamba and _library() is not None:
             module.__class__ = _cpu_subclass(type(module), _cpu_mamba_call)
@@ -735,7 +806,8 @@ def _fused_library():
             lib.phf_gmu_residual.restype = i32
             lib.phf_fused_simd.argtypes = [i32]
             lib.phf_fused_simd.restype = i32
-            lib.phf_attend_rows.argtypes = [ptr, ptr, lng, lng, ptr, lng, lng, ptr, ptr, ptr, ptr] + [lng] * 5 + [i32]
+            lib.phf_attend_rows.argtypes = ([ptr, ptr, lng, lng, ptr, lng, lng, ptr, ptr, ptr, ptr] + [lng] * 5
+                                            + [i32, i32])
             lib.phf_attend_rows.restype = i32
         except AttributeError:
             lib._phf_fused_ready = False
@@ -1125,7 +1197,8 @@ def _attention_tail_unit(layer, h, q, keys, values, cache):
 
     def fast(h, q, keys, values):
         lib = _fused_library()
-        if lib is None or any(x.dtype != mx.float32 for x in (q, keys, values)):
+        kvtype = _kv_code(keys, values)
+        if lib is None or q.dtype != mx.float32 or kvtype is None:
             return None
         mx.eval(h, q, keys, values)
         kn, vn = np.asarray(keys), np.asarray(values)
@@ -1142,7 +1215,7 @@ def _attention_tail_unit(layer, h, q, keys, values, cache):
         o = np.empty((half, 2 * r, dv), dtype=np.float32)
         rc = lib.phf_attend(qa.ctypes.data, 2 * half * r * hd, r * hd, kn.ctypes.data, ks[0], ks[1], hd, ks[2],
                             vn.ctypes.data, vs[0], vs[1], vs[2], None, 0, s, o.ctypes.data, 1, 2 * half, r, 1, hd,
-                            dv, s, threads(), 1)
+                            dv, s, threads(), 1, kvtype)
         if rc != 0:
             return None
         y = _diff_tail_host(lib, attn, o, r)
@@ -1157,6 +1230,23 @@ def _attention_tail_unit(layer, h, q, keys, values, cache):
     return _host_call(fast, slow, h, q, keys, values)
 
 
+def _store_dtype(attn):
+    """The dtype an attention layer writes its new K/V rows in: its kv_dtype (float16 for the shared
+    full-attention cache while KV16 is on), None for the activations' own."""
+    return getattr(attn, "kv_dtype", None)
+
+
+def _stores_f16(attn) -> bool:
+    dt = _store_dtype(attn)
+    return dt is not None and dt == mx.float16
+
+
+def _kv_to_store(attn, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+    """New K/V rows as the model's DiffAttention.__call__ hands them to its cache."""
+    dt = _store_dtype(attn)
+    return (keys, values) if dt is None else (keys.astype(dt), values.astype(dt))
+
+
 def _attention_applies(layer, H, cache) -> bool:
     from ..models.cache import KVCache, RotatingKVCache
 
@@ -1164,7 +1254,8 @@ def _attention_applies(layer, H, cache) -> bool:
     if not all(hasattr(attn, n) for n in ("Wqkv", "out_proj", "inner_cross_attn", "nh", "nkv", "hd", "kind",
                                             "lambda_init", "scale")):
         return False
-    if attn.kv_dtype is not None or not _layer_norm_applies(layer.input_layernorm, H):
+    kv_dtype = attn.kv_dtype
+    if (kv_dtype is not None and kv_dtype != mx.float16) or not _layer_norm_applies(layer.input_layernorm, H):
         return False
     if cache is not None and type(cache) not in (KVCache, RotatingKVCache):
         return False
@@ -1220,7 +1311,8 @@ def _cpu_sambay_call(self, inputs, cache=None, input_embeddings=None, capture=No
             qkv = _qkv_unit(layer, h)
             nh, nkv, hd = attn.nh, attn.nkv, attn.hd
             split = (nh + nkv) * hd
-            keys, values = c.update_and_fetch(attn._pairs(qkv[..., nh * hd: split]), attn._pairs(qkv[..., split:]))
+            keys, values = c.update_and_fetch(*_kv_to_store(attn, attn._pairs(qkv[..., nh * hd: split]),
+                                                            attn._pairs(qkv[..., split:])))
             h = _attention_tail_unit(layer, h, qkv, keys, values, c)
             if kind == GLOBAL:
                 shared = (keys, values, c)
@@ -1329,8 +1421,10 @@ def _step_plan(model, cache, H):
         elif kind in (SWA, GLOBAL):
             if c is None or not _attention_applies(layer, H, c):
                 return None
-            if getattr(c, "keys", None) is None or c.keys.dtype != mx.float32 or c.values.dtype != mx.float32:
-                return None                       # (the host attention reads float32 caches)
+            if getattr(c, "keys", None) is None or _kv_code(c.keys, c.values) is None:
+                return None                       # (the host attention reads float32 / float16 caches)
+            if c.keys.dtype == mx.float16 and not _stores_f16(layer.attn):
+                return None                       # (float32 rows into a 16-bit cache: MLX's update decides the dtype)
             rows = _rows_after_update(c)
             if rows is None:
                 return None
@@ -1377,7 +1471,8 @@ def _whole_step(model, h0, plan):
                 else:
                     kv_cache = _scratch_kv(c, next(it), next(it))
                     split = (attn.nh + attn.nkv) * attn.hd
-                    k, v = attn._pairs(qkv[..., attn.nh * attn.hd: split]), attn._pairs(qkv[..., split:])
+                    k, v = _kv_to_store(attn, attn._pairs(qkv[..., attn.nh * attn.hd: split]),
+                                        attn._pairs(qkv[..., split:]))
                     keys, values = kv_cache.update_and_fetch(k, v)
                     outs += [k, v]
                     if kind == GLOBAL:
@@ -1439,10 +1534,11 @@ def _whole_step(model, h0, plan):
                 if qkv is None:
                     return None
                 if kind == CROSS:
-                    kn, vn, rows_, k_new, v_new = shared
+                    kn, vn, rows_, k_new, v_new, kvtype = shared
                 else:
                     kb, vb = next(it), next(it)
-                    if kb.dtype != mx.float32 or vb.dtype != mx.float32:
+                    kvtype = _kv_code(kb, vb)
+                    if kvtype is None:
                         return None
                     kn, vn = np.asarray(kb), np.asarray(vb)
                     split = (nh + nkv) * hd
@@ -1450,12 +1546,18 @@ def _whole_step(model, h0, plan):
                     v_new = np.ascontiguousarray(qkv[split:])
                     P = nkv // 2
                     if kn.shape[1] != P or kn.shape[-1] != 2 * hd or vn.shape[1] != P or vn.shape[-1] != 2 * hd \
-                            or kn.strides[-1] != 4 or vn.strides[-1] != 4:
+                            or kn.strides[-1] != kn.itemsize or vn.strides[-1] != vn.itemsize:
                         return None
                     rows_ = rows
-                    outs += [mx.array(k_new).reshape(1, P, 1, 2 * hd), mx.array(v_new).reshape(1, P, 1, 2 * hd)]
+                    if _stores_f16(attn):         # the new row as the cache will hold it, in the cache's dtype
+                        k16, v16 = k_new.astype(np.float16), v_new.astype(np.float16)
+                        outs += [mx.array(k16).reshape(1, P, 1, 2 * hd), mx.array(v16).reshape(1, P, 1, 2 * hd)]
+                        k_new, v_new = (k16, v16) if kvtype == SD_F16 else (k16.astype(np.float32),
+                                                                            v16.astype(np.float32))
+                    else:                         # (a float16 cache always gets float16 rows: _step_plan)
+                        outs += [mx.array(k_new).reshape(1, P, 1, 2 * hd), mx.array(v_new).reshape(1, P, 1, 2 * hd)]
                     if kind == GLOBAL:
-                        shared = (kn, vn, rows, k_new, v_new)
+                        shared = (kn, vn, rows, k_new, v_new, kvtype)
                 P = kn.shape[1]
                 r = nh // 2 // P
                 qn = qkv[: nh * hd].reshape(nh, hd)
@@ -1467,7 +1569,7 @@ def _whole_step(model, h0, plan):
                 o = np.empty((P, 2 * r, dv), dtype=np.float32)
                 rc = lib.phf_attend_rows(qa.ctypes.data, kn.ctypes.data, ks[1], ks[2], vn.ctypes.data, vs[1], vs[2],
                                          rows_.ctypes.data, k_new.ctypes.data, v_new.ctypes.data, o.ctypes.data,
-                                         P, r, hd, dv, rows_.shape[0], nt)
+                                         P, r, hd, dv, rows_.shape[0], nt, kvtype)
                 if rc != 0:
                     return None
                 y = _diff_tail_host(lib, attn, o, r)

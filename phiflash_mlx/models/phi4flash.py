@@ -244,7 +244,8 @@ class DiffAttention(nn.Module):
     # many_query_kernel(q, keys, values, mask, scale) with the mask as the model got it: None,
     # "causal" or a bool array.
     many_query_kernel = None
-    # When set, new keys and values are stored in this dtype (e.g. 16-bit caches on a CPU).
+    # When set, new keys and values are stored in this dtype (e.g. 16-bit caches on a CPU); a
+    # quantized cache (mlx-lm's QuantizedKVCache) quantizes them from the activations instead.
     kv_dtype = None
 
     def __init__(self, args: ModelArgs, layer_idx: int, kind: str):
@@ -300,6 +301,9 @@ class DiffAttention(nn.Module):
             )
             if out is not None:
                 return out
+        # 16-bit caches under float32 activations: attend in q's dtype
+        if not quantized and keys.dtype != q.dtype:
+            keys, values = keys.astype(q.dtype), values.astype(q.dtype)
         g = nh // (2 * P)  # query heads of one stripe per KV pair
         # stripe 1 (even query heads) reads the first head of a pair, stripe 2 the second
         q1 = q[:, 0::2].reshape(b, P, g, l, hd)
@@ -336,9 +340,10 @@ class DiffAttention(nn.Module):
             split = (self.nh + self.nkv) * self.hd
             keys = self._pairs(qkv[..., self.nh * self.hd : split])
             values = self._pairs(qkv[..., split:])
-            if self.kv_dtype is not None:
-                keys, values = keys.astype(self.kv_dtype), values.astype(self.kv_dtype)
             if cache is not None:
+                kv_dtype = None if hasattr(cache, "bits") else self.kv_dtype
+                if kv_dtype is not None:
+                    keys, values = keys.astype(kv_dtype), values.astype(kv_dtype)
                 keys, values = cache.update_and_fetch(keys, values)
         attn1, attn2 = self._core(q, keys, values, mask, cache)
         p = self.inner_cross_attn

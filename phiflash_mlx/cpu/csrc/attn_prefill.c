@@ -20,7 +20,10 @@
  * Both products (scores = Q K^T and P V) run on one register-blocked micro-kernel (6 rows x 16
  * columns, 12 AVX accumulators); the key block is packed transposed (D x AM_KB) first so that the
  * score product also streams contiguous columns. Units are handed out from a shared counter, the
- * most expensive query blocks (the last ones under a causal mask) first. */
+ * most expensive query blocks (the last ones under a causal mask) first.
+ *
+ * Keys and values may be float16 (kvtype PHF_SD_F16, as in phf_attend): each key row is widened as it
+ * is packed and each block of value rows into a float32 scratch before its product. */
 
 #define AM_KB 256    /* keys per block */
 #define AM_ROWS 128  /* rows of queries (both stripes) a unit aims at: 32 positions x 4 heads at the real shapes */
@@ -28,19 +31,30 @@
 typedef struct {
     const float *q;
     long q_bs, q_hs, q_ls;      /* q[b][j][r][0..D) = q + b q_bs + j q_hs + r q_ls */
-    const float *k;
-    long k_bs, k_hs, k_ts;      /* row t of pair h: k + b k_bs + h k_hs + t k_ts, 2D floats */
-    const float *v;
-    long v_bs, v_hs, v_ts;      /* v + b v_bs + h v_hs + t v_ts, DV floats */
+    const void *k;              /* float32 or float16 (kvtype); strides in elements */
+    long k_bs, k_hs, k_ts;      /* row t of pair h: k + b k_bs + h k_hs + t k_ts, 2D values */
+    const void *v;
+    long v_bs, v_hs, v_ts;      /* v + b v_bs + h v_hs + t v_ts, DV values */
     const int64_t *lo, *hi;     /* lo[b * r_bs + r] */
     long r_bs;
     float *out;                 /* [2][B][P G][L][DV] */
     long B, P, G, L, D, DV, T, qb, nqb;
     float scale;
-    int use_avx2;
+    int use_avx2, kvtype, f16c;
     int failed;
     long next;
 } many_t;
+
+/* n float16 values from src -> float32 dst */
+static void am_widen(const many_t *a, float *dst, const void *src, long n) {
+#ifdef PHF_X86
+    if (a->f16c) {
+        widen_f16_avx2(dst, (const uint16_t *)src, n);
+        return;
+    }
+#endif
+    for (long i = 0; i < n; i++) dst[i] = phf_f16_to_float(((const uint16_t *)src)[i]);
+}
 
 /* C[M x N] (+)= A[M x K] B[K x N]; all row-major with the given leading dimensions. */
 static void am_gemm_portable(const float *A, long lda, const float *Bm, long ldb, float *C, long ldc, long M,
@@ -199,7 +213,8 @@ static void am_gemm(int use_avx2, const float *A, long lda, const float *Bm, lon
     am_gemm_portable(A, lda, Bm, ldb, C, ldc, M, N, K, accumulate);
 }
 
-static void am_unit(const many_t *a, long u, float *qs, float *kt, float *sc, float *acc, float *mx, float *sum) {
+static void am_unit(const many_t *a, long u, float *qs, float *kt, float *sc, float *acc, float *mx, float *sum,
+                    float *krow, float *vblock) {
     const long D = a->D, DV = a->DV, G = a->G, BP = a->B * a->P;
     const long qbi = a->nqb - 1 - u / BP, b = (u % BP) / a->P, h = u % a->P;
     const long p0 = qbi * a->qb, np = a->L - p0 < a->qb ? a->L - p0 : a->qb;
@@ -225,12 +240,18 @@ static void am_unit(const many_t *a, long u, float *qs, float *kt, float *sc, fl
         sum[r] = 0.0f;
     }
     memset(acc, 0, sizeof(float) * (size_t)(rows * DV));
-    const float *kh = a->k + b * a->k_bs + h * a->k_hs, *vh = a->v + b * a->v_bs + h * a->v_hs;
+    const long kh = b * a->k_bs + h * a->k_hs, vh = b * a->v_bs + h * a->v_hs;
+    const int f16 = a->kvtype == PHF_SD_F16;
     for (long t0 = klo; t0 < khi; t0 += AM_KB) {
         const long kb = khi - t0 < AM_KB ? khi - t0 : AM_KB, kbp = (kb + 15) / 16 * 16;
         for (int part = 0; part < 2; part++) {
             for (long j = 0; j < kb; j++) {                       /* key block, transposed */
-                const float *kr = kh + (t0 + j) * a->k_ts + part * D;
+                const long at = kh + (t0 + j) * a->k_ts + part * D;
+                const float *kr = (const float *)a->k + at;
+                if (f16) {
+                    am_widen(a, krow, (const uint16_t *)a->k + at, D);
+                    kr = krow;
+                }
                 for (long d = 0; d < D; d++) kt[d * kbp + j] = kr[d];
             }
             for (long d = 0; d < D; d++)
@@ -259,7 +280,13 @@ static void am_unit(const many_t *a, long u, float *qs, float *kt, float *sc, fl
             for (long j = to; j < kb; j++) s[j] = 0.0f;
             sum[r] += am_row_exp(a->use_avx2, s, from, to, mx[r]);
         }
-        am_gemm(a->use_avx2, sc, kbp, vh + t0 * a->v_ts, a->v_ts, acc, DV, rows, DV, kb, 1);
+        if (f16) {                                                  /* the block's values, widened */
+            for (long j = 0; j < kb; j++)
+                am_widen(a, vblock + j * DV, (const uint16_t *)a->v + vh + (t0 + j) * a->v_ts, DV);
+            am_gemm(a->use_avx2, sc, kbp, vblock, DV, acc, DV, rows, DV, kb, 1);
+        } else {
+            am_gemm(a->use_avx2, sc, kbp, (const float *)a->v + vh + t0 * a->v_ts, a->v_ts, acc, DV, rows, DV, kb, 1);
+        }
     }
     const long plane = a->B * a->P * G * a->L * DV;
     for (int part = 0; part < 2; part++)
@@ -278,33 +305,38 @@ static void am_share(void *arg, int share) {
     (void)share;
     const long rows = 2 * a->G * a->qb, units = a->B * a->P * a->nqb;
     const long kbp = (AM_KB + 15) / 16 * 16;
-    float *buf = (float *)malloc(sizeof(float) * (size_t)(rows * a->D + a->D * kbp + rows * kbp + rows * a->DV + 2 * rows));
+    const long extra = a->kvtype == PHF_SD_F16 ? a->D + AM_KB * a->DV : 0; /* widened key row, value block */
+    float *buf = (float *)malloc(sizeof(float) *
+                                 (size_t)(rows * a->D + a->D * kbp + rows * kbp + rows * a->DV + 2 * rows + extra));
     if (!buf) {
         __atomic_store_n(&a->failed, 1, __ATOMIC_RELEASE);
         return;
     }
     float *qs = buf, *kt = qs + rows * a->D, *sc = kt + a->D * kbp, *acc = sc + rows * kbp, *mx = acc + rows * a->DV;
-    float *sum = mx + rows;
-    for (long u; (u = next_chunk(&a->next)) < units;) am_unit(a, u, qs, kt, sc, acc, mx, sum);
+    float *sum = mx + rows, *krow = sum + rows, *vblock = krow + a->D;
+    for (long u; (u = next_chunk(&a->next)) < units;) am_unit(a, u, qs, kt, sc, acc, mx, sum, krow, vblock);
     free(buf);
 }
 
 /*
- * See the block comment at the top of this file. Strides are in floats; lo and hi hold L entries
+ * See the block comment at the top of this file. Strides are in elements (k and v: float32 or float16
+ * as kvtype, PHF_SD_F32 / PHF_SD_F16, says; q: float32); lo and hi hold L entries
  * per sequence (r_bs = L) or one set for all (r_bs = 0). qb: positions per unit, 0 for the default
  * (about AM_ROWS rows of both stripes). Returns 0, or -1 for bad sizes or when scratch memory could
  * not be had (the output is then incomplete).
  */
-PHF_EXPORT int phf_attend_many(const float *q, long q_bs, long q_hs, long q_ls, const float *k, long k_bs,
-                               long k_hs, long k_ts, const float *v, long v_bs, long v_hs, long v_ts,
+PHF_EXPORT int phf_attend_many(const float *q, long q_bs, long q_hs, long q_ls, const void *k, long k_bs,
+                               long k_hs, long k_ts, const void *v, long v_bs, long v_hs, long v_ts,
                                const int64_t *lo, const int64_t *hi, long r_bs, float *out, long B, long P,
                                long G, long L, long D, long DV, long T, float scale, long qb, int threads,
-                               int simd) {
+                               int simd, int kvtype) {
     if (B <= 0 || P <= 0 || G <= 0 || L <= 0 || D <= 0 || DV <= 0 || T < 0 || qb < 0) return -1;
+    if (kvtype != PHF_SD_F32 && kvtype != PHF_SD_F16) return -1;
     if (qb == 0) qb = AM_ROWS / (2 * G) > 0 ? AM_ROWS / (2 * G) : 1;
     if (qb > L) qb = L;
     many_t a = {q, q_bs, q_hs, q_ls, k, k_bs, k_hs, k_ts, v, v_bs, v_hs, v_ts, lo, hi, r_bs, out,
-                B, P, G, L, D, DV, T, qb, (L + qb - 1) / qb, scale, simd && phf_simd(), 0, 0};
+                B, P, G, L, D, DV, T, qb, (L + qb - 1) / qb, scale, simd && phf_simd(), kvtype,
+                simd && phf_f16c(), 0, 0};
     const long units = B * P * a.nqb;
     if (threads < 1 || (double)L * T * P * G * D < 65536.0) threads = 1; /* tiny: not worth waking */
     if (threads > MAX_THREADS) threads = MAX_THREADS;

@@ -701,20 +701,25 @@ PHF_EXPORT int phf_qmatvec(const float *x, long m, long k, const uint32_t *w, co
  *   out[b][h][part * R + r] = softmax_t(q[b][j][r] . k[b][h, part][t] + bias[b][r % L][t]) @ v[b][h]
  *
  * One unit of work is one (b, h): it reads both key heads once and the value head once, which is
- * what makes the step memory-bound instead of copy-bound. Units are spread over the pool. */
+ * what makes the step memory-bound instead of copy-bound. Units are spread over the pool.
+ *
+ * Keys and values are float32 or float16 (kvtype PHF_SD_F32 / PHF_SD_F16, the codes of the scales):
+ * 16-bit caches are widened where they are read (F16C on x86 CPUs that have it, phf_f16_to_float
+ * elsewhere), so a step reads half the bytes and computes the same float32 math on the stored
+ * values. */
 
 typedef struct {
     const float *q;
     long q_bs, q_hs;           /* q[b][j][r][0..D), rows contiguous (stride D) */
-    const float *k;
+    const void *k;             /* float32 or float16 (kvtype), like v; strides in elements */
     long k_bs, k_hs, k_ps, k_ts; /* key head (h, part): k + b * k_bs + h * k_hs + part * k_ps */
-    const float *v;
+    const void *v;
     long v_bs, v_hs, v_ts;     /* v[b][h][t][0..DV) */
     const float *bias;         /* bias[b][l][t], or NULL */
     long bias_bs, bias_ls;
     float *out;                /* [B][nkv / 2][2R][DV], contiguous */
     long B, nkv, R, L, D, DV, T;
-    int shares, use_avx2;
+    int shares, use_avx2, kvtype;
     int failed;                /* set by a share that could not allocate its scratch */
     long next;                 /* the next unit to take */
 } attend_t;
@@ -750,7 +755,310 @@ __attribute__((target("avx2,fma"))) static void axpy_avx2(float *y, float a, con
         _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
     for (; i < n; i++) y[i] += a * x[i];
 }
+
+/* the same over a float16 row (F16C widens 8 values per instruction) */
+__attribute__((target("avx2,fma,f16c"))) static float dot_f16_avx2(const float *a, const void *bv, long n) {
+    const uint16_t *b = (const uint16_t *)bv;
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    long i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i))), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8),
+                             _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i + 8))), s1);
+    }
+    for (; i + 8 <= n; i += 8)
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i))), s0);
+    float s = hsum256(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) s += a[i] * phf_f16_to_float(b[i]);
+    return s;
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void axpy_f16_avx2(float *y, float a, const void *xv, long n) {
+    const uint16_t *x = (const uint16_t *)xv;
+    const __m256 av = _mm256_set1_ps(a);
+    long i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))),
+                                                _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * phf_f16_to_float(x[i]);
+}
+
+/* n float16 values -> float32 */
+__attribute__((target("avx2,f16c"))) static void widen_f16_avx2(float *dst, const uint16_t *src, long n) {
+    long i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++) dst[i] = phf_f16_to_float(src[i]);
+}
+
+__attribute__((target("avx2,fma"))) static float dot_f32_avx2(const float *a, const void *b, long n) {
+    return dot_avx2(a, (const float *)b, n);
+}
+
+__attribute__((target("avx2,fma"))) static void axpy_f32_avx2(float *y, float a, const void *x, long n) {
+    axpy_avx2(y, a, (const float *)x, n);
+}
 #endif
+
+/* 1 if this CPU widens float16 K/V with F16C (the AVX2 path of 16-bit caches); 0: phf_f16_to_float. */
+PHF_EXPORT int phf_f16c(void) {
+#ifdef PHF_X86
+    __builtin_cpu_init();
+    return phf_simd() && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+/* Marks a library whose attention kernels take the K/V dtype code (kvtype); Python checks it exists. */
+PHF_EXPORT int phf_kv16(void) { return 1; }
+
+static float dot_f16_portable(const float *a, const void *bv, long n) {
+    const uint16_t *b = (const uint16_t *)bv;
+    float s = 0.0f;
+    for (long i = 0; i < n; i++) s += a[i] * phf_f16_to_float(b[i]);
+    return s;
+}
+
+static void axpy_f16_portable(float *y, float a, const void *xv, long n) {
+    const uint16_t *x = (const uint16_t *)xv;
+    for (long i = 0; i < n; i++) y[i] += a * phf_f16_to_float(x[i]);
+}
+
+static float dot_f32_portable(const float *a, const void *b, long n) { return dot_portable(a, (const float *)b, n); }
+
+static void axpy_f32_portable(float *y, float a, const void *x, long n) { axpy_portable(y, a, (const float *)x, n); }
+
+typedef float (*kv_dot_fn)(const float *, const void *, long);
+typedef void (*kv_axpy_fn)(float *, float, const void *, long);
+
+/* The dot and axpy over K/V rows of dtype code kvtype (PHF_SD_F32 or PHF_SD_F16); simd: the AVX2
+ * (+F16C for float16) loops where the CPU has them. */
+static void kv_kernels(int kvtype, int simd, kv_dot_fn *dot, kv_axpy_fn *axpy) {
+    if (kvtype == PHF_SD_F16) {
+        *dot = dot_f16_portable;
+        *axpy = axpy_f16_portable;
+#ifdef PHF_X86
+        if (simd && phf_f16c()) {
+            *dot = dot_f16_avx2;
+            *axpy = axpy_f16_avx2;
+        }
+#endif
+        return;
+    }
+    *dot = dot_f32_portable;
+    *axpy = axpy_f32_portable;
+#ifdef PHF_X86
+    if (simd) {
+        *dot = dot_f32_avx2;
+        *axpy = axpy_f32_avx2;
+    }
+#endif
+}
+
+/* ---- one KV pair of a decode step, register-blocked (AVX2 + FMA + F16C) ------------------------
+ *
+ * The loops in attend_share / attend_rows_share call a dot product per (key row, query row) and an
+ * axpy that loads and stores the output rows per key row: at long contexts that is compute-bound,
+ * well below what memory delivers (measured at 32K: ~11 GB/s on 2 threads), so halving the bytes
+ * (float16 caches) would not show. Here, for one pair: the scores of two query rows against two key
+ * rows at a time (4 accumulators, one 4-way reduction), a vectorised softmax, and the value pass in
+ * blocks of PAIR_TB key rows (L1-resident) with the output strip of up to four query rows held in
+ * registers. Applies where D % 8 == 0 and DV % 16 == 0; the loops above do the rest. */
+
+typedef struct {
+    const float *q0, *q1;       /* the pair's R query rows of part 0 / part 1 (scaled), D floats each */
+    const void *k, *v;          /* the pair's row 0 (kvtype elements) */
+    long k_ts, v_ts;            /* row strides, elements */
+    const int *rows;            /* T row indices (< 0: the new row), or NULL for row t */
+    const void *k_new, *v_new;  /* the new row, kvtype elements (where rows has < 0) */
+    const float *bias;          /* bias[(r % L) * bias_ls + t] for query row r of either part, or NULL */
+    long bias_ls, L;
+    long R, D, DV, T;
+    int f16;
+} pair_t;
+
+#define PAIR_TB 64     /* key rows per block of the value pass */
+#define PAIR_AHEAD 16  /* key rows the score pass fetches ahead */
+
+#ifdef PHF_X86
+__attribute__((target("avx2,fma"))) static inline __m256 exp256(__m256 x);
+
+static inline const void *pair_row(const pair_t *p, const void *base, const void *fresh, long ts, long t) {
+    long i = t;
+    if (p->rows) {
+        i = p->rows[t];
+        if (i < 0) return fresh;
+    }
+    return p->f16 ? (const void *)((const uint16_t *)base + i * ts) : (const void *)((const float *)base + i * ts);
+}
+
+#define PAIR_LD8(base, i, f16)                                                                            \
+    ((f16) ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)(base) + (i))))         \
+           : _mm256_loadu_ps((const float *)(base) + (i)))
+
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void pair_attend_body(const pair_t *p,
+                                                                                          float *scores,
+                                                                                          float *out,
+                                                                                          const int f16) {
+    const long R = p->R, D = p->D, DV = p->DV, T = p->T, R2 = 2 * R, key_bytes = 2 * D * (f16 ? 2 : 4);
+    /* scores: two key rows x two query rows per pass */
+    for (long t = 0; t < T; t += 2) {
+        const int two = t + 1 < T;
+        const void *ka = pair_row(p, p->k, p->k_new, p->k_ts, t);
+        const void *kb = two ? pair_row(p, p->k, p->k_new, p->k_ts, t + 1) : ka;
+        if (t + PAIR_AHEAD + 1 < T) {                               /* key rows a few ahead */
+            const char *pa = (const char *)pair_row(p, p->k, p->k_new, p->k_ts, t + PAIR_AHEAD);
+            const char *pb = (const char *)pair_row(p, p->k, p->k_new, p->k_ts, t + PAIR_AHEAD + 1);
+            for (long off = 0; off < key_bytes; off += 64) {
+                _mm_prefetch(pa + off, _MM_HINT_T0);
+                _mm_prefetch(pb + off, _MM_HINT_T0);
+            }
+        }
+        for (int part = 0; part < 2; part++) {
+            const float *qp = part ? p->q1 : p->q0;
+            const long off = part * D;
+            for (long r = 0; r < R; r += 2) {
+                const long r1 = r + 1 < R ? r + 1 : r;
+                const float *qa = qp + r * D, *qb = qp + r1 * D;
+                __m256 a00 = _mm256_setzero_ps(), a01 = _mm256_setzero_ps();
+                __m256 a10 = _mm256_setzero_ps(), a11 = _mm256_setzero_ps();
+                for (long d = 0; d < D; d += 8) {
+                    const __m256 x = PAIR_LD8(ka, off + d, f16), y = PAIR_LD8(kb, off + d, f16);
+                    const __m256 u = _mm256_loadu_ps(qa + d), w = _mm256_loadu_ps(qb + d);
+                    a00 = _mm256_fmadd_ps(u, x, a00);
+                    a01 = _mm256_fmadd_ps(u, y, a01);
+                    a10 = _mm256_fmadd_ps(w, x, a10);
+                    a11 = _mm256_fmadd_ps(w, y, a11);
+                }
+                const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a00, a01), _mm256_hadd_ps(a10, a11));
+                float s4[4];
+                _mm_storeu_ps(s4, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+                float *sa = scores + (part * R + r) * T, *sb = scores + (part * R + r1) * T;
+                const float *ba = p->bias ? p->bias + (r % p->L) * p->bias_ls : NULL;
+                const float *bb = p->bias ? p->bias + (r1 % p->L) * p->bias_ls : NULL;
+                sa[t] = s4[0] + (ba ? ba[t] : 0.0f);
+                if (two) sa[t + 1] = s4[1] + (ba ? ba[t + 1] : 0.0f);
+                if (r1 != r) {
+                    sb[t] = s4[2] + (bb ? bb[t] : 0.0f);
+                    if (two) sb[t + 1] = s4[3] + (bb ? bb[t + 1] : 0.0f);
+                }
+            }
+        }
+    }
+    /* softmax per query row, normalised; a NaN score makes the row NaN (exp256 would clamp it away) */
+    for (long i = 0; i < R2; i++) {
+        float *sr = scores + i * T;
+        long t = 0;
+        float m = sr[0];
+        int nan = 0;
+        if (T >= 8) {
+            __m256 mv = _mm256_loadu_ps(sr), un = _mm256_cmp_ps(mv, mv, _CMP_UNORD_Q);
+            for (t = 8; t + 8 <= T; t += 8) {
+                const __m256 x = _mm256_loadu_ps(sr + t);
+                mv = _mm256_max_ps(mv, x);
+                un = _mm256_or_ps(un, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+            }
+            __m128 hm = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+            hm = _mm_max_ps(hm, _mm_movehl_ps(hm, hm));
+            hm = _mm_max_ss(hm, _mm_movehdup_ps(hm));
+            m = _mm_cvtss_f32(hm);
+            nan = _mm256_movemask_ps(un) != 0;
+        }
+        for (; t < T; t++) {
+            m = sr[t] > m ? sr[t] : m;
+            nan |= sr[t] != sr[t];
+        }
+        const __m256 mv = _mm256_set1_ps(m);
+        __m256 sv = _mm256_setzero_ps();
+        for (t = 0; t + 8 <= T; t += 8) {
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + t), mv));
+            _mm256_storeu_ps(sr + t, e);
+            sv = _mm256_add_ps(sv, e);
+        }
+        float sum = hsum256(sv);
+        for (; t < T; t++) {
+            sr[t] = expf(sr[t] - m);
+            sum += sr[t];
+        }
+        if (nan) sum = NAN;
+        const __m256 inv = _mm256_set1_ps(1.0f / sum);
+        for (t = 0; t + 8 <= T; t += 8) _mm256_storeu_ps(sr + t, _mm256_mul_ps(_mm256_loadu_ps(sr + t), inv));
+        for (; t < T; t++) sr[t] *= 1.0f / sum;
+    }
+    /* values: blocks of PAIR_TB key rows; per 16 columns, up to four query rows in registers */
+    memset(out, 0, sizeof(float) * (size_t)(R2 * DV));
+    const void *vrow[PAIR_TB];
+    const long row_bytes = DV * (f16 ? 2 : 4);
+    for (long t0 = 0; t0 < T; t0 += PAIR_TB) {
+        const long tb = T - t0 < PAIR_TB ? T - t0 : PAIR_TB;
+        for (long j = 0; j < tb; j++) vrow[j] = pair_row(p, p->v, p->v_new, p->v_ts, t0 + j);
+        /* the strips below walk the block column-wise: fetch the next block's rows meanwhile, in order */
+        for (long j = t0 + PAIR_TB; j < t0 + 2 * PAIR_TB && j < T; j++) {
+            const char *row = (const char *)pair_row(p, p->v, p->v_new, p->v_ts, j);
+            for (long off = 0; off < row_bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+        }
+        for (long i = 0; i < R2; i += 4) {
+            const long n = R2 - i < 4 ? R2 - i : 4;
+            const float *p0 = scores + i * T + t0;
+            const float *p1 = scores + (i + (n > 1 ? 1 : 0)) * T + t0;
+            const float *p2 = scores + (i + (n > 2 ? 2 : 0)) * T + t0;
+            const float *p3 = scores + (i + (n > 3 ? 3 : 0)) * T + t0;
+            for (long c = 0; c < DV; c += 16) {
+                float *o0 = out + i * DV + c;
+                __m256 c00 = _mm256_loadu_ps(o0), c01 = _mm256_loadu_ps(o0 + 8);
+                __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+                __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
+                __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+                if (n > 1) c10 = _mm256_loadu_ps(o0 + DV), c11 = _mm256_loadu_ps(o0 + DV + 8);
+                if (n > 2) c20 = _mm256_loadu_ps(o0 + 2 * DV), c21 = _mm256_loadu_ps(o0 + 2 * DV + 8);
+                if (n > 3) c30 = _mm256_loadu_ps(o0 + 3 * DV), c31 = _mm256_loadu_ps(o0 + 3 * DV + 8);
+                for (long j = 0; j < tb; j++) {
+                    const __m256 v0 = PAIR_LD8(vrow[j], c, f16), v1 = PAIR_LD8(vrow[j], c + 8, f16);
+                    __m256 w = _mm256_broadcast_ss(p0 + j);
+                    c00 = _mm256_fmadd_ps(w, v0, c00);
+                    c01 = _mm256_fmadd_ps(w, v1, c01);
+                    w = _mm256_broadcast_ss(p1 + j);
+                    c10 = _mm256_fmadd_ps(w, v0, c10);
+                    c11 = _mm256_fmadd_ps(w, v1, c11);
+                    w = _mm256_broadcast_ss(p2 + j);
+                    c20 = _mm256_fmadd_ps(w, v0, c20);
+                    c21 = _mm256_fmadd_ps(w, v1, c21);
+                    w = _mm256_broadcast_ss(p3 + j);
+                    c30 = _mm256_fmadd_ps(w, v0, c30);
+                    c31 = _mm256_fmadd_ps(w, v1, c31);
+                }
+                _mm256_storeu_ps(o0, c00);
+                _mm256_storeu_ps(o0 + 8, c01);
+                if (n > 1) _mm256_storeu_ps(o0 + DV, c10), _mm256_storeu_ps(o0 + DV + 8, c11);
+                if (n > 2) _mm256_storeu_ps(o0 + 2 * DV, c20), _mm256_storeu_ps(o0 + 2 * DV + 8, c21);
+                if (n > 3) _mm256_storeu_ps(o0 + 3 * DV, c30), _mm256_storeu_ps(o0 + 3 * DV + 8, c31);
+            }
+        }
+    }
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void pair_attend_avx2(const pair_t *p, float *scores, float *out) {
+    if (p->f16)
+        pair_attend_body(p, scores, out, 1);
+    else
+        pair_attend_body(p, scores, out, 0);
+}
+#undef PAIR_LD8
+#endif
+
+/* 1 if pair_attend applies to these sizes with this SIMD switch (the CPU has AVX2, FMA and F16C). */
+static int pair_attend_ok(int simd, long D, long DV) {
+    return simd && D % 8 == 0 && DV % 16 == 0 && phf_f16c();
+}
+
+/* scores: 2R x T scratch; out: 2R x DV. Only where pair_attend_ok. */
+static void pair_attend(const pair_t *p, float *scores, float *out) {
+#ifdef PHF_X86
+    pair_attend_avx2(p, scores, out);
+#else
+    (void)p, (void)scores, (void)out;
+#endif
+}
 
 static void attend_share(void *arg, int share) {
     attend_t *a = (attend_t *)arg;
@@ -764,22 +1072,28 @@ static void attend_share(void *arg, int share) {
         __atomic_store_n(&a->failed, 1, __ATOMIC_RELEASE);
         return;
     }
-    float (*dot)(const float *, const float *, long) = dot_portable;
-    void (*axpy)(float *, float, const float *, long) = axpy_portable;
-#ifdef PHF_X86
-    if (a->use_avx2) {
-        dot = dot_avx2;
-        axpy = axpy_avx2;
-    }
-#endif
+    kv_dot_fn dot;
+    kv_axpy_fn axpy;
+    kv_kernels(a->kvtype, a->use_avx2, &dot, &axpy);
+    const int blocked = pair_attend_ok(a->use_avx2, a->D, a->DV) && a->k_ps == a->D; /* part 1 after part 0 */
     for (long u; (u = next_chunk(&a->next)) < units;) {
         const long b = u / half, h = u % half;
+        if (blocked) {
+            const int f16 = a->kvtype == PHF_SD_F16;
+            const long k0 = b * a->k_bs + h * a->k_hs, v0 = b * a->v_bs + h * a->v_hs;
+            pair_t p = {a->q + b * a->q_bs + h * a->q_hs, a->q + b * a->q_bs + (h + half) * a->q_hs,
+                        phf_sd_at(a->k, k0, a->kvtype), phf_sd_at(a->v, v0, a->kvtype), a->k_ts, a->v_ts, NULL,
+                        NULL, NULL, a->bias ? a->bias + b * a->bias_bs : NULL, a->bias_ls, a->L, a->R, a->D, a->DV,
+                        a->T, f16};
+            pair_attend(&p, scores, a->out + u * rows * a->DV);
+            continue;
+        }
         /* scores: one pass over the pair's key rows, both heads of a row while it is in cache */
-        const float *kh = a->k + b * a->k_bs + h * a->k_hs;
+        const long kh = b * a->k_bs + h * a->k_hs;
         for (long t = 0; t < a->T; t++) {
             for (int part = 0; part < 2; part++) {
                 const float *qj = a->q + b * a->q_bs + (h + part * half) * a->q_hs;
-                const float *kt = kh + t * a->k_ts + part * a->k_ps;
+                const void *kt = phf_sd_at(a->k, kh + t * a->k_ts + part * a->k_ps, a->kvtype);
                 for (long r = 0; r < a->R; r++) {
                     float sc = dot(qj + r * a->D, kt, a->D);
                     if (a->bias) sc += a->bias[b * a->bias_bs + (r % a->L) * a->bias_ls + t];
@@ -802,9 +1116,9 @@ static void attend_share(void *arg, int share) {
             const float inv = 1.0f / sum;
             for (long t = 0; t < a->T; t++) sr[t] *= inv;
         }
-        const float *vh = a->v + b * a->v_bs + h * a->v_hs;      /* values: read once for all rows */
+        const long vh = b * a->v_bs + h * a->v_hs;               /* values: read once for all rows */
         for (long t = 0; t < a->T; t++) {
-            const float *vt = vh + t * a->v_ts;
+            const void *vt = phf_sd_at(a->v, vh + t * a->v_ts, a->kvtype);
             for (long row = 0; row < rows; row++) axpy(acc + row * a->DV, scores[row * a->T + t], vt, a->DV);
         }
         float *out = a->out + u * rows * a->DV;
@@ -815,16 +1129,18 @@ static void attend_share(void *arg, int share) {
 }
 
 /*
- * See the block comment above. Strides are in floats. Returns 0, or -1 when scratch memory could
- * not be had (the output is then incomplete).
+ * See the block comment above. Strides are in elements (of q and bias: floats; of k and v: kvtype's).
+ * kvtype: PHF_SD_F32 or PHF_SD_F16 for both k and v. Returns 0, or -1 for a bad size or dtype code or
+ * when scratch memory could not be had (the output is then incomplete).
  */
-PHF_EXPORT int phf_attend(const float *q, long q_bs, long q_hs, const float *k, long k_bs, long k_hs,
-                          long k_ps, long k_ts, const float *v, long v_bs, long v_hs, long v_ts,
+PHF_EXPORT int phf_attend(const float *q, long q_bs, long q_hs, const void *k, long k_bs, long k_hs,
+                          long k_ps, long k_ts, const void *v, long v_bs, long v_hs, long v_ts,
                           const float *bias, long bias_bs, long bias_ls, float *out, long B, long nkv,
-                          long R, long L, long D, long DV, long T, int threads, int simd) {
+                          long R, long L, long D, long DV, long T, int threads, int simd, int kvtype) {
     if (B <= 0 || nkv < 2 || nkv % 2 || R <= 0 || L <= 0 || D <= 0 || DV <= 0 || T <= 0) return -1;
+    if (kvtype != PHF_SD_F32 && kvtype != PHF_SD_F16) return -1;
     attend_t a = {q, q_bs, q_hs, k, k_bs, k_hs, k_ps, k_ts, v, v_bs, v_hs, v_ts, bias, bias_bs, bias_ls, out,
-                  B, nkv, R, L, D, DV, T, 1, simd && phf_simd(), 0, 0};
+                  B, nkv, R, L, D, DV, T, 1, simd && phf_simd(), kvtype, 0, 0};
     long units = B * (nkv / 2);
     if (threads < 1 || T * nkv * D < (1L << 16)) threads = 1;   /* short caches: not worth waking */
     if (threads > MAX_THREADS) threads = MAX_THREADS;

@@ -228,15 +228,18 @@ PHF_EXPORT int phf_gmu_residual(float *h, const float *ln_w, const float *ln_b, 
  *
  *   out[h][part * R + r] = softmax_t(q[part][h][r] . key(t, h, part)) @ value(t, h)
  *
- * q: [2][P][R][D] (already scaled); out: [P][2R][DV]. */
+ * q: [2][P][R][D] (already scaled); out: [P][2R][DV]. k, v and the new row are float32 or float16
+ * (kvtype, as in phf_attend; the new row holds the values the cache will store). */
 
 typedef struct {
-    const float *q, *k, *v, *k_new, *v_new;
+    const float *q;
+    const void *k, *v;
+    const void *k_new, *v_new;
     const int *rows;
     long k_hs, k_ts, v_hs, v_ts;
     float *out;
     long P, R, D, DV, T;
-    int use_avx2, failed;
+    int use_avx2, kvtype, failed;
     long next;
 } attend_rows_t;
 
@@ -249,22 +252,27 @@ static void attend_rows_share(void *arg, int share) {
         __atomic_store_n(&a->failed, 1, __ATOMIC_RELEASE);
         return;
     }
-    float (*dot)(const float *, const float *, long) = dot_portable;
-    void (*axpy)(float *, float, const float *, long) = axpy_portable;
-#ifdef PHF_X86
-    if (a->use_avx2) {
-        dot = dot_avx2;
-        axpy = axpy_avx2;
-    }
-#endif
+    kv_dot_fn dot;
+    kv_axpy_fn axpy;
+    kv_kernels(a->kvtype, a->use_avx2, &dot, &axpy);
+    const int blocked = pair_attend_ok(a->use_avx2, a->D, a->DV);
     for (long h; (h = next_chunk(&a->next)) < a->P;) {
+        if (blocked) {
+            pair_t p = {a->q + h * a->R * a->D, a->q + (a->P + h) * a->R * a->D, phf_sd_at(a->k, h * a->k_hs, a->kvtype),
+                        phf_sd_at(a->v, h * a->v_hs, a->kvtype), a->k_ts, a->v_ts, a->rows,
+                        phf_sd_at(a->k_new, h * 2 * a->D, a->kvtype), phf_sd_at(a->v_new, h * a->DV, a->kvtype), NULL, 0,
+                        1, a->R, a->D, a->DV, a->T, a->kvtype == PHF_SD_F16};
+            pair_attend(&p, scores, a->out + h * R2 * a->DV);
+            continue;
+        }
         for (long t = 0; t < a->T; t++) {
             const long row = a->rows[t];
-            const float *kt = row >= 0 ? a->k + h * a->k_hs + row * a->k_ts : a->k_new + h * 2 * a->D;
-            for (int part = 0; part < 2; part++)
-                for (long r = 0; r < a->R; r++)
-                    scores[(part * a->R + r) * a->T + t] =
-                        dot(a->q + ((part * a->P + h) * a->R + r) * a->D, kt + part * a->D, a->D);
+            for (int part = 0; part < 2; part++) {
+                const float *qh = a->q + (part * a->P + h) * a->R * a->D;
+                const void *kt = row >= 0 ? phf_sd_at(a->k, h * a->k_hs + row * a->k_ts + part * a->D, a->kvtype)
+                                          : phf_sd_at(a->k_new, h * 2 * a->D + part * a->D, a->kvtype);
+                for (long r = 0; r < a->R; r++) scores[(part * a->R + r) * a->T + t] = dot(qh + r * a->D, kt, a->D);
+            }
         }
         float *o = a->out + h * R2 * a->DV;
         for (long i = 0; i < R2; i++) {
@@ -282,23 +290,41 @@ static void attend_rows_share(void *arg, int share) {
         }
         for (long t = 0; t < a->T; t++) {
             const long row = a->rows[t];
-            const float *vt = row >= 0 ? a->v + h * a->v_hs + row * a->v_ts : a->v_new + h * a->DV;
+            const void *vt = row >= 0 ? phf_sd_at(a->v, h * a->v_hs + row * a->v_ts, a->kvtype)
+                                      : phf_sd_at(a->v_new, h * a->DV, a->kvtype);
             for (long i = 0; i < R2; i++) axpy(o + i * a->DV, scores[i * a->T + t], vt, a->DV);
         }
     }
     free(scores);
 }
 
-/* Strides in floats. Returns 0, or -1 for a bad shape or no memory (the output is then incomplete). */
-PHF_EXPORT int phf_attend_rows(const float *q, const float *k, long k_hs, long k_ts, const float *v, long v_hs,
-                               long v_ts, const int *rows, const float *k_new, const float *v_new, float *out,
-                               long P, long R, long D, long DV, long T, int threads) {
+/* Strides in elements of k and v. Returns 0, or -1 for a bad shape or dtype code or no memory (the
+ * output is then incomplete). */
+PHF_EXPORT int phf_attend_rows(const float *q, const void *k, long k_hs, long k_ts, const void *v, long v_hs,
+                               long v_ts, const int *rows, const void *k_new, const void *v_new, float *out,
+                               long P, long R, long D, long DV, long T, int threads, int kvtype) {
     if (P <= 0 || R <= 0 || D <= 0 || DV <= 0 || T <= 0) return -1;
-    if (fused_simd && attend_decode(q, k, k_hs, k_ts, v, v_hs, v_ts, rows, k_new, v_new, out, P, R, D, DV, T, threads,
-                                    0) == 0)
-        return 0;
+    if (kvtype != PHF_SD_F32 && kvtype != PHF_SD_F16) return -1;
+    if (fused_simd) { /* attn_decode.c's 512-bit kernel where it applies; it takes the new row as float32 */
+        if (kvtype == PHF_SD_F32) {
+            if (attend_decode(q, k, k_hs, k_ts, v, v_hs, v_ts, rows, (const float *)k_new, (const float *)v_new, out,
+                              P, R, D, DV, T, threads, 0) == 0)
+                return 0;
+        } else {
+            const long nk = P * 2 * D, nv = P * DV;
+            float *fresh = (float *)malloc(sizeof(float) * (size_t)(nk + nv));
+            if (fresh) {
+                for (long i = 0; i < nk; i++) fresh[i] = phf_f16_to_float(((const uint16_t *)k_new)[i]);
+                for (long i = 0; i < nv; i++) fresh[nk + i] = phf_f16_to_float(((const uint16_t *)v_new)[i]);
+                const int rc = attend_decode(q, k, k_hs, k_ts, v, v_hs, v_ts, rows, fresh, fresh + nk, out, P, R, D,
+                                             DV, T, threads, 1);
+                free(fresh);
+                if (rc == 0) return 0;
+            }
+        }
+    }
     attend_rows_t a = {q, k, v, k_new, v_new, rows, k_hs, k_ts, v_hs, v_ts, out, P, R, D, DV, T,
-                       fused_simd && phf_simd(), 0, 0};
+                       fused_simd && phf_simd(), kvtype, 0, 0};
     if (threads < 1 || T * P * D < (1L << 14)) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > P) threads = (int)P;

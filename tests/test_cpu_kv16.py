@@ -1,0 +1,296 @@
+"""16-bit K/V caches on CPUs (PHIFLASH_CPU_KV16): the attention kernels read float16 keys and values
+as stored (phf_attend, phf_attend_rows, phf_attend_many) and compute float32 attention over those
+values; the oracle is differential attention written out in NumPy float64 on the same float16
+values (tests/test_cpu_attention.py's `reference`). The whole model: where the shared full-attention
+cache is float16, what changes against float32 caches is bounded, and every CPU path (one host call
+per step, per-layer host calls, the model's MLX ops) agrees with the others."""
+
+import ctypes
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from mlx_lm.models.base import create_causal_mask
+
+from conftest import GOLDEN_MODELS, golden_path
+from phiflash_mlx.cpu import attention
+from phiflash_mlx.cpu import kernels as cpu_kernels
+from test_cpu_attention import reference
+
+needs_kernel = pytest.mark.skipif(
+    cpu_kernels._fused_library() is None or attention._lib() is None,
+    reason="the C kernels are built on Linux only" if not sys.platform.startswith("linux")
+    else "phiflash_mlx/cpu/_cpu_kernels*.so was not built (see setup.py)")
+
+# float32 attention over float16 values against the float64 definition over the same values
+RTOL, ATOL = 1e-5, 2e-6
+
+
+@pytest.fixture(autouse=True)
+def float_activations():
+    """Float activations in the quantized products, so that only the K/V storage differs."""
+    previous = cpu_kernels.set_int8(False)
+    yield
+    cpu_kernels.set_int8(previous)
+
+
+def _f16_cache(key, b, pairs, s, hd, spare):
+    """float16 keys and values as a cache holds them: the first s rows of a longer buffer (strided)."""
+    k1, k2 = mx.random.split(key)
+    kbuf = mx.random.normal((b, pairs, s + spare, 2 * hd), key=k1).astype(mx.float16)
+    vbuf = mx.random.normal((b, pairs, s + spare, 2 * hd), key=k2).astype(mx.float16)
+    return kbuf[:, :, :s], vbuf[:, :, :s]
+
+
+def _close(got, want):
+    got = np.asarray(got)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+@needs_kernel
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 2), pairs=st.integers(1, 3), g=st.integers(1, 3), l=st.integers(1, 4),
+       s=st.integers(1, 300), hd=st.sampled_from([8, 12, 16, 20, 64]), spare=st.integers(0, 5),
+       mask=st.sampled_from(["none", "causal", "padded"]), simd=st.booleans(),
+       threads=st.sampled_from([1, 2, 3, 4]), seed=st.integers(0, 2**16))
+def test_attend_few_reads_float16(b, pairs, g, l, s, hd, spare, mask, simd, threads, seed):
+    """phf_attend (the decode kernel) over float16 K/V, AVX2+F16C and portable C, 1-4 threads."""
+    nh = 2 * g * pairs
+    kq, kc, kv = mx.random.split(mx.random.key(seed), 3)
+    q = mx.random.normal((b, nh, l, hd), key=kq)
+    keys, values = _f16_cache(kc, b, pairs, s, hd, spare)
+    if mask == "none":
+        allowed = None
+        dense = np.ones((b, l, s), bool)
+    else:
+        allowed = create_causal_mask(l, s - l) if s >= l else mx.ones((l, s), dtype=mx.bool_)
+        if mask == "padded":
+            valid = mx.random.uniform(shape=(b, s), key=kv) > 0.3
+            valid[:, -1] = True
+            allowed = allowed[None, None] & valid[:, None, None, :]
+        m = np.asarray(allowed)
+        dense = np.broadcast_to(m.reshape((1,) * (4 - m.ndim) + m.shape)[:, 0], (b, l, s))
+    scale = hd ** -0.5
+    got = cpu_kernels.attend_few(q, keys, values, allowed, scale, simd=simd, n_threads=threads)
+    assert got is not None
+    want = reference(q, keys.astype(mx.float32), values.astype(mx.float32), dense, scale)
+    for part in range(2):
+        _close(got[part], want[part])
+
+
+@needs_kernel
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 2), pairs=st.integers(1, 3), g=st.integers(1, 3), l=st.integers(1, 40),
+       offset=st.integers(0, 300), hd=st.sampled_from([4, 8, 12, 16]), spare=st.integers(0, 3),
+       mask=st.sampled_from(["none", "causal", "window", "window padded"]), window=st.integers(1, 12),
+       simd=st.booleans(), threads=st.integers(1, 4), block=st.integers(0, 5), seed=st.integers(0, 2**16))
+def test_attend_many_reads_float16(b, pairs, g, l, offset, hd, spare, mask, window, simd, threads, block, seed):
+    """phf_attend_many (prompts) over float16 K/V: several key blocks, windows, left padding."""
+    nh = 2 * g * pairs
+    s = l + offset
+    kq, kc = mx.random.split(mx.random.key(seed))
+    q = mx.random.normal((b, nh, l, hd), key=kq) * 2.0
+    keys, values = _f16_cache(kc, b, pairs, s, hd, spare)
+    pad = [int(x) for x in np.random.default_rng(seed).integers(0, s + 1, size=b)]
+    given_mask = {
+        "none": None,
+        "causal": "causal",
+        "window": create_causal_mask(l, offset, window_size=window),
+        "window padded": create_causal_mask(l, offset, window_size=window, left_padding=mx.array(pad)),
+    }[mask]
+    if given_mask is None:
+        allowed = np.ones((b, l, s), bool)
+    elif isinstance(given_mask, str):
+        allowed = np.broadcast_to(np.asarray(create_causal_mask(l, offset)), (b, l, s))
+    else:
+        m = np.asarray(given_mask)
+        allowed = np.broadcast_to(m.reshape((1,) * (4 - m.ndim) + m.shape)[:, 0], (b, l, s))
+    scale = hd ** -0.5
+    got = attention.attend_many(q, keys, values, given_mask, scale, simd=simd, n_threads=threads, block=block)
+    assert got is not None
+    want = reference(q, keys.astype(mx.float32), values.astype(mx.float32), allowed, scale)
+    for part in range(2):
+        _close(got[part], want[part])
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(pairs=st.integers(1, 4), r=st.integers(1, 4), hd=st.sampled_from([4, 8, 12, 16, 64]),
+       length=st.integers(1, 200), spare=st.integers(0, 4), new_at=st.integers(0, 10**6),
+       path=st.sampled_from(["best", "avx2", "portable"]), threads=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_attend_rows_reads_float16(pairs, r, hd, length, spare, new_at, path, threads, seed):
+    """phf_attend_rows (the one-call decode step) over a float16 cache plus this step's new row, the
+    rows in the order a rotating cache would hand them out. Paths: the best this CPU has (the 512-bit
+    kernel of csrc/attn_decode.c where it applies), that one forbidden (AVX2), all SIMD off."""
+    lib = cpu_kernels._fused_library()
+    rng = np.random.default_rng(seed)
+    kbuf = rng.standard_normal((pairs, length + spare, 2 * hd)).astype(np.float16)
+    vbuf = rng.standard_normal((pairs, length + spare, 2 * hd)).astype(np.float16)
+    k, v = kbuf[:, :length], vbuf[:, :length]                     # a prefix of the buffer: strided
+    rows = rng.permutation(length).astype(np.int32)
+    rows[new_at % length] = -1                                     # this step's row
+    k_new = rng.standard_normal((pairs, 2 * hd)).astype(np.float16)
+    v_new = rng.standard_normal((pairs, 2 * hd)).astype(np.float16)
+    q = rng.standard_normal((2, pairs, r, hd)).astype(np.float32) * hd ** -0.5
+    out = np.empty((pairs, 2 * r, 2 * hd), np.float32)
+    old = lib.phf_fused_simd(int(path != "portable"))
+    old_ad = lib.phf_set_attend_decode(int(path == "best"))
+    try:
+        rc = lib.phf_attend_rows(q.ctypes.data, k.ctypes.data, k.strides[0] // 2, k.strides[1] // 2, v.ctypes.data,
+                                 v.strides[0] // 2, v.strides[1] // 2, rows.ctypes.data, k_new.ctypes.data,
+                                 v_new.ctypes.data, out.ctypes.data, pairs, r, hd, 2 * hd, length, threads,
+                                 cpu_kernels.SD_F16)
+    finally:
+        lib.phf_fused_simd(old)
+        lib.phf_set_attend_decode(old_ad)
+    assert rc == 0
+    K = np.where((rows < 0)[None, :, None], k_new[:, None].astype(np.float64), k.astype(np.float64)[:, rows])
+    V = np.where((rows < 0)[None, :, None], v_new[:, None].astype(np.float64), v.astype(np.float64)[:, rows])
+    for part in range(2):
+        scores = np.einsum("prd,ptd->prt", q[part].astype(np.float64), K[:, :, part * hd:(part + 1) * hd])
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        np.testing.assert_allclose(out[:, part * r:(part + 1) * r], p @ V, rtol=RTOL, atol=ATOL)
+
+
+@needs_kernel
+def test_kernels_refuse_other_dtype_codes_and_the_twins_widen():
+    """A dtype code other than float32 / float16 is refused (-1), bfloat16 caches go to MLX's ops, and
+    inside mx.compile (where the host calls cannot run) the MLX twins give the same float32 math."""
+    lib = cpu_kernels._fused_library()
+    q = np.zeros((2, 1, 1, 8), np.float32)
+    kv = np.zeros((1, 3, 16), np.float16)
+    rows = np.arange(3, dtype=np.int32)
+    out = np.empty((1, 2, 16), np.float32)
+    assert lib.phf_attend_rows(q.ctypes.data, kv.ctypes.data, 48, 16, kv.ctypes.data, 48, 16, rows.ctypes.data,
+                               None, None, out.ctypes.data, 1, 1, 8, 16, 3, 1, cpu_kernels.SD_BF16) == -1
+    qm = mx.random.normal((1, 4, 3, 8), key=mx.random.key(1))
+    keys, values = _f16_cache(mx.random.key(2), 1, 2, 20, 8, 2)
+    assert cpu_kernels.attend_few(qm, keys.astype(mx.bfloat16), values.astype(mx.bfloat16), None, 0.3) is None
+    assert cpu_kernels.attend_few(qm, keys, values.astype(mx.float32), None, 0.3) is None     # mixed dtypes
+    assert attention.attend_many(qm, keys.astype(mx.bfloat16), values.astype(mx.bfloat16), None, 0.3) is None
+    want = reference(qm, keys.astype(mx.float32), values.astype(mx.float32), np.ones((1, 3, 20), bool), 0.3)
+    few = mx.compile(lambda q, k, v: cpu_kernels.attend_few(q, k, v, None, 0.3))(qm, keys, values)
+    many = mx.compile(lambda q, k, v: attention.attend_many(q, k, v, None, 0.3))(qm, keys, values)
+    for part in range(2):
+        _close(few[part], want[part])
+        _close(many[part], want[part])
+
+
+def test_switch_follows_the_environment_and_set_kv16(monkeypatch):
+    previous = cpu_kernels.set_kv16(None)
+    try:
+        monkeypatch.setenv(cpu_kernels.ENV_KV16, "0")
+        assert not cpu_kernels.kv16_enabled()
+        monkeypatch.setenv(cpu_kernels.ENV_KV16, "1")
+        assert cpu_kernels.kv16_enabled()
+        monkeypatch.delenv(cpu_kernels.ENV_KV16)
+        assert cpu_kernels.kv16_enabled()                                    # on by default
+        assert cpu_kernels.set_kv16(False) is None
+        assert not cpu_kernels.kv16_enabled()
+        assert cpu_kernels.set_kv16(True) is False
+    finally:
+        cpu_kernels.set_kv16(previous)
+
+
+# ---- the whole model ---------------------------------------------------------------------------
+
+def _run(model, ids, steps=6):
+    """Logits of a prompt (all but the last 3 ids), 3 teacher-forced steps, then `steps` greedy steps;
+    and the cache."""
+    cache = model.make_cache()
+    n = ids.shape[1]
+    out = [np.asarray(model(ids[:, :n - 3], cache=cache))]
+    out += [np.asarray(model(ids[:, t:t + 1], cache=cache)) for t in range(n - 3, n)]
+    tok = int(np.argmax(out[-1][0, -1]))
+    for _ in range(steps):
+        out.append(np.asarray(model(mx.array([[tok]]), cache=cache)))
+        tok = int(np.argmax(out[-1][0, -1]))
+    return np.concatenate(out, axis=1), cache
+
+
+def _kinds(model, cache):
+    return {kind: cache[i] for i, kind in enumerate(model.args.layer_kinds[:len(cache)])}
+
+
+def _ids(name):
+    return mx.array(np.load(golden_path(name) / "vectors.npz")["input_ids_long"])
+
+
+def _fast_model(name):
+    """A golden model quantized to 4 bits (so that decode steps take the one-call step) with the CPU
+    kernels attached."""
+    from test_cpu_fused import _quantized_golden
+
+    model = _quantized_golden(name)
+    cpu_kernels.use_cpu_kernels(model)
+    return model
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", GOLDEN_MODELS)
+def test_golden_logits_with_16_bit_kv(name):
+    """KV16 on vs off on the golden models, 4-bit, through the CPU paths (prompt kernel, one-call
+    decode steps): the shared cache holds float16 and the sliding-window caches float32; the logits
+    move only by the rounding of the stored keys and values.
+
+    Measured (this test's prompt, 3 teacher-forced and 6 greedy steps, int8 activations off): the
+    largest logit difference is 3.6e-4 ("small") and 4.3e-4 ("tiny"), 7.8e-5 and 1.3e-4 of the
+    largest |logit|. float16 keeps 11 significant bits (relative rounding <= 2**-11 = 4.9e-4 per
+    stored value) and attention averages such errors rather than adding them. The bound, 1e-3 of the
+    largest |logit|, leaves ~8x room over the measured value yet catches a wrong cache (zeros, a
+    missing row, float16 bits read as float32 move the logits by far more)."""
+    ids = _ids(name)
+    model = _fast_model(name)
+    previous = cpu_kernels.set_kv16(False)
+    try:
+        off, cache_off = _run(model, ids)
+        cpu_kernels.set_kv16(True)
+        on, cache_on = _run(model, ids)
+    finally:
+        cpu_kernels.set_kv16(previous)
+    kinds_on, kinds_off = _kinds(model, cache_on), _kinds(model, cache_off)
+    assert kinds_on["global"].keys.dtype == mx.float16 and kinds_on["global"].values.dtype == mx.float16
+    assert kinds_on["swa"].keys.dtype == mx.float32
+    assert kinds_off["global"].keys.dtype == mx.float32
+    assert on.dtype == np.float32
+    diff = np.abs(on - off).max()
+    print(f"{name}: max |logit diff| {diff:.3g}, relative to max |logit| {diff / np.abs(off).max():.3g}")
+    assert 0 < diff <= 1e-3 * np.abs(off).max(), diff
+
+
+@needs_kernel
+@pytest.mark.parametrize("name,path", [(n, p) for n in GOLDEN_MODELS for p in ("step", "units")])
+def test_cpu_paths_agree_with_16_bit_kv(name, path, monkeypatch):
+    """With KV16 on, the CPU paths (the one-call decode step or the per-layer host calls, the kernels
+    for prompts) give the logits of the plain MLX model whose full-attention layer stores float16
+    (DiffAttention.kv_dtype) within 1e-4: each rounds the new rows the same way and attends over the
+    same stored values."""
+    from test_cpu_fused import _quantized_golden
+
+    ids = _ids(name)
+    plain = _quantized_golden(name)
+    for _, m in plain.named_modules():
+        if hasattr(m, "few_query_kernel"):
+            m.few_query_kernel = m.many_query_kernel = None
+            if m.kind == "global":
+                m.kv_dtype = mx.float16
+    fast = _fast_model(name)
+    previous = cpu_kernels.set_kv16(True)
+    try:
+        calls = []
+        real = cpu_kernels._whole_step
+        monkeypatch.setattr(cpu_kernels, "_whole_step", lambda *a: calls.append(1) or real(*a))
+        if path == "units":
+            monkeypatch.setattr(cpu_kernels, "_step_plan", lambda *a: None)
+        got, cache = _run(fast, ids)
+        assert bool(calls) == (path == "step")
+        assert _kinds(fast, cache)["global"].keys.dtype == mx.float16
+        want, cache = _run(plain, ids)
+        assert _kinds(plain, cache)["global"].keys.dtype == mx.float16
+    finally:
+        cpu_kernels.set_kv16(previous)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
