@@ -294,3 +294,41 @@ def test_cpu_paths_agree_with_16_bit_kv(name, path, monkeypatch):
     finally:
         cpu_kernels.set_kv16(previous)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_prompt_cache_files_and_trimming_keep_16_bit_kv(tmp_path):
+    """mlx-lm's prompt-cache files and trimming with the float16 shared cache: a saved and loaded cache
+    is float16 and continues exactly like the original; the shared cache trimmed by 2 (mlx-lm's
+    KVCache.trim; the Mamba states cannot be rewound, so the model's cache as a whole is not trimmable)
+    holds the rows of the shorter prompt and keeps writing float16 rows after them."""
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+    name = GOLDEN_MODELS[0]
+    ids = _ids(name)
+    model = _fast_model(name)
+    n = ids.shape[1]
+    previous = cpu_kernels.set_kv16(True)
+    try:
+        cache = model.make_cache()
+        mx.eval(model(ids[:, :n - 1], cache=cache))
+        save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
+        loaded = load_prompt_cache(str(tmp_path / "c.safetensors"))
+        assert _kinds(model, loaded)["global"].keys.dtype == mx.float16
+        want = np.asarray(model(ids[:, n - 1:], cache=cache))
+        got = np.asarray(model(ids[:, n - 1:], cache=loaded))
+        np.testing.assert_array_equal(got, want)
+        w = model.args.sliding_window                   # a rotating cache trims while it holds < w positions
+        cache, short = model.make_cache(), model.make_cache()
+        mx.eval(model(ids[:, :w - 1], cache=cache), model(ids[:, :w - 3], cache=short))
+        g, gs = _kinds(model, cache)["global"], _kinds(model, short)["global"]
+        assert g.is_trimmable() and g.trim(2) == 2 and g.offset == gs.offset == w - 3
+        for a, b in ((g.keys, gs.keys), (g.values, gs.values)):
+            a, b = a[..., :w - 3, :], b[..., :w - 3, :]
+            assert a.dtype == b.dtype == mx.float16
+            np.testing.assert_allclose(np.asarray(a.astype(mx.float32)), np.asarray(b.astype(mx.float32)),
+                                       rtol=2e-3, atol=1e-3)
+        mx.eval(model(ids[:, w - 3:w - 2], cache=cache))
+        assert g.offset == w - 2 and g.keys.dtype == g.values.dtype == mx.float16
+    finally:
+        cpu_kernels.set_kv16(previous)
