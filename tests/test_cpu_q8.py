@@ -331,19 +331,19 @@ def test_nan_activations_reach_the_output():
         assert np.isfinite(y[0]).all() and np.isnan(y[1]).all(), level
 
 
-@pytest.mark.parametrize("m", [1, 6])
-def test_decode_rows_kernel_threads_and_prefetch_do_not_change_bits(m):
+@pytest.mark.parametrize("m,bits", [(1, 4), (6, 4), (1, 8), (5, 8)])
+def test_decode_rows_kernel_threads_and_prefetch_do_not_change_bits(m, bits):
     """A product big enough for the pool: every thread count and prefetch distance gives the same bits."""
     rng = np.random.default_rng(7)
     n, k = 1031, 2560
-    x, codes, scales, biases = random_case(rng, m, n, k, 4, 64, None, 0)
-    w = pack(codes, 4)
-    first = q8_product(x, w, scales, biases, 4, 64, threads=1)
+    x, codes, scales, biases = random_case(rng, m, n, k, bits, 64, None, 0)
+    w = pack(codes, bits)
+    first = q8_product(x, w, scales, biases, bits, 64, threads=1)
     for t in (2, 3, 4):
         for pf in (0, 1, 4):
             old = LIB.phf_set_q8v_prefetch(pf)
             try:
-                np.testing.assert_array_equal(q8_product(x, w, scales, biases, 4, 64, threads=t), first)
+                np.testing.assert_array_equal(q8_product(x, w, scales, biases, bits, 64, threads=t), first)
             finally:
                 LIB.phf_set_q8v_prefetch(old)
     want, mag = emulate(x, codes, scales, biases, 64)

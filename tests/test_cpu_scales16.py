@@ -279,23 +279,23 @@ def test_block_fallback_dequantizes_16_bit_scales_in_float32():
 
 
 @settings(max_examples=30, deadline=None)
-@given(dtype=st.sampled_from(["float32", "float16", "bfloat16"]), group_size=st.sampled_from([64, 128]),
-       m=st.integers(1, 15), n=st.integers(1, 41), loads=st.integers(1, 19), threads=st.integers(1, 4),
+@given(dtype=st.sampled_from(["float32", "float16", "bfloat16"]), bits=st.sampled_from([4, 8]),
+       group_size=st.sampled_from([32, 64, 128]), m=st.integers(1, 15), n=st.integers(1, 41), loads=st.integers(1, 19), threads=st.integers(1, 4),
        prefetch=st.integers(0, 3), zero_group=st.none() | st.integers(0, 3), seed=st.integers(0, 2 ** 16))
-def test_decode_rows_kernel(dtype, group_size, m, n, loads, threads, prefetch, zero_group, seed):
-    """Decode rows of x (1 to 15: one stream, or a batch of streams) against 4-bit codes (the 512-bit
-    VNNI mat-vec where the CPU has it, else the block kernel): column counts that leave a partial
+def test_decode_rows_kernel(dtype, bits, group_size, m, n, loads, threads, prefetch, zero_group, seed):
+    """Decode rows of x (1 to 15: one stream, or a batch of streams) against 4- and 8-bit codes (the
+    512-bit VNNI mat-vec where the CPU has it, except 4-bit groups of 32; else the block kernel): column counts that leave a partial
     block, odd numbers of weight rows and of x rows (an x row without a partner in its pair), several
     tasks, every prefetch distance, 16-bit scales and biases read as stored."""
     rng = np.random.default_rng(seed)
     k = 128 * loads
     k -= k % group_size
-    x, codes, _, _ = random_case(rng, m, n, k, 4, group_size, zero_group, 0)
+    x, codes, _, _ = random_case(rng, m, n, k, bits, group_size, zero_group, 0)
     s16, s64 = to_16(spread(rng, (n, k // group_size)), dtype)
     b16, b64 = to_16(spread(rng, (n, k // group_size)), dtype)
     old = LIB.phf_set_q8v_prefetch(prefetch)
     try:
-        got = q8_sd(x, pack(codes, 4), s16, b16, DTYPES[dtype], 4, group_size, threads, -1)
+        got = q8_sd(x, pack(codes, bits), s16, b16, DTYPES[dtype], bits, group_size, threads, -1)
     finally:
         LIB.phf_set_q8v_prefetch(old)
     want, mag = emulate(x, codes, s64, b64, group_size)

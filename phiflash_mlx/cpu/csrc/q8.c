@@ -293,22 +293,24 @@ PHF_EXPORT int phf_set_q8v_prefetch(int pairs) {
 }
 
 #ifdef PHF_X86
-/* ---- one row of x against 4-bit weights on 512-bit VNNI (decode) ----------------------------
+/* ---- decode rows of x against 4- or 8-bit weights on 512-bit VNNI ------------------------------
  *
  * The block kernel above spends its time on per-group float work: for every 32 bytes of codes it
  * converts 8 int32 lanes, fetches the weight row's scale and multiplies twice, which held one core to
- * ~15 GB/s of codes, below what it can read. Here one 64-byte vector holds 128 codes, two 64-column
- * segments of one weight row; the activations are stored per 128 columns as
+ * ~15 GB/s of codes, below what it can read. Here one 64-byte vector holds two segments of one weight
+ * row: 128 4-bit codes (segments of 64 columns) or 64 8-bit codes (segments of 32). At 4 bits the
+ * activations are stored per 128 columns as
  *
  *   [even columns of segment 0 | even of segment 1 | odd of segment 0 | odd of segment 1]  (32 bytes each)
  *
- * so the low nibbles meet the first 64 bytes and the high nibbles the second. Eight such vectors (16
- * segments, 1024 columns) accumulate in eight int32 vectors; a tree of unpacks and adds then reduces
- * them to one vector holding the 16 segment sums, and the float work is done once for 16 segments:
- * convert, multiply by (d of x) x (scale of the row), add; the bias term is one FMA of 16 biases with
- * 16 sums of x. Groups of 128 columns are two segments each: their scales and biases are spread over
- * both, and the second segment's sum of x is 0 so the bias counts once. Two weight rows share each
- * load of activations. */
+ * so the low nibbles meet the first 64 bytes and the high nibbles the second; at 8 bits they are in
+ * natural order. Eight such vectors (16 segments) accumulate in eight int32 vectors; a tree of unpacks
+ * and adds then reduces them to one vector holding the 16 segment sums, and the float work is done
+ * once for 16 segments: convert, multiply by (d of x) x (scale of the row), add; the bias term is one
+ * FMA of 16 biases with 16 sums of x. A group of several segments has its scale and bias spread over
+ * them, and only its first segment carries the group's sum of x, so the bias counts once. One row of x
+ * goes against two weight rows per pass; several rows of x (a batch of streams) go up to four at a
+ * time against one weight row, so each weight vector loaded serves all of them. */
 
 #define Q8V_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c"
 
@@ -319,12 +321,12 @@ typedef struct {
     const void *scales, *biases; /* [n, groups], dtype code sdtype */
     float *y;                    /* [m, n] */
     long m, k, n, groups, row_bytes, loads, segs; /* xq rows k apart, dseg / sxseg rows segs apart */
-    int spg, sdtype;             /* segments per group: 1 (groups of 64) or 2 (128) */
+    int bits, spg, sdtype;       /* segments per group: 1, 2 or 4 */
     long rows_per_task, tasks, next;
 } q8v_t;
 
 /* `count` (<= 16) consecutive scales / biases from element i, as floats; lanes past count are 0. With
- * spg 2 each value fills two lanes (count counts lanes). */
+ * spg 2 or 4 each value fills that many lanes (count counts lanes). */
 __attribute__((always_inline, target(Q8V_TARGET))) static inline __m512 q8v_sd16(const void *p, long i, int count,
                                                                                    int spg, int dt) {
     const int values = count / spg;
@@ -337,6 +339,7 @@ __attribute__((always_inline, target(Q8V_TARGET))) static inline __m512 q8v_sd16
         else v = _mm512_cvtph_ps(h);
     }
     if (spg == 2) v = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), v);
+    if (spg == 4) v = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3), v);
     return v;
 }
 
@@ -355,9 +358,10 @@ __attribute__((always_inline, target(Q8V_TARGET))) static inline __m512i q8v_tre
     return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15), s);
 }
 
-/* row a of x against weight rows n .. n + NR - 1 (NR 1 or 2, a constant after inlining) */
+/* row a of x against weight rows n .. n + NR - 1 (NR 1 or 2, BITS 4 or 8: constants after inlining) */
 __attribute__((always_inline, target(Q8V_TARGET))) static inline void q8v_block(const q8v_t *j, long a, long n,
-                                                                                 const int NR, long ahead) {
+                                                                                 const int NR, long ahead,
+                                                                                 const int BITS) {
     const __m512i low4 = _mm512_set1_epi8(15);
     const uint8_t *wr[2];
     for (int r = 0; r < NR; r++) wr[r] = j->w + (n + r) * j->row_bytes;
@@ -371,12 +375,17 @@ __attribute__((always_inline, target(Q8V_TARGET))) static inline void q8v_block(
         for (int t = 0; t < 8; t++) {
             for (int r = 0; r < NR; r++) is[r][t] = _mm512_setzero_si512();
             if (t >= cnt) continue;
-            const int8_t *xp = j->xq + a * j->k + (l0 + t) * 128;
-            const __m512i xe = _mm512_loadu_si512((const void *)xp), xo = _mm512_loadu_si512((const void *)(xp + 64));
+            const int8_t *xp = j->xq + a * j->k + (l0 + t) * (BITS == 4 ? 128 : 64);
+            const __m512i xe = _mm512_loadu_si512((const void *)xp);
+            const __m512i xo = BITS == 4 ? _mm512_loadu_si512((const void *)(xp + 64)) : xe;
             for (int r = 0; r < NR; r++) {
                 const uint8_t *src = wr[r] + (l0 + t) * 64;
                 if (ahead) _mm_prefetch((const char *)(src + ahead), _MM_HINT_T1);
                 const __m512i v = _mm512_loadu_si512((const void *)src);
+                if (BITS == 8) {
+                    is[r][t] = _mm512_dpbusd_epi32(is[r][t], v, xe);
+                    continue;
+                }
                 is[r][t] = _mm512_dpbusd_epi32(is[r][t], _mm512_and_si512(v, low4), xe);
                 is[r][t] = _mm512_dpbusd_epi32(is[r][t], _mm512_and_si512(_mm512_srli_epi16(v, 4), low4), xo);
             }
@@ -397,19 +406,21 @@ __attribute__((always_inline, target(Q8V_TARGET))) static inline void q8v_block(
     for (int r = 0; r < NR; r++) j->y[a * j->n + n + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], bacc[r]));
 }
 
-__attribute__((noinline, target(Q8V_TARGET))) static void q8v_pair(const q8v_t *j, long n, long ahead) {
-    q8v_block(j, 0, n, 2, ahead);
-}
-
-__attribute__((noinline, target(Q8V_TARGET))) static void q8v_single_row(const q8v_t *j, long a, long n) {
-    q8v_block(j, a, n, 1, 0);
-}
+#define Q8V_FNS(B_)                                                                                        \
+    __attribute__((noinline, target(Q8V_TARGET))) static void q8v_pair##B_(const q8v_t *j, long n, long ahead) { \
+        q8v_block(j, 0, n, 2, ahead, B_);                                                                     \
+    }                                                                                                        \
+    __attribute__((noinline, target(Q8V_TARGET))) static void q8v_single_row##B_(const q8v_t *j, long a, long n) { \
+        q8v_block(j, a, n, 1, 0, B_);                                                                         \
+    }
+Q8V_FNS(4) Q8V_FNS(8)
+#undef Q8V_FNS
 
 /* Rows a0 .. a0 + MR - 1 of x (MR 2, 3 or 4, a constant after inlining) against weight row n: each
  * weight vector loaded serves every x row; blocks of 4 vectors (8 segments), the int32 sums of two x
  * rows reduced by one tree (lanes 0-7 the first row's 8 segments, 8-15 the second's). */
 __attribute__((always_inline, target(Q8V_TARGET))) static inline void q8v_rows_block(const q8v_t *j, long a0, long n,
-                                                                                      const int MR) {
+                                                                                      const int MR, const int BITS) {
     const __m512i low4 = _mm512_set1_epi8(15);
     const uint8_t *wr = j->w + n * j->row_bytes;
     const int NP = (MR + 1) / 2; /* pairs of x rows */
@@ -425,12 +436,13 @@ __attribute__((always_inline, target(Q8V_TARGET))) static inline void q8v_rows_b
             for (int a = 0; a < 4; a++) is[a][t] = _mm512_setzero_si512();
             if (t >= cnt) continue;
             const __m512i v = _mm512_loadu_si512((const void *)(wr + (l0 + t) * 64));
-            const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+            const __m512i lo = BITS == 4 ? _mm512_and_si512(v, low4) : v;
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
 #pragma GCC unroll 4
             for (int a = 0; a < MR; a++) {
-                const int8_t *xp = j->xq + (a0 + a) * j->k + (l0 + t) * 128;
+                const int8_t *xp = j->xq + (a0 + a) * j->k + (l0 + t) * (BITS == 4 ? 128 : 64);
                 is[a][t] = _mm512_dpbusd_epi32(is[a][t], lo, _mm512_loadu_si512((const void *)xp));
-                is[a][t] = _mm512_dpbusd_epi32(is[a][t], hi, _mm512_loadu_si512((const void *)(xp + 64)));
+                if (BITS == 4) is[a][t] = _mm512_dpbusd_epi32(is[a][t], hi, _mm512_loadu_si512((const void *)(xp + 64)));
             }
         }
         const long seg = 2 * l0;
@@ -465,11 +477,12 @@ __attribute__((always_inline, target(Q8V_TARGET))) static inline void q8v_rows_b
     }
 }
 
-#define Q8V_ROWS_FN(MR_)                                                                                   \
-    __attribute__((noinline, target(Q8V_TARGET))) static void q8v_rows_##MR_(const q8v_t *j, long a0, long n) { \
-        q8v_rows_block(j, a0, n, MR_);                                                                       \
+#define Q8V_ROWS_FN(MR_, B_)                                                                               \
+    __attribute__((noinline, target(Q8V_TARGET))) static void q8v_rows_##MR_##_##B_(const q8v_t *j, long a0,    \
+                                                                                     long n) {               \
+        q8v_rows_block(j, a0, n, MR_, B_);                                                                   \
     }
-Q8V_ROWS_FN(2) Q8V_ROWS_FN(3) Q8V_ROWS_FN(4)
+Q8V_ROWS_FN(2, 4) Q8V_ROWS_FN(3, 4) Q8V_ROWS_FN(4, 4) Q8V_ROWS_FN(2, 8) Q8V_ROWS_FN(3, 8) Q8V_ROWS_FN(4, 8)
 #undef Q8V_ROWS_FN
 
 static void q8v_share(void *arg, int share) {
@@ -485,8 +498,15 @@ static void q8v_share(void *arg, int share) {
             _mm_prefetch((const char *)p, _MM_HINT_T1);
         if (j->m == 1) {
             long n = n0;
-            for (; n + 2 <= n1; n += 2) q8v_pair(j, n, pf && n + 2 * pf + 2 <= n1 ? 2 * pf * rb : 0);
-            if (n < n1) q8v_single_row(j, 0, n);
+            for (; n + 2 <= n1; n += 2) {
+                const long ahead = pf && n + 2 * pf + 2 <= n1 ? 2 * pf * rb : 0;
+                if (j->bits == 4) q8v_pair4(j, n, ahead);
+                else q8v_pair8(j, n, ahead);
+            }
+            if (n < n1) {
+                if (j->bits == 4) q8v_single_row4(j, 0, n);
+                else q8v_single_row8(j, 0, n);
+            }
             continue;
         }
         /* several rows of x: groups of up to 4 pass over the task's weight rows (in L2 after the first) */
@@ -495,10 +515,17 @@ static void q8v_share(void *arg, int share) {
             for (long n = n0; n < n1; n++) {
                 if (a0 == 0 && pf && n + 2 * pf < n1)
                     for (long b = 0; b < rb; b += 64) _mm_prefetch((const char *)(j->w + (n + 2 * pf) * rb + b), _MM_HINT_T1);
-                if (mr == 1) q8v_single_row(j, a0, n);
-                else if (mr == 2) q8v_rows_2(j, a0, n);
-                else if (mr == 3) q8v_rows_3(j, a0, n);
-                else q8v_rows_4(j, a0, n);
+                if (j->bits == 4) {
+                    if (mr == 1) q8v_single_row4(j, a0, n);
+                    else if (mr == 2) q8v_rows_2_4(j, a0, n);
+                    else if (mr == 3) q8v_rows_3_4(j, a0, n);
+                    else q8v_rows_4_4(j, a0, n);
+                } else {
+                    if (mr == 1) q8v_single_row8(j, a0, n);
+                    else if (mr == 2) q8v_rows_2_8(j, a0, n);
+                    else if (mr == 3) q8v_rows_3_8(j, a0, n);
+                    else q8v_rows_4_8(j, a0, n);
+                }
             }
         }
     }
@@ -515,14 +542,18 @@ static int q8v_supported(void) {
     return known;
 }
 
-/* Rows of x (m <= Q8V_MAX_ROWS), 4-bit codes, groups of 64 or 128, k a multiple of 128: returns 0
- * when done here, -1 to leave the product to the block kernel (nothing written). */
+/* Rows of x (m <= Q8V_MAX_ROWS); 4-bit codes in groups of 64 or 128, 8-bit codes in groups of 32, 64
+ * or 128; k a multiple of 128. Returns 0 when done here, -1 to leave the product to the block kernel
+ * (nothing written). */
 #define Q8V_MAX_ROWS 15
 static int q8v_matvec(const float *x, long m, long k, const uint32_t *w, const void *scales, const void *biases,
-                      int sdtype, long n, int group_size, float *y, int threads) {
-    if (!q8v_supported() || m < 1 || m > Q8V_MAX_ROWS || k % 128 != 0 || !(group_size == 64 || group_size == 128))
+                      int sdtype, long n, int bits, int group_size, float *y, int threads) {
+    if (!q8v_supported() || m < 1 || m > Q8V_MAX_ROWS || k % 128 != 0) return -1;
+    if (!(bits == 4 && (group_size == 64 || group_size == 128)) &&
+        !(bits == 8 && (group_size == 32 || group_size == 64 || group_size == 128)))
         return -1;
-    const long groups = k / group_size, segs = k / 64;
+    /* a segment: the columns of half a vector of codes (64 at 4 bits, 32 at 8 bits) */
+    const long seg_cols = bits == 4 ? 64 : 32, groups = k / group_size, segs = k / seg_cols;
     int8_t *xq = (int8_t *)malloc((size_t)(m * k));
     float *f = (float *)malloc(sizeof(float) * (size_t)(m * (2 * groups + 2 * segs)));
     if (!xq || !f) {
@@ -531,15 +562,16 @@ static int q8v_matvec(const float *x, long m, long k, const uint32_t *w, const v
         return -1;
     }
     float *d = f, *sx = d + m * groups, *dseg = sx + m * groups, *sxseg = dseg + m * segs;
-    /* each 64 columns even-first, then odd; then swap the middle quarters of every 128 columns */
-    q8_quantize(x, m, k, group_size, 1, 1, xq, d, sx);
-    for (long c = 0; c < m * k; c += 128) {
+    /* 4 bits: each 64 columns even-first, then odd; then swap the middle quarters of every 128
+     * columns. 8 bits: natural order. */
+    q8_quantize(x, m, k, group_size, bits == 4, 1, xq, d, sx);
+    for (long c = 0; bits == 4 && c < m * k; c += 128) {
         int8_t tmp[32];
         memcpy(tmp, xq + c + 32, 32);
         memcpy(xq + c + 32, xq + c + 64, 32);
         memcpy(xq + c + 64, tmp, 32);
     }
-    const int spg = (int)(group_size / 64);
+    const int spg = (int)(group_size / seg_cols);
     for (long r = 0; r < m; r++)
         for (long s = 0; s < segs; s++) {
             dseg[r * segs + s] = d[r * groups + s / spg];
@@ -547,8 +579,8 @@ static int q8v_matvec(const float *x, long m, long k, const uint32_t *w, const v
         }
     q8v_t j;
     j.xq = xq; j.dseg = dseg; j.sxseg = sxseg; j.w = (const uint8_t *)w; j.scales = scales; j.biases = biases;
-    j.y = y; j.m = m; j.k = k; j.n = n; j.groups = groups; j.row_bytes = k / 2; j.loads = k / 128; j.spg = spg;
-    j.segs = segs;
+    j.y = y; j.m = m; j.k = k; j.n = n; j.groups = groups; j.row_bytes = k * bits / 8; j.loads = j.row_bytes / 64;
+    j.spg = spg; j.segs = segs; j.bits = bits;
     j.sdtype = sdtype;
     if (threads < 1 || n * k < (1L << 20)) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
@@ -589,7 +621,7 @@ PHF_EXPORT int phf_q8_matmul_sd(const float *x, long m, long k, const uint32_t *
     const int best = phf_q8_level();
     if (level < 0 || level > best) level = best;
 #ifdef PHF_X86
-    if (bits == 4 && level == Q8_VNNI && q8v_matvec(x, m, k, w, scales, biases, sdtype, n, group_size, y, threads) == 0)
+    if (level == Q8_VNNI && q8v_matvec(x, m, k, w, scales, biases, sdtype, n, bits, group_size, y, threads) == 0)
         return 0;
 #endif
     /* 4-bit SIMD works on 64 columns at a time */
