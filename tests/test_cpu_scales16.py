@@ -276,3 +276,27 @@ def test_block_fallback_dequantizes_16_bit_scales_in_float32():
     got = layer(x)
     assert got.dtype == mx.float32
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(dtype=st.sampled_from(["float32", "float16", "bfloat16"]), group_size=st.sampled_from([64, 128]),
+       m=st.integers(1, 15), n=st.integers(1, 41), loads=st.integers(1, 19), threads=st.integers(1, 4),
+       prefetch=st.integers(0, 3), zero_group=st.none() | st.integers(0, 3), seed=st.integers(0, 2 ** 16))
+def test_decode_rows_kernel(dtype, group_size, m, n, loads, threads, prefetch, zero_group, seed):
+    """Decode rows of x (1 to 15: one stream, or a batch of streams) against 4-bit codes (the 512-bit
+    VNNI mat-vec where the CPU has it, else the block kernel): column counts that leave a partial
+    block, odd numbers of weight rows and of x rows (an x row without a partner in its pair), several
+    tasks, every prefetch distance, 16-bit scales and biases read as stored."""
+    rng = np.random.default_rng(seed)
+    k = 128 * loads
+    k -= k % group_size
+    x, codes, _, _ = random_case(rng, m, n, k, 4, group_size, zero_group, 0)
+    s16, s64 = to_16(spread(rng, (n, k // group_size)), dtype)
+    b16, b64 = to_16(spread(rng, (n, k // group_size)), dtype)
+    old = LIB.phf_set_q8v_prefetch(prefetch)
+    try:
+        got = q8_sd(x, pack(codes, 4), s16, b16, DTYPES[dtype], 4, group_size, threads, -1)
+    finally:
+        LIB.phf_set_q8v_prefetch(old)
+    want, mag = emulate(x, codes, s64, b64, group_size)
+    assert np.all(np.abs(got - want) <= 1e-5 * mag + 1e-30), np.max(np.abs(got - want) / (mag + 1e-30))

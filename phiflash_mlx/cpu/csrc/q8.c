@@ -313,12 +313,12 @@ PHF_EXPORT int phf_set_q8v_prefetch(int pairs) {
 #define Q8V_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c"
 
 typedef struct {
-    const int8_t *xq;            /* [k], the layout above */
-    const float *dseg, *sxseg;   /* [segments]: d of the segment's group; the group's sum of x, or 0 */
+    const int8_t *xq;            /* [m, k], the layout above */
+    const float *dseg, *sxseg;   /* [m, segments]: d of the segment's group; the group's sum of x, or 0 */
     const uint8_t *w;            /* [n, row_bytes] */
     const void *scales, *biases; /* [n, groups], dtype code sdtype */
-    float *y;                    /* [n] */
-    long k, n, groups, row_bytes, loads;
+    float *y;                    /* [m, n] */
+    long m, k, n, groups, row_bytes, loads, segs; /* xq rows k apart, dseg / sxseg rows segs apart */
     int spg, sdtype;             /* segments per group: 1 (groups of 64) or 2 (128) */
     long rows_per_task, tasks, next;
 } q8v_t;
@@ -355,9 +355,9 @@ __attribute__((always_inline, target(Q8V_TARGET))) static inline __m512i q8v_tre
     return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15), s);
 }
 
-/* weight rows n .. n + NR - 1 (NR 1 or 2, a constant after inlining) */
-__attribute__((always_inline, target(Q8V_TARGET))) static inline void q8v_block(const q8v_t *j, long n, const int NR,
-                                                                                 long ahead) {
+/* row a of x against weight rows n .. n + NR - 1 (NR 1 or 2, a constant after inlining) */
+__attribute__((always_inline, target(Q8V_TARGET))) static inline void q8v_block(const q8v_t *j, long a, long n,
+                                                                                 const int NR, long ahead) {
     const __m512i low4 = _mm512_set1_epi8(15);
     const uint8_t *wr[2];
     for (int r = 0; r < NR; r++) wr[r] = j->w + (n + r) * j->row_bytes;
@@ -371,7 +371,7 @@ __attribute__((always_inline, target(Q8V_TARGET))) static inline void q8v_block(
         for (int t = 0; t < 8; t++) {
             for (int r = 0; r < NR; r++) is[r][t] = _mm512_setzero_si512();
             if (t >= cnt) continue;
-            const int8_t *xp = j->xq + (l0 + t) * 128;
+            const int8_t *xp = j->xq + a * j->k + (l0 + t) * 128;
             const __m512i xe = _mm512_loadu_si512((const void *)xp), xo = _mm512_loadu_si512((const void *)(xp + 64));
             for (int r = 0; r < NR; r++) {
                 const uint8_t *src = wr[r] + (l0 + t) * 64;
@@ -384,7 +384,8 @@ __attribute__((always_inline, target(Q8V_TARGET))) static inline void q8v_block(
         const long seg = 2 * l0;
         const int segs = 2 * cnt;
         const __mmask16 m = segs >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << segs) - 1u);
-        const __m512 d = _mm512_maskz_loadu_ps(m, j->dseg + seg), sx = _mm512_maskz_loadu_ps(m, j->sxseg + seg);
+        const __m512 d = _mm512_maskz_loadu_ps(m, j->dseg + a * j->segs + seg);
+        const __m512 sx = _mm512_maskz_loadu_ps(m, j->sxseg + a * j->segs + seg);
         for (int r = 0; r < NR; r++) {
             const long at = sb0 + r * j->groups + seg / j->spg;
             const __m512 s = q8v_sd16(j->scales, at, segs, j->spg, j->sdtype);
@@ -393,16 +394,83 @@ __attribute__((always_inline, target(Q8V_TARGET))) static inline void q8v_block(
             bacc[r] = _mm512_fmadd_ps(b, sx, bacc[r]);
         }
     }
-    for (int r = 0; r < NR; r++) j->y[n + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], bacc[r]));
+    for (int r = 0; r < NR; r++) j->y[a * j->n + n + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], bacc[r]));
 }
 
 __attribute__((noinline, target(Q8V_TARGET))) static void q8v_pair(const q8v_t *j, long n, long ahead) {
-    q8v_block(j, n, 2, ahead);
+    q8v_block(j, 0, n, 2, ahead);
 }
 
-__attribute__((noinline, target(Q8V_TARGET))) static void q8v_single(const q8v_t *j, long n) {
-    q8v_block(j, n, 1, 0);
+__attribute__((noinline, target(Q8V_TARGET))) static void q8v_single_row(const q8v_t *j, long a, long n) {
+    q8v_block(j, a, n, 1, 0);
 }
+
+/* Rows a0 .. a0 + MR - 1 of x (MR 2, 3 or 4, a constant after inlining) against weight row n: each
+ * weight vector loaded serves every x row; blocks of 4 vectors (8 segments), the int32 sums of two x
+ * rows reduced by one tree (lanes 0-7 the first row's 8 segments, 8-15 the second's). */
+__attribute__((always_inline, target(Q8V_TARGET))) static inline void q8v_rows_block(const q8v_t *j, long a0, long n,
+                                                                                      const int MR) {
+    const __m512i low4 = _mm512_set1_epi8(15);
+    const uint8_t *wr = j->w + n * j->row_bytes;
+    const int NP = (MR + 1) / 2; /* pairs of x rows */
+    __m512 acc[2], bacc[2];
+    for (int p = 0; p < NP; p++) acc[p] = bacc[p] = _mm512_setzero_ps();
+    const long sb = n * j->groups;
+    for (long l0 = 0; l0 < j->loads; l0 += 4) {
+        const int cnt = j->loads - l0 < 4 ? (int)(j->loads - l0) : 4;
+        __m512i is[4][4];
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; t++) {
+#pragma GCC unroll 4
+            for (int a = 0; a < 4; a++) is[a][t] = _mm512_setzero_si512();
+            if (t >= cnt) continue;
+            const __m512i v = _mm512_loadu_si512((const void *)(wr + (l0 + t) * 64));
+            const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+#pragma GCC unroll 4
+            for (int a = 0; a < MR; a++) {
+                const int8_t *xp = j->xq + (a0 + a) * j->k + (l0 + t) * 128;
+                is[a][t] = _mm512_dpbusd_epi32(is[a][t], lo, _mm512_loadu_si512((const void *)xp));
+                is[a][t] = _mm512_dpbusd_epi32(is[a][t], hi, _mm512_loadu_si512((const void *)(xp + 64)));
+            }
+        }
+        const long seg = 2 * l0;
+        const int segs = 2 * cnt;
+        const __mmask8 m8 = segs >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << segs) - 1u);
+        /* the weight row's scales and biases of the 8 segments, in both halves */
+        const __m512 s8 = q8v_sd16(j->scales, sb + seg / j->spg, segs, j->spg, j->sdtype);
+        const __m512 b8 = q8v_sd16(j->biases, sb + seg / j->spg, segs, j->spg, j->sdtype);
+        const __m512 s = _mm512_shuffle_f32x4(s8, s8, 0x44), b = _mm512_shuffle_f32x4(b8, b8, 0x44);
+#pragma GCC unroll 2
+        for (int p = 0; p < NP; p++) {
+            const long r0 = a0 + 2 * p, r1 = 2 * p + 1 < MR ? r0 + 1 : r0; /* an odd last row pairs with zeros */
+            __m512 d = _mm512_castps256_ps512(_mm256_maskz_loadu_ps(m8, j->dseg + r0 * j->segs + seg));
+            __m512 sx = _mm512_castps256_ps512(_mm256_maskz_loadu_ps(m8, j->sxseg + r0 * j->segs + seg));
+            d = _mm512_insertf32x8(d, _mm256_maskz_loadu_ps(m8, j->dseg + r1 * j->segs + seg), 1);
+            sx = _mm512_insertf32x8(sx, _mm256_maskz_loadu_ps(m8, j->sxseg + r1 * j->segs + seg), 1);
+            __m512i v[8];
+            for (int t = 0; t < 4; t++) {
+                v[t] = is[2 * p][t];
+                v[4 + t] = 2 * p + 1 < MR ? is[2 * p + 1][t] : _mm512_setzero_si512();
+            }
+            acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q8v_tree(v)), _mm512_mul_ps(d, s), acc[p]);
+            bacc[p] = _mm512_fmadd_ps(b, sx, bacc[p]);
+        }
+    }
+    for (int p = 0; p < NP; p++) {
+        const __m512 t = _mm512_add_ps(acc[p], bacc[p]);
+        j->y[(a0 + 2 * p) * j->n + n] = hsum256(_mm512_castps512_ps256(t));
+        if (2 * p + 1 < MR)
+            j->y[(a0 + 2 * p + 1) * j->n + n] =
+                hsum256(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1)));
+    }
+}
+
+#define Q8V_ROWS_FN(MR_)                                                                                   \
+    __attribute__((noinline, target(Q8V_TARGET))) static void q8v_rows_##MR_(const q8v_t *j, long a0, long n) { \
+        q8v_rows_block(j, a0, n, MR_);                                                                       \
+    }
+Q8V_ROWS_FN(2) Q8V_ROWS_FN(3) Q8V_ROWS_FN(4)
+#undef Q8V_ROWS_FN
 
 static void q8v_share(void *arg, int share) {
     q8v_t *j = (q8v_t *)arg;
@@ -415,9 +483,24 @@ static void q8v_share(void *arg, int share) {
         const long lead = n0 + 2 * pf < n1 ? n0 + 2 * pf : n1;
         for (const uint8_t *p = j->w + n0 * rb, *e = j->w + lead * rb; p < e; p += 64)
             _mm_prefetch((const char *)p, _MM_HINT_T1);
-        long n = n0;
-        for (; n + 2 <= n1; n += 2) q8v_pair(j, n, pf && n + 2 * pf + 2 <= n1 ? 2 * pf * rb : 0);
-        if (n < n1) q8v_single(j, n);
+        if (j->m == 1) {
+            long n = n0;
+            for (; n + 2 <= n1; n += 2) q8v_pair(j, n, pf && n + 2 * pf + 2 <= n1 ? 2 * pf * rb : 0);
+            if (n < n1) q8v_single_row(j, 0, n);
+            continue;
+        }
+        /* several rows of x: groups of up to 4 pass over the task's weight rows (in L2 after the first) */
+        for (long a0 = 0; a0 < j->m; a0 += 4) {
+            const long mr = j->m - a0 < 4 ? j->m - a0 : 4;
+            for (long n = n0; n < n1; n++) {
+                if (a0 == 0 && pf && n + 2 * pf < n1)
+                    for (long b = 0; b < rb; b += 64) _mm_prefetch((const char *)(j->w + (n + 2 * pf) * rb + b), _MM_HINT_T1);
+                if (mr == 1) q8v_single_row(j, a0, n);
+                else if (mr == 2) q8v_rows_2(j, a0, n);
+                else if (mr == 3) q8v_rows_3(j, a0, n);
+                else q8v_rows_4(j, a0, n);
+            }
+        }
     }
 }
 
@@ -432,36 +515,40 @@ static int q8v_supported(void) {
     return known;
 }
 
-/* One row of x (m = 1), 4-bit codes, groups of 64 or 128, k a multiple of 128: returns 0 when done
- * here, -1 to leave the product to the block kernel (nothing written). */
-static int q8v_matvec(const float *x, long k, const uint32_t *w, const void *scales, const void *biases, int sdtype,
-                      long n, int group_size, float *y, int threads) {
-    if (!q8v_supported() || k % 128 != 0 || !(group_size == 64 || group_size == 128)) return -1;
+/* Rows of x (m <= Q8V_MAX_ROWS), 4-bit codes, groups of 64 or 128, k a multiple of 128: returns 0
+ * when done here, -1 to leave the product to the block kernel (nothing written). */
+#define Q8V_MAX_ROWS 15
+static int q8v_matvec(const float *x, long m, long k, const uint32_t *w, const void *scales, const void *biases,
+                      int sdtype, long n, int group_size, float *y, int threads) {
+    if (!q8v_supported() || m < 1 || m > Q8V_MAX_ROWS || k % 128 != 0 || !(group_size == 64 || group_size == 128))
+        return -1;
     const long groups = k / group_size, segs = k / 64;
-    int8_t *xq = (int8_t *)malloc((size_t)k);
-    float *f = (float *)malloc(sizeof(float) * (size_t)(2 * groups + 2 * segs));
+    int8_t *xq = (int8_t *)malloc((size_t)(m * k));
+    float *f = (float *)malloc(sizeof(float) * (size_t)(m * (2 * groups + 2 * segs)));
     if (!xq || !f) {
         free(xq);
         free(f);
         return -1;
     }
-    float *d = f, *sx = d + groups, *dseg = sx + groups, *sxseg = dseg + segs;
+    float *d = f, *sx = d + m * groups, *dseg = sx + m * groups, *sxseg = dseg + m * segs;
     /* each 64 columns even-first, then odd; then swap the middle quarters of every 128 columns */
-    q8_quantize(x, 1, k, group_size, 1, 1, xq, d, sx);
-    for (long c = 0; c < k; c += 128) {
+    q8_quantize(x, m, k, group_size, 1, 1, xq, d, sx);
+    for (long c = 0; c < m * k; c += 128) {
         int8_t tmp[32];
         memcpy(tmp, xq + c + 32, 32);
         memcpy(xq + c + 32, xq + c + 64, 32);
         memcpy(xq + c + 64, tmp, 32);
     }
     const int spg = (int)(group_size / 64);
-    for (long s = 0; s < segs; s++) {
-        dseg[s] = d[s / spg];
-        sxseg[s] = s % spg == 0 ? sx[s / spg] : 0.0f;
-    }
+    for (long r = 0; r < m; r++)
+        for (long s = 0; s < segs; s++) {
+            dseg[r * segs + s] = d[r * groups + s / spg];
+            sxseg[r * segs + s] = s % spg == 0 ? sx[r * groups + s / spg] : 0.0f;
+        }
     q8v_t j;
     j.xq = xq; j.dseg = dseg; j.sxseg = sxseg; j.w = (const uint8_t *)w; j.scales = scales; j.biases = biases;
-    j.y = y; j.k = k; j.n = n; j.groups = groups; j.row_bytes = k / 2; j.loads = k / 128; j.spg = spg;
+    j.y = y; j.m = m; j.k = k; j.n = n; j.groups = groups; j.row_bytes = k / 2; j.loads = k / 128; j.spg = spg;
+    j.segs = segs;
     j.sdtype = sdtype;
     if (threads < 1 || n * k < (1L << 20)) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
@@ -502,8 +589,7 @@ PHF_EXPORT int phf_q8_matmul_sd(const float *x, long m, long k, const uint32_t *
     const int best = phf_q8_level();
     if (level < 0 || level > best) level = best;
 #ifdef PHF_X86
-    if (m == 1 && bits == 4 && level == Q8_VNNI &&
-        q8v_matvec(x, k, w, scales, biases, sdtype, n, group_size, y, threads) == 0)
+    if (bits == 4 && level == Q8_VNNI && q8v_matvec(x, m, k, w, scales, biases, sdtype, n, group_size, y, threads) == 0)
         return 0;
 #endif
     /* 4-bit SIMD works on 64 columns at a time */
