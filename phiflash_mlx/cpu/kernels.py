@@ -37,6 +37,7 @@ import ctypes
 import logging
 import os
 import threading
+import time
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -200,11 +201,25 @@ def threads() -> int:
             return max(1, int(raw))
         except ValueError:
             _log.warning("%s=%r is not a whole number; using the default", ENV_THREADS, raw)
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, DEFAULT_MAX_THREADS))
+    return max(1, min(_usable_cpus(), DEFAULT_MAX_THREADS))
+
+
+_cpus_seen = (0.0, 1)    # (when, how many CPUs this process may run on)
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on, asked of the OS at most once a second (a decode step asks
+    ~70 times, and the affinity call cost ~1% of a step)."""
+    global _cpus_seen
+    now = time.monotonic()
+    when, cpus = _cpus_seen
+    if now - when > 1.0 or when == 0.0:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cpus = os.cpu_count() or 1
+        _cpus_seen = (now, cpus)
+    return cpus
 
 
 def kernel_info() -> dict:
