@@ -34,6 +34,31 @@ PHF_EXPORT int phf_fused_simd(int simd) {
 
 static inline float silu1(float x) { return x / (1.0f + expf(-x)); }
 
+#ifdef PHF_X86
+__attribute__((target("avx2,fma"))) static void silu_mul_avx2(float *out, const float *g, const float *v, long n) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256 s = _mm256_div_ps(x, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(s, _mm256_loadu_ps(v + i)));
+    }
+    for (; i < n; i++) out[i] = silu1(g[i]) * v[i];
+}
+#endif
+
+/* out[i] = SiLU(g[i]) * v[i] over n values (out may equal g): the gates of the MLP and the GMU, 8
+ * lanes at a time where the CPU allows (one expf per value cost ~1.5 ms of a 1K decode step) */
+static void silu_mul(float *out, const float *g, const float *v, long n) {
+#ifdef PHF_X86
+    if (fused_simd && phf_simd()) {
+        silu_mul_avx2(out, g, v, n);
+        return;
+    }
+#endif
+    for (long i = 0; i < n; i++) out[i] = silu1(g[i]) * v[i];
+}
+
 /* ---- the Mamba mixer, one token ------------------------------------------------------------- */
 
 typedef struct {
@@ -186,7 +211,7 @@ PHF_EXPORT int phf_mlp_residual(float *h, const float *ln_w, const float *ln_b, 
     phf_layernorm(h, ln_w, ln_b, eps, a, H);
     int rc = qw_product(fc1, a, gv, threads);
     if (rc == 0) {
-        for (long i = 0; i < I; i++) gv[i] = silu1(gv[i]) * gv[I + i];
+        silu_mul(gv, gv, gv + I, I);
         rc = qw_product(fc2, gv, y, threads);
     }
     if (rc == 0)
@@ -209,7 +234,7 @@ PHF_EXPORT int phf_gmu_residual(float *h, const float *ln_w, const float *ln_b, 
     phf_layernorm(h, ln_w, ln_b, eps, a, H);
     int rc = qw_product(in_proj, a, g, threads);
     if (rc == 0) {
-        for (long i = 0; i < Di; i++) g[i] = silu1(g[i]) * memory[i];
+        silu_mul(g, g, memory, Di);
         rc = qw_product(out_proj, g, y, threads);
     }
     if (rc == 0)
