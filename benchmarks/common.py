@@ -275,9 +275,11 @@ def randomize(model, quant: str, seed: int = 0, scale: float = 0.02, scales: str
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             w = module.weight
             module.weight = mx.random.randint(0, 2**31 - 1, w.shape, key=k).astype(mx.uint32)
-            dt = sdtype if isinstance(module, nn.QuantizedLinear) else mx.float32
-            module.scales = mx.full(module.scales.shape, scale / 8, dtype=dt)
-            module.biases = mx.full(module.biases.shape, -scale, dtype=dt)
+            module.scales = mx.full(module.scales.shape, scale / 8, dtype=sdtype)
+            module.biases = mx.full(module.biases.shape, -scale, dtype=sdtype)
+            if isinstance(module, nn.QuantizedEmbedding):    # the loader widens an embedding's (its lookups
+                module.scales = module.scales.astype(mx.float32)   # are the activations)
+                module.biases = module.biases.astype(mx.float32)
         elif isinstance(module, (nn.Linear, nn.Embedding)):
             module.weight = mx.random.uniform(-scale, scale, module.weight.shape, key=k)
             if getattr(module, "bias", None) is not None and "bias" in module:

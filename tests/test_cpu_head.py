@@ -110,3 +110,28 @@ def test_all_logits_nests_and_restores():
             assert cpu_kernels._ALL_LOGITS.on
         assert cpu_kernels._ALL_LOGITS.on
     assert not cpu_kernels._ALL_LOGITS.on
+
+
+@needs_kernels
+def test_float16_exact_float32_scales_are_read_as_float16_with_the_same_numbers():
+    """An embedding whose float32 scales and biases float16 holds exactly (a checkpoint written with
+    float16 scales, widened by the loader for the lookups): the tied head's kernel reads a float16 copy
+    and gives the same logits as with the float32 values (the oracle: MLX's quantized_matmul); other
+    float32 values stay float32."""
+    model = _quantized(CONFIG)
+    emb = model.model.embed_tokens
+    for leaf in ("scales", "biases"):                            # what a float16 checkpoint gives
+        emb[leaf] = emb[leaf].astype(mx.float16).astype(mx.float32)
+    mx.eval(model.parameters())
+    cpu_kernels.use_cpu_kernels(model)
+    x = mx.random.normal((1, 1, CONFIG["hidden_size"]), key=mx.random.key(4))
+    got = np.asarray(emb.as_linear(x))
+    assert cpu_kernels._packed(emb).sdtype == cpu_kernels.SD_F16
+    assert emb["scales"].dtype == mx.float32                     # the module itself is unchanged
+    want = np.asarray(nn.QuantizedEmbedding.as_linear(emb, x))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    other = _quantized(CONFIG)                                   # float32 values with more bits: kept
+    cpu_kernels.use_cpu_kernels(other)
+    other.model.embed_tokens.as_linear(x)
+    assert cpu_kernels._packed(other.model.embed_tokens).sdtype == cpu_kernels.SD_F32

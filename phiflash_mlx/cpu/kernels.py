@@ -288,10 +288,26 @@ class _Packed:
             self.sdtype = code
             self.scales = _as_bits16(scales)
             self.biases = _as_bits16(biases)
+        elif _float16_exact(scales, biases):
+            # float32 values that float16 holds exactly (a checkpoint with float16 scales whose loader
+            # widened them, as it does for the embedding, whose lookups are the activations): the
+            # products read the float16 copy, the same numbers in half the bytes (the tied LM head of
+            # the released model: 32 MB less per decode step, for 32 MB more memory)
+            self.sdtype = SD_F16
+            self.scales = _as_bits16(scales.astype(mx.float16))
+            self.biases = _as_bits16(biases.astype(mx.float16))
         else:
             self.sdtype = SD_F32
             self.scales = _as_float32(scales)
             self.biases = _as_float32(biases)
+
+
+def _float16_exact(scales: mx.array, biases: mx.array) -> bool:
+    if scales.dtype != mx.float32 or biases.dtype != mx.float32:
+        return False
+    same = (mx.array_equal(scales.astype(mx.float16).astype(mx.float32), scales)
+            & mx.array_equal(biases.astype(mx.float16).astype(mx.float32), biases))
+    return bool(same.item())
 
 
 def qmatvec(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
