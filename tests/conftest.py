@@ -29,6 +29,17 @@ def golden_name(request):
     return request.param
 
 
+@pytest.fixture
+def float32_kv_caches():
+    """The CPU attachment's 16-bit shared K/V cache off, for checks that hold the model to 1e-4
+    (tests/test_cpu_kv16.py bounds what the 16-bit cache changes)."""
+    from phiflash_mlx.cpu import kernels as cpu_kernels
+
+    previous = cpu_kernels.set_kv16(False)
+    yield
+    cpu_kernels.set_kv16(previous)
+
+
 def pytest_configure(config):
     if not GOLDEN_MODELS:
         raise pytest.UsageError(

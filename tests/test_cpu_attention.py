@@ -11,7 +11,6 @@ from hypothesis import given, settings, strategies as st
 from mlx_lm.models.base import create_causal_mask
 
 from phiflash_mlx.cpu import attention
-from phiflash_mlx.cpu import kernels as cpu_kernels
 from phiflash_mlx.models.phi4flash import DiffAttention
 
 needs_kernel = pytest.mark.skipif(
@@ -20,13 +19,8 @@ needs_kernel = pytest.mark.skipif(
     else "phiflash_mlx/cpu/_cpu_kernels*.so was not built (see setup.py)")
 
 
-@pytest.fixture(autouse=True)
-def float32_kv_caches():
-    """These checks hold the model to 1e-4: the CPU attachment's 16-bit shared K/V cache off
-    (tests/test_cpu_kv16.py bounds what it changes)."""
-    previous = cpu_kernels.set_kv16(False)
-    yield
-    cpu_kernels.set_kv16(previous)
+# these checks hold the model to 1e-4: float32 K/V caches (conftest.py)
+pytestmark = pytest.mark.usefixtures("float32_kv_caches")
 
 
 def reference(q, keys, values, allowed, scale):

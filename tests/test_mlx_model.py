@@ -13,16 +13,10 @@ import reference
 from reference import ops
 from conftest import GOLDEN_MODELS, golden_path
 from model_factory import configs, model_pair
-from phiflash_mlx.cpu import kernels as cpu_kernels
 
 
-@pytest.fixture(autouse=True)
-def float32_kv_caches():
-    """These checks hold the model to 1e-4: the CPU attachment's 16-bit shared K/V cache off
-    (tests/test_cpu_kv16.py bounds what it changes)."""
-    previous = cpu_kernels.set_kv16(False)
-    yield
-    cpu_kernels.set_kv16(previous)
+# these checks hold the model to 1e-4: float32 K/V caches (conftest.py)
+pytestmark = pytest.mark.usefixtures("float32_kv_caches")
 
 
 RTOL = 1e-4
