@@ -46,6 +46,17 @@ def reference(q, keys, values, allowed, scale):
     return out
 
 
+def allowed_keys(given_mask, b, l, s, offset):
+    """(b, l, s) booleans: which of s keys each of l queries may see under a mask as the model gets it
+    (None, "causal", or a boolean array broadcastable to (b, 1, l, s))."""
+    if given_mask is None:
+        return np.ones((b, l, s), bool)
+    if isinstance(given_mask, str):
+        return np.broadcast_to(np.asarray(create_causal_mask(l, offset)), (b, l, s))
+    m = np.asarray(given_mask)
+    return np.broadcast_to(m.reshape((1,) * (4 - m.ndim) + m.shape)[:, 0], (b, l, s))
+
+
 def _cache_view(key, b, pairs, s, hd, spare):
     """Keys and values as the caches hold them: the first s rows of a longer buffer (a strided view)."""
     k1, k2 = mx.random.split(key)
@@ -80,13 +91,7 @@ def test_attend_many_equals_reference(b, pairs, g, l, offset, hd, spare, mask, w
         "left padding": create_causal_mask(l, offset, left_padding=mx.array(pad)),
         "window padded": create_causal_mask(l, offset, window_size=window, left_padding=mx.array(pad)),
     }[mask]
-    if given_mask is None:
-        allowed = np.ones((b, l, s), bool)
-    elif isinstance(given_mask, str):
-        allowed = np.broadcast_to(np.asarray(create_causal_mask(l, offset)), (b, l, s))
-    else:
-        m = np.asarray(given_mask)
-        allowed = np.broadcast_to(m.reshape((1,) * (4 - m.ndim) + m.shape)[:, 0], (b, l, s))
+    allowed = allowed_keys(given_mask, b, l, s, offset)
     scale = hd ** -0.5
     got = attention.attend_many(q, keys, values, given_mask, scale, simd=simd, n_threads=threads, block=block)
     assert got is not None

@@ -17,7 +17,7 @@ from mlx_lm.models.base import create_causal_mask
 from conftest import GOLDEN_MODELS, golden_path
 from phiflash_mlx.cpu import attention
 from phiflash_mlx.cpu import kernels as cpu_kernels
-from test_cpu_attention import reference
+from test_cpu_attention import allowed_keys, reference
 
 needs_kernel = pytest.mark.skipif(
     cpu_kernels._fused_library() is None or attention._lib() is None,
@@ -69,7 +69,7 @@ def test_attend_few_reads_float16(b, pairs, g, l, s, hd, spare, mask, simd, thre
         allowed = create_causal_mask(l, s - l) if s >= l else mx.ones((l, s), dtype=mx.bool_)
         if mask == "padded":
             valid = mx.random.uniform(shape=(b, s), key=kv) > 0.3
-            valid[:, -1] = True
+            valid[:, max(s - l, 0)] = True    # a key every query row sees (row 0: keys up to s - l)
             allowed = allowed[None, None] & valid[:, None, None, :]
         m = np.asarray(allowed)
         dense = np.broadcast_to(m.reshape((1,) * (4 - m.ndim) + m.shape)[:, 0], (b, l, s))
@@ -101,13 +101,7 @@ def test_attend_many_reads_float16(b, pairs, g, l, offset, hd, spare, mask, wind
         "window": create_causal_mask(l, offset, window_size=window),
         "window padded": create_causal_mask(l, offset, window_size=window, left_padding=mx.array(pad)),
     }[mask]
-    if given_mask is None:
-        allowed = np.ones((b, l, s), bool)
-    elif isinstance(given_mask, str):
-        allowed = np.broadcast_to(np.asarray(create_causal_mask(l, offset)), (b, l, s))
-    else:
-        m = np.asarray(given_mask)
-        allowed = np.broadcast_to(m.reshape((1,) * (4 - m.ndim) + m.shape)[:, 0], (b, l, s))
+    allowed = allowed_keys(given_mask, b, l, s, offset)
     scale = hd ** -0.5
     got = attention.attend_many(q, keys, values, given_mask, scale, simd=simd, n_threads=threads, block=block)
     assert got is not None

@@ -280,12 +280,12 @@ def test_block_fallback_dequantizes_16_bit_scales_in_float32():
 
 @settings(max_examples=30, deadline=None)
 @given(dtype=st.sampled_from(["float32", "float16", "bfloat16"]), bits=st.sampled_from([4, 8]),
-       group_size=st.sampled_from([32, 64, 128]), m=st.integers(1, 15), n=st.integers(1, 41), loads=st.integers(1, 19), threads=st.integers(1, 4),
-       prefetch=st.integers(0, 3), zero_group=st.none() | st.integers(0, 3), seed=st.integers(0, 2 ** 16))
+       group_size=st.sampled_from([32, 64, 128]), m=st.integers(1, 15), n=st.integers(1, 41),
+       loads=st.integers(1, 19), threads=st.integers(1, 4), prefetch=st.integers(0, 3), zero_group=st.none() | st.integers(0, 3), seed=st.integers(0, 2 ** 16))
 def test_decode_rows_kernel(dtype, bits, group_size, m, n, loads, threads, prefetch, zero_group, seed):
     """Decode rows of x (1 to 15: one stream, or a batch of streams) against 4- and 8-bit codes (the
-    512-bit VNNI mat-vec where the CPU has it, except 4-bit groups of 32; else the block kernel): column counts that leave a partial
-    block, odd numbers of weight rows and of x rows (an x row without a partner in its pair), several
+    512-bit VNNI mat-vec where the CPU has it, except 4-bit groups of 32; else the block kernel):
+    column counts that leave a partial block, odd numbers of weight rows and of x rows (an x row without a partner in its pair), several
     tasks, every prefetch distance, 16-bit scales and biases read as stored."""
     rng = np.random.default_rng(seed)
     k = 128 * loads

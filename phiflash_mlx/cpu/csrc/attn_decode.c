@@ -171,7 +171,8 @@ __attribute__((always_inline, target(AD_TARGET))) static inline void ad_pair(con
             for (long t = t0; t < t1; t++) {
                 const long row = a->rows[t];
                 const int f = row >= 0 && a->kv16;
-                const void *vr = row >= 0 ? ad_row(a->v, h, a->v_hs, row, a->v_ts, a->kv16) : (const void *)(a->v_new + h * DV);
+                const void *vr = row >= 0 ? ad_row(a->v, h, a->v_hs, row, a->v_ts, a->kv16)
+                                          : (const void *)(a->v_new + h * DV);
                 if (c0 == 0 && t + AD_PF < T && a->rows[t + AD_PF] >= 0) {
                     const char *pv = (const char *)ad_row(a->v, h, a->v_hs, a->rows[t + AD_PF], a->v_ts, a->kv16);
                     for (long b = 0; b < vrow_bytes; b += 64) _mm_prefetch(pv + b, _MM_HINT_T1);
@@ -194,7 +195,8 @@ __attribute__((always_inline, target(AD_TARGET))) static inline void ad_pair(con
     }
     for (int i = 0; i < R2; i++) {
         const __m512 s = _mm512_set1_ps(inv[i]);
-        for (long c = 0; c < DV; c += 16) _mm512_storeu_ps(o + i * DV + c, _mm512_mul_ps(_mm512_loadu_ps(o + i * DV + c), s));
+        for (long c = 0; c < DV; c += 16)
+            _mm512_storeu_ps(o + i * DV + c, _mm512_mul_ps(_mm512_loadu_ps(o + i * DV + c), s));
     }
 }
 

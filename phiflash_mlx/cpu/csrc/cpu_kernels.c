@@ -71,6 +71,19 @@ static inline float phf_sd(const void *p, long i, int dt) {
     return phf_f16_to_float(h);
 }
 
+/* s[0 .. n) := softmax(s) in place (the portable attention loops; n >= 1) */
+static void softmax_row(float *s, long n) {
+    float m = s[0];
+    for (long t = 1; t < n; t++) m = s[t] > m ? s[t] : m;
+    float sum = 0.0f;
+    for (long t = 0; t < n; t++) {
+        s[t] = expf(s[t] - m);
+        sum += s[t];
+    }
+    const float inv = 1.0f / sum;
+    for (long t = 0; t < n; t++) s[t] *= inv;
+}
+
 /* a pointer to element i of a scales / biases array of dtype code dt */
 static inline const void *phf_sd_at(const void *p, long i, int dt) {
     return dt == PHF_SD_F32 ? (const void *)((const float *)p + i) : (const void *)((const uint16_t *)p + i);
@@ -1104,20 +1117,11 @@ static void attend_share(void *arg, int share) {
                 }
             }
         }
-        for (long row = 0; row < rows; row++) {                    /* softmax, unnormalised */
-            float *sr = scores + row * a->T;
-            float m = sr[0];
-            for (long t = 1; t < a->T; t++) m = sr[t] > m ? sr[t] : m;
-            float sum = 0.0f;
-            for (long t = 0; t < a->T; t++) {
-                sr[t] = expf(sr[t] - m);
-                sum += sr[t];
-            }
+        for (long row = 0; row < rows; row++) {
             float *o = acc + row * a->DV;
             for (long d = 0; d < a->DV; d++) o[d] = 0.0f;
             /* normalise the probabilities now: the value pass then only accumulates */
-            const float inv = 1.0f / sum;
-            for (long t = 0; t < a->T; t++) sr[t] *= inv;
+            softmax_row(scores + row * a->T, a->T);
         }
         const long vh = b * a->v_bs + h * a->v_hs;               /* values: read once for all rows */
         for (long t = 0; t < a->T; t++) {

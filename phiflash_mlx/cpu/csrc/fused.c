@@ -301,16 +301,7 @@ static void attend_rows_share(void *arg, int share) {
         }
         float *o = a->out + h * R2 * a->DV;
         for (long i = 0; i < R2; i++) {
-            float *sr = scores + i * a->T;
-            float m = sr[0];
-            for (long t = 1; t < a->T; t++) m = sr[t] > m ? sr[t] : m;
-            float sum = 0.0f;
-            for (long t = 0; t < a->T; t++) {
-                sr[t] = expf(sr[t] - m);
-                sum += sr[t];
-            }
-            const float inv = 1.0f / sum;
-            for (long t = 0; t < a->T; t++) sr[t] *= inv;
+            softmax_row(scores + i * a->T, a->T);
             memset(o + i * a->DV, 0, sizeof(float) * (size_t)a->DV);
         }
         for (long t = 0; t < a->T; t++) {

@@ -514,7 +514,8 @@ static void q8v_share(void *arg, int share) {
             const long mr = j->m - a0 < 4 ? j->m - a0 : 4;
             for (long n = n0; n < n1; n++) {
                 if (a0 == 0 && pf && n + 2 * pf < n1)
-                    for (long b = 0; b < rb; b += 64) _mm_prefetch((const char *)(j->w + (n + 2 * pf) * rb + b), _MM_HINT_T1);
+                    for (long b = 0; b < rb; b += 64)
+                        _mm_prefetch((const char *)(j->w + (n + 2 * pf) * rb + b), _MM_HINT_T1);
                 if (j->bits == 4) {
                     if (mr == 1) q8v_single_row4(j, a0, n);
                     else if (mr == 2) q8v_rows_2_4(j, a0, n);
