@@ -62,17 +62,14 @@ def test_attend_few_reads_float16(b, pairs, g, l, s, hd, spare, mask, simd, thre
     kq, kc, kv = mx.random.split(mx.random.key(seed), 3)
     q = mx.random.normal((b, nh, l, hd), key=kq)
     keys, values = _f16_cache(kc, b, pairs, s, hd, spare)
-    if mask == "none":
-        allowed = None
-        dense = np.ones((b, l, s), bool)
-    else:
+    allowed = None
+    if mask != "none":
         allowed = create_causal_mask(l, s - l) if s >= l else mx.ones((l, s), dtype=mx.bool_)
         if mask == "padded":
             valid = mx.random.uniform(shape=(b, s), key=kv) > 0.3
             valid[:, max(s - l, 0)] = True    # a key every query row sees (row 0: keys up to s - l)
             allowed = allowed[None, None] & valid[:, None, None, :]
-        m = np.asarray(allowed)
-        dense = np.broadcast_to(m.reshape((1,) * (4 - m.ndim) + m.shape)[:, 0], (b, l, s))
+    dense = allowed_keys(allowed, b, l, s, max(s - l, 0))
     scale = hd ** -0.5
     got = cpu_kernels.attend_few(q, keys, values, allowed, scale, simd=simd, n_threads=threads)
     assert got is not None
