@@ -267,6 +267,14 @@ def test_whole_model_decode_with_and_without_the_fast_path(golden, simd, path, m
     if path == "units":
         monkeypatch.setattr(cpu_kernels, "_step_plan", lambda *a: None)
     lib = cpu_kernels._fused_library()
+    real_layers = lib.phf_decode_layers
+
+    def decode_layers(*args):                                  # counts the whole-stack calls that succeeded
+        rc = real_layers(*args)
+        counts["phf_decode_layers"] = counts.get("phf_decode_layers", 0) + (rc == 0)
+        return rc
+
+    monkeypatch.setattr(lib, "phf_decode_layers", decode_layers)
     old_simd = lib.phf_fused_simd(int(simd))
     try:
         got, got_ids = run(fast)
@@ -277,9 +285,11 @@ def test_whole_model_decode_with_and_without_the_fast_path(golden, simd, path, m
     if path == "step":
         assert counts.get("_whole_step") == steps - 1, counts          # all but the step after the trim
         assert counts.get("_attention_tail_unit") == n_attn, counts      # that step: the units
+        assert counts.get("phf_decode_layers") == steps - 1, counts      # the host path ran, not the twin
+        assert counts.get("_diff_tail_host") == n_attn, counts
     else:
         assert "_whole_step" not in counts and counts.get("_attention_tail_unit") == steps * n_attn, counts
-    assert counts.get("_diff_tail_host") == steps * n_attn, counts        # the host path ran, not the twins
+        assert counts.get("_diff_tail_host") == steps * n_attn, counts    # the host path ran, not the twins
     want, want_ids = run(plain)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)

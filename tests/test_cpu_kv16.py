@@ -323,3 +323,94 @@ def test_prompt_cache_files_and_trimming_keep_16_bit_kv(tmp_path):
         assert g.offset == w - 2 and g.keys.dtype == g.values.dtype == mx.float16
     finally:
         cpu_kernels.set_kv16(previous)
+
+
+# ---- the rounding of new rows in the one-call decode step -----------------------------------------
+
+def _f16_round(x: np.ndarray) -> np.ndarray:
+    lib = cpu_kernels._fused_library()
+    fn = lib.phf_f16_round
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long], None
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty(x.shape, dtype=np.uint16)
+    fn(x.ctypes.data, out.ctypes.data, x.size)
+    return out
+
+
+def _same_f16(got: np.ndarray, x: np.ndarray):
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).view(np.uint16)
+    nan = np.isnan(x)
+    bad = np.flatnonzero((got != want) & ~nan)
+    assert bad.size == 0, [(float(x[i]), hex(got[i]), hex(want[i])) for i in bad[:5]]
+    assert np.isnan(got.view(np.float16)[nan]).all()
+
+
+@needs_kernel
+def test_float16_rounding_of_new_rows_is_numpys_at_every_boundary():
+    """phf_decode_layers rounds a 16-bit cache's new rows itself: against NumPy's float16 cast (round to
+    nearest, ties to even) at every float16 value, every midpoint between neighbours (the ties), one
+    float32 step either side of each midpoint, and past the largest finite value and into the
+    subnormals."""
+    values = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = np.sort(values[np.isfinite(values)].astype(np.float32))
+    mids = ((finite[:-1].astype(np.float64) + finite[1:]) / 2).astype(np.float32)   # exact in float32
+    around = np.concatenate([np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(-np.inf))])
+    edges = np.array([65504, 65519.996, 65520, 65536, 1e30, np.inf, -np.inf, np.nan, 2.0 ** -25, 2.0 ** -26,
+                      -(2.0 ** -25), 2.0 ** -24 * 1.5, 1e-45, -0.0], dtype=np.float32)
+    x = np.concatenate([finite, mids, around, edges])
+    _same_f16(_f16_round(x), x)
+
+
+@needs_kernel
+@settings(max_examples=30, deadline=None)
+@given(xs=st.lists(st.floats(width=32), min_size=1, max_size=64))
+def test_float16_rounding_of_random_floats_is_numpys(xs):
+    x = np.array(xs, dtype=np.float32)
+    _same_f16(_f16_round(x), x)
+
+
+@needs_kernel
+def test_float32_cache_given_16_bit_rows(monkeypatch):
+    """A shared cache filled while KV16 was off (float32) and decoded with it on: the one-call step
+    rounds each new row to float16 and attends over it widened, as MLX's update stores it; the logits
+    are the plain model's (same switch at the same step) within 1e-4, and the cache stays float32.
+    (Attending over the unrounded new row instead moves these logits by ~1.4e-4; the paths agree to
+    ~1.5e-5.)"""
+    from test_cpu_fused import _quantized_golden
+
+    name = GOLDEN_MODELS[0]
+    ids = _ids(name)
+    plain = _quantized_golden(name)
+    glob = []
+    for _, m in plain.named_modules():
+        if hasattr(m, "few_query_kernel"):
+            m.few_query_kernel = m.many_query_kernel = None
+            if m.kind == "global":
+                glob.append(m)
+    fast = _fast_model(name)
+    lib = cpu_kernels._fused_library()
+    real, done = lib.phf_decode_layers, []
+    monkeypatch.setattr(lib, "phf_decode_layers", lambda *a: done.append(real(*a) == 0) or done[-1] - 1)
+
+    def run(model, kv16):
+        cache = model.make_cache()
+        kv16(False)
+        out = [np.asarray(model(ids[:, :2], cache=cache))]   # a short prompt: the new rows weigh much
+        kv16(True)
+        out += [np.asarray(model(ids[:, t:t + 1], cache=cache)) for t in range(2, 8)]
+        assert _kinds(model, cache)["global"].keys.dtype == mx.float32
+        return np.concatenate(out, axis=1)
+
+    def plain_kv16(on):
+        for m in glob:
+            m.kv_dtype = mx.float16 if on else None
+
+    previous = cpu_kernels.set_kv16(None)
+    try:
+        got = run(fast, cpu_kernels.set_kv16)
+    finally:
+        cpu_kernels.set_kv16(previous)
+    assert len(done) >= 2 and all(done), done
+    want = run(plain, plain_kv16)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

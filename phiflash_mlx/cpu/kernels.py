@@ -840,6 +840,8 @@ def _fused_library():
             lib.phf_attend_rows.argtypes = ([ptr, ptr, lng, lng, ptr, lng, lng, ptr, ptr, ptr, ptr] + [lng] * 5
                                             + [i32, i32])
             lib.phf_attend_rows.restype = i32
+            lib.phf_decode_layers.argtypes = [ptr, ptr, lng, lng, i32]
+            lib.phf_decode_layers.restype = i32
         except AttributeError:
             lib._phf_fused_ready = False
             return None
@@ -1379,7 +1381,11 @@ def _cpu_sambay_call(self, inputs, cache=None, input_embeddings=None, capture=No
 # step is one host call instead: the attention layers attend over their cache as it will be after
 # this step's update (the cache's rows plus the new row, `phf_attend_rows`), and the cache updates
 # (mlx-lm's own update_and_fetch, the Mamba states) are applied afterwards, lazily; they are
-# evaluated with the next step's inputs.
+# evaluated with the next step's inputs. Inside that call the layer loop itself is C
+# (`phf_decode_layers` over one `phf_layer` per layer: the weights' part made once per layer and kept
+# while its modules and arrays are the same objects, this step's cache pointers filled per step);
+# driving the layers from Python cost 10-15 ms of a ~100 ms 4-bit step at 1K context, on one thread
+# while the pool waited.
 
 
 def _rows_after_update(c) -> np.ndarray | None:
@@ -1429,25 +1435,128 @@ def _scratch_kv(c, keys, values):
     return s
 
 
+class _Layer(ctypes.Structure):
+    """fused.c's phf_layer: one decoder layer of `phf_decode_layers` (its weights, then this step's state)."""
+    _fields_ = ([("kind", ctypes.c_int), ("flags", ctypes.c_int)]
+                + [(n, ctypes.c_void_p) for n in ("ln1_w", "ln1_b", "ln2_w", "ln2_b")]
+                + [("ln1_eps", ctypes.c_float), ("ln2_eps", ctypes.c_float)]
+                + [(n, ctypes.c_void_p) for n in ("fc1", "fc2", "in_proj", "x_proj", "out_proj", "in_bias", "out_bias",
+                                                  "conv_w", "conv_b", "dt_w", "dt_b", "A", "D")]
+                + [(n, ctypes.c_long) for n in ("Di", "K", "R", "N", "nh", "nkv", "hd")]
+                + [(n, ctypes.c_float) for n in ("scale", "lam", "out_scale", "subln_eps")]
+                + [(n, ctypes.c_void_p) for n in ("subln_w", "conv_state", "ssm_state", "conv_out", "ssm_out", "k", "v")]
+                + [(n, ctypes.c_long) for n in ("k_hs", "k_ts", "v_hs", "v_ts", "T")]
+                + [("rows", ctypes.c_void_p), ("kvtype", ctypes.c_int), ("pad", ctypes.c_int),
+                   ("k_out", ctypes.c_void_p), ("v_out", ctypes.c_void_p)])
+
+
+L_MAMBA, L_GMU, L_ATTN, L_CROSS = 0, 1, 2, 3            # phf_layer.kind
+L_MEMORY, L_SHARES, L_STORE16 = 1, 2, 4                  # phf_layer.flags
+
+
+def _sources(module, depth: int) -> list:
+    """A module, its arrays and (down to `depth` levels) its submodules and theirs: what a layer's host
+    description is made from (compared by identity: new weights, an adapter or a swapped module make
+    a new description)."""
+    out = [module]
+    for v in module.values():
+        if isinstance(v, mx.array):
+            out.append(v)
+        elif isinstance(v, nn.Module):
+            out += _sources(v, depth - 1) if depth > 0 else [v]
+        else:
+            out.append(v)
+    return out
+
+
+class _LayerHost:
+    """One decoder layer as `phf_decode_layers` takes it: the phf_layer's weight part (host views and
+    copies made once), or `struct` None where the layer's modules are not ones the step covers. Kept
+    in the layer's __dict__ while its modules and arrays are the same objects."""
+
+    def __init__(self, layer, H: int, sources: list):
+        from ..models.phi4flash import CROSS, GLOBAL, GMU, MAMBA, MAMBA_MEM, SWA
+
+        self.sources = sources
+        self.struct = None
+        kind = getattr(layer, "kind", None)
+        if not (_layer_norm_applies(layer.input_layernorm, H) and _mlp_applies(layer, H)):
+            return
+        attn = layer.attn
+        q = _Layer()
+        ln1, ln2 = _norm_host(layer.input_layernorm), _norm_host(layer.post_attention_layernorm)
+        q.ln1_w, q.ln1_b, q.ln1_eps = _ptr(ln1[0]), _ptr(ln1[1]), ln1[2]
+        q.ln2_w, q.ln2_b, q.ln2_eps = _ptr(ln2[0]), _ptr(ln2[1]), ln2[2]
+        q.fc1, q.fc2 = ctypes.addressof(_qweight(layer.mlp.fc1)), ctypes.addressof(_qweight(layer.mlp.fc2))
+        self.keep = [ln1, ln2, _qweight(layer.mlp.fc1), _qweight(layer.mlp.fc2)]
+        if kind in (MAMBA, MAMBA_MEM):
+            if not _mamba_step_applies(attn, None, None):
+                return
+            host = _MambaHost.of(attn)
+            q.kind, q.flags = L_MAMBA, L_MEMORY if attn.produces_memory else 0
+            ws = [_qweight(m) for m in (attn.in_proj, attn.x_proj, attn.out_proj)]
+            q.in_proj, q.x_proj, q.out_proj = [ctypes.addressof(w) for w in ws]
+            q.conv_w, q.conv_b, q.dt_w, q.dt_b = _ptr(host.conv_w), _ptr(host.conv_b), _ptr(host.dt_w), _ptr(host.dt_b)
+            q.A, q.D = _ptr(host.A), _ptr(host.D)
+            q.Di, q.K, q.R, q.N = attn.d_inner, attn.d_conv, attn.dt_rank, attn.d_state
+            self.keep += [host, ws]
+        elif kind == GMU:
+            di = getattr(getattr(attn, "in_proj", None), "weight", None)
+            if di is None or not (_fusable_product(attn.in_proj, H, di.shape[0])
+                                  and _fusable_product(attn.out_proj, di.shape[0], H)):
+                return
+            ws = [_qweight(attn.in_proj), _qweight(attn.out_proj)]
+            q.kind, q.in_proj, q.out_proj = L_GMU, ctypes.addressof(ws[0]), ctypes.addressof(ws[1])
+            self.keep.append(ws)
+        elif kind in (SWA, GLOBAL, CROSS):
+            if not _attention_applies(layer, H, None):
+                return
+            p = attn.inner_cross_attn
+            ws = [_qweight(attn.Wqkv), _qweight(attn.out_proj)]
+            biases = [_np_param(attn.Wqkv, "bias"), _np_param(attn.out_proj, "bias"), _np_param(p.subln, "weight")]
+            q.kind = L_CROSS if kind == CROSS else L_ATTN
+            q.flags = L_SHARES if kind == GLOBAL else 0
+            q.in_proj, q.out_proj = ctypes.addressof(ws[0]), ctypes.addressof(ws[1])
+            q.in_bias, q.out_bias, q.subln_w = [_ptr(b) for b in biases]
+            q.nh, q.nkv, q.hd = attn.nh, attn.nkv, attn.hd
+            q.scale, q.lam, q.out_scale = attn.scale, _lambda_host(attn), 1.0 - attn.lambda_init
+            q.subln_eps = float(p.subln.eps)
+            self.keep += [ws, biases]
+        else:
+            return
+        self.struct = q
+
+    @classmethod
+    def of(cls, layer, H: int) -> "_LayerHost":
+        sources = _sources(layer, 4)
+        held = layer.__dict__.get("_phf_layer_host")
+        if (held is None or held.H != H or len(held.sources) != len(sources)
+                or any(x is not y for x, y in zip(held.sources, sources))):
+            held = cls(layer, H, sources)
+            held.H = H
+            layer.__dict__["_phf_layer_host"] = held
+        return held
+
+
 def _step_plan(model, cache, H):
-    """Per layer (layer, kind, cache, rows) where the whole step can run on the host; else None."""
+    """Per layer (layer, kind, cache, rows, host) where the whole step can run on the host; else None."""
     from ..models.phi4flash import CROSS, GLOBAL, GMU, MAMBA, MAMBA_MEM, SWA
 
+    if _fused_library() is None:
+        return None
     plan, memory, shared = [], False, False
     for i, layer in enumerate(model.layers):
         c = cache[i] if i < model.num_cached else None
         kind, rows = layer.kind, None
-        if not (_layer_norm_applies(layer.input_layernorm, H) and _mlp_applies(layer, H)):
+        host = _LayerHost.of(layer, H)
+        if host.struct is None:
             return None
         if kind in (MAMBA, MAMBA_MEM):
             if c is None or c[0] is None or c[1] is None or not _mamba_step_applies(layer.attn, None, c):
                 return None
             memory = memory or layer.attn.produces_memory
         elif kind == GMU:
-            g = layer.attn
-            di = getattr(getattr(g, "in_proj", None), "weight", None)
-            if not memory or di is None or not (_fusable_product(g.in_proj, H, di.shape[0])
-                                                and _fusable_product(g.out_proj, di.shape[0], H)):
+            if not memory:
                 return None
         elif kind in (SWA, GLOBAL):
             if c is None or not _attention_applies(layer, H, c):
@@ -1461,11 +1570,11 @@ def _step_plan(model, cache, H):
                 return None
             shared = shared or kind == GLOBAL
         elif kind == CROSS:
-            if not shared or not _attention_applies(layer, H, None):
+            if not shared:
                 return None
         else:
             return None
-        plan.append((layer, kind, c, rows))
+        plan.append((layer, kind, c, rows, host))
     return plan
 
 
@@ -1476,7 +1585,7 @@ def _whole_step(model, h0, plan):
     from ..models.phi4flash import CROSS, GLOBAL, GMU, MAMBA, MAMBA_MEM, SWA
 
     states = []
-    for layer, kind, c, rows in plan:
+    for layer, kind, c, rows, _ in plan:
         if kind in (MAMBA, MAMBA_MEM):
             states += [c[0], c[1]]
         elif kind in (SWA, GLOBAL):
@@ -1485,7 +1594,7 @@ def _whole_step(model, h0, plan):
     def slow(h, *states):
         it = iter(states)
         outs, memory, shared = [], None, None
-        for layer, kind, c, rows in plan:
+        for layer, kind, c, rows, _ in plan:
             attn = layer.attn
             if kind in (MAMBA, MAMBA_MEM):
                 scratch = ArraysCache(2)
@@ -1517,103 +1626,63 @@ def _whole_step(model, h0, plan):
         if lib is None:
             return None
         mx.eval(h, *states)
-        nt = threads()
         hn = _h_in(h)
-        H = hn.shape[0]
-        a = np.empty_like(hn)
+        layers = (_Layer * len(plan))(*[host.struct for *_, host in plan])
         it = iter(states)
-        outs, memory, shared = [], None, None
-        for layer, kind, c, rows in plan:
+        keep, outs = [], []             # (keep: what the step's pointers point into)
+        for q, (layer, kind, c, rows, host) in zip(layers, plan):
             attn = layer.attn
-            w, b, eps = _norm_host(layer.input_layernorm)
-            if kind == GMU:
-                rc = lib.phf_gmu_residual(hn.ctypes.data, _ptr(w), _ptr(b), eps,
-                                          ctypes.addressof(_qweight(attn.in_proj)),
-                                          ctypes.addressof(_qweight(attn.out_proj)), memory.ctypes.data, H, nt)
-                if rc != 0:
-                    return None
-            else:
-                lib.phf_layernorm(hn.ctypes.data, _ptr(w), _ptr(b), eps, a.ctypes.data, H)
             if kind in (MAMBA, MAMBA_MEM):
                 conv_state, ssm_state = next(it), next(it)
-                Di, N, K = attn.d_inner, attn.d_state, attn.d_conv
-                keep = K - 1
-                if conv_state.shape != (1, keep, Di) or ssm_state.shape != (1, Di, N):
+                Di, N, keep_rows = attn.d_inner, attn.d_state, attn.d_conv - 1
+                if conv_state.shape != (1, keep_rows, Di) or ssm_state.shape != (1, Di, N):
                     return None
-                host = _MambaHost.of(attn)
-                cs, ss = _host_f32(conv_state, (keep, Di)), _host_f32(ssm_state, (Di, N))
-                conv_out = np.empty((max(keep, 1), Di), dtype=np.float32)
+                cs, ss = _host_f32(conv_state, (keep_rows, Di)), _host_f32(ssm_state, (Di, N))
+                conv_out = np.empty((max(keep_rows, 1), Di), dtype=np.float32)
                 ssm_out = np.empty((Di, N), dtype=np.float32)
-                out = np.empty((H,), dtype=np.float32)
-                mem = np.empty((Di,), dtype=np.float32) if attn.produces_memory else None
-                qs = [_qweight(m) for m in (attn.in_proj, attn.x_proj, attn.out_proj)]
-                rc = lib.phf_mamba_step(a.ctypes.data, *[ctypes.addressof(q) for q in qs], _ptr(host.conv_w),
-                                        _ptr(host.conv_b), _ptr(host.dt_w), _ptr(host.dt_b), _ptr(host.A),
-                                        _ptr(host.D), cs.ctypes.data, ss.ctypes.data, conv_out.ctypes.data,
-                                        ssm_out.ctypes.data, out.ctypes.data, _ptr(mem), H, Di, K, attn.dt_rank, N,
-                                        nt)
-                if rc != 0:
+                q.conv_state, q.ssm_state, q.conv_out, q.ssm_out = cs.ctypes.data, ss.ctypes.data, \
+                    conv_out.ctypes.data, ssm_out.ctypes.data
+                keep += [cs, ss]
+                outs.append((conv_out, ssm_out, keep_rows, conv_state.dtype))
+            elif kind in (SWA, GLOBAL):
+                kb, vb = next(it), next(it)
+                kvtype = _kv_code(kb, vb)
+                if kvtype is None:
                     return None
-                hn += out
-                outs += [mx.array(conv_out[:keep]).reshape(1, keep, Di).astype(conv_state.dtype),
-                         mx.array(ssm_out).reshape(1, Di, N)]
-                if mem is not None:
-                    memory = mem
-            elif kind != GMU:
-                nh, nkv, hd = attn.nh, attn.nkv, attn.hd
-                qkv = _linear_host(lib, attn.Wqkv, a)
-                if qkv is None:
+                kn, vn = np.asarray(kb), np.asarray(vb)
+                P, hd = attn.nkv // 2, attn.hd
+                if kn.shape[1] != P or kn.shape[-1] != 2 * hd or vn.shape[1] != P or vn.shape[-1] != 2 * hd \
+                        or kn.strides[-1] != kn.itemsize or vn.strides[-1] != vn.itemsize:
                     return None
-                if kind == CROSS:
-                    kn, vn, rows_, k_new, v_new, kvtype = shared
-                else:
-                    kb, vb = next(it), next(it)
-                    kvtype = _kv_code(kb, vb)
-                    if kvtype is None:
-                        return None
-                    kn, vn = np.asarray(kb), np.asarray(vb)
-                    split = (nh + nkv) * hd
-                    k_new = np.ascontiguousarray(qkv[nh * hd: split])
-                    v_new = np.ascontiguousarray(qkv[split:])
-                    P = nkv // 2
-                    if kn.shape[1] != P or kn.shape[-1] != 2 * hd or vn.shape[1] != P or vn.shape[-1] != 2 * hd \
-                            or kn.strides[-1] != kn.itemsize or vn.strides[-1] != vn.itemsize:
-                        return None
-                    rows_ = rows
-                    if _stores_f16(attn):         # the new row as the cache will hold it, in the cache's dtype
-                        k16, v16 = k_new.astype(np.float16), v_new.astype(np.float16)
-                        outs += [mx.array(k16).reshape(1, P, 1, 2 * hd), mx.array(v16).reshape(1, P, 1, 2 * hd)]
-                        k_new, v_new = (k16, v16) if kvtype == SD_F16 else (k16.astype(np.float32),
-                                                                            v16.astype(np.float32))
-                    else:                         # (a float16 cache always gets float16 rows: _step_plan)
-                        outs += [mx.array(k_new).reshape(1, P, 1, 2 * hd), mx.array(v_new).reshape(1, P, 1, 2 * hd)]
-                    if kind == GLOBAL:
-                        shared = (kn, vn, rows, k_new, v_new, kvtype)
-                P = kn.shape[1]
-                r = nh // 2 // P
-                qn = qkv[: nh * hd].reshape(nh, hd)
-                qa = np.empty((2, P, r, hd), dtype=np.float32)
-                np.multiply(qn[0::2].reshape(P, r, hd), attn.scale, out=qa[0])
-                np.multiply(qn[1::2].reshape(P, r, hd), attn.scale, out=qa[1])
+                store16 = _stores_f16(attn)
+                k_out = np.empty((P, 2 * hd), dtype=np.float16 if store16 else np.float32)
+                v_out = np.empty_like(k_out)
                 ks, vs = _strides(kn), _strides(vn)
-                dv = vn.shape[-1]
-                o = np.empty((P, 2 * r, dv), dtype=np.float32)
-                rc = lib.phf_attend_rows(qa.ctypes.data, kn.ctypes.data, ks[1], ks[2], vn.ctypes.data, vs[1], vs[2],
-                                         rows_.ctypes.data, k_new.ctypes.data, v_new.ctypes.data, o.ctypes.data,
-                                         P, r, hd, dv, rows_.shape[0], nt, kvtype)
-                if rc != 0:
-                    return None
-                y = _diff_tail_host(lib, attn, o, r)
-                if y is None:
-                    return None
-                hn += y
-            if not _mlp_half(lib, layer, hn):
-                return None
-        return (_h_out(hn, h), *outs)
+                q.k, q.v, q.k_hs, q.k_ts, q.v_hs, q.v_ts = kn.ctypes.data, vn.ctypes.data, ks[1], ks[2], vs[1], vs[2]
+                q.rows, q.T, q.kvtype = rows.ctypes.data, rows.shape[0], kvtype
+                q.k_out, q.v_out = k_out.ctypes.data, v_out.ctypes.data
+                if store16:
+                    q.flags |= L_STORE16
+                keep += [kn, vn, rows]
+                outs.append((k_out, v_out, P, hd))
+        rc = lib.phf_decode_layers(hn.ctypes.data, ctypes.addressof(layers), len(plan), hn.shape[0], threads())
+        if rc != 0:
+            return None
+        res = []
+        for (layer, kind, *_), out in zip((p for p in plan if p[1] in (MAMBA, MAMBA_MEM, SWA, GLOBAL)), outs):
+            if kind in (MAMBA, MAMBA_MEM):
+                conv_out, ssm_out, keep_rows, conv_dtype = out
+                Di, N = conv_out.shape[1], ssm_out.shape[1]
+                res += [mx.array(conv_out[:keep_rows]).reshape(1, keep_rows, Di).astype(conv_dtype),
+                        mx.array(ssm_out).reshape(1, Di, N)]
+            else:
+                k_out, v_out, P, hd = out
+                res += [mx.array(k_out).reshape(1, P, 1, 2 * hd), mx.array(v_out).reshape(1, P, 1, 2 * hd)]
+        return (_h_out(hn, h), *res)
 
     res = _host_call(fast, slow, h0, *states)
     h, outs = res[0], iter(res[1:])
-    for layer, kind, c, rows in plan:
+    for layer, kind, c, rows, _ in plan:
         if kind in (MAMBA, MAMBA_MEM):
             c[0], c[1] = next(outs), next(outs)
             c.advance(1)

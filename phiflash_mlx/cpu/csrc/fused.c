@@ -347,3 +347,247 @@ PHF_EXPORT int phf_attend_rows(const float *q, const void *k, long k_hs, long k_
     run_shares(attend_rows_share, &a, threads);
     return a.failed ? -1 : 0;
 }
+
+/* ---- every decoder layer of a one-token step in one call ------------------------------------ *
+ *
+ * The functions above each do a piece of one layer; a step that calls them one by one from Python
+ * spends ~10-15 ms of a ~100 ms step (4-bit, 1K context, 2 threads) between them, on one thread while
+ * the pool waits. phf_decode_layers runs the whole stack: each phf_layer describes one decoder layer
+ * (its weights, made once per model) and this step's state (cache pointers, filled per step). */
+
+#define PHF_LAYER_MAMBA 0 /* Mamba mixer (SAMBAY.md 4.5 / 4.6) */
+#define PHF_LAYER_GMU 1   /* Gated Memory Unit (4.7), gating the last memory a Mamba layer made */
+#define PHF_LAYER_ATTN 2  /* differential attention over its own cache (sliding window or full) */
+#define PHF_LAYER_CROSS 3 /* differential attention over the last PHF_LAYER_ATTN layer's cache */
+
+#define PHF_LAYER_MEMORY 1   /* flag: the Mamba layer produces the memory the GMUs gate */
+#define PHF_LAYER_SHARES 2   /* flag: an attention layer whose cache the cross layers read (full attention) */
+#define PHF_LAYER_STORE16 4  /* flag: the attention layer's cache stores new rows as float16 */
+
+typedef struct {
+    int kind, flags;
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b; /* the two LayerNorms (weights or NULL) */
+    float ln1_eps, ln2_eps;
+    const phf_qweight *fc1, *fc2;               /* the MLP */
+    /* Mamba: in_proj, x_proj, out_proj; GMU: in_proj, out_proj; attention: Wqkv (in_proj), out_proj */
+    const phf_qweight *in_proj, *x_proj, *out_proj;
+    const float *in_bias, *out_bias;            /* attention: Wqkv's and out_proj's biases or NULL */
+    const float *conv_w, *conv_b, *dt_w, *dt_b, *A, *D; /* Mamba, as phf_mamba_step takes them */
+    long Di, K, R, N;
+    long nh, nkv, hd;                           /* attention: query heads, K/V heads (own cache), head dim */
+    float scale, lambda, out_scale, subln_eps;  /* 1/sqrt(hd), the layer's lambda, 1 - lambda_init */
+    const float *subln_w;                       /* (2 hd) or NULL */
+    /* this step: Mamba states in (K-1, Di), (Di, N) and out; the attention cache (pair layout of
+     * phf_attend_rows, kvtype float32 / float16), its rows after the update, and where the new row goes
+     * (P x 2hd each, float16 with PHF_LAYER_STORE16, else float32) */
+    const float *conv_state, *ssm_state;
+    float *conv_out, *ssm_out;
+    const void *k, *v;
+    long k_hs, k_ts, v_hs, v_ts, T;
+    const int *rows;
+    int kvtype, pad;
+    void *k_out, *v_out;
+} phf_layer;
+
+/* IEEE binary16 of a float32, rounded to nearest even as a float16 cast does (NaN stays NaN). */
+static inline uint16_t phf_float_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    const uint32_t ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) return sign | (ax > 0x7f800000u ? 0x7e00u : 0x7c00u); /* NaN, inf */
+    if (ax >= 0x477ff000u) return sign | 0x7c00u;          /* rounds to >= 65520: inf */
+    if (ax < 0x38800000u) {                                /* below 2^-14: subnormal or zero */
+        if (ax < 0x33000000u) return sign;                 /* below half the smallest subnormal */
+        const uint32_t m = (ax & 0x7fffffu) | 0x800000u;
+        const int shift = 126 - (int)(ax >> 23);           /* 14..24 */
+        uint32_t r = m >> shift;
+        const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (r & 1u))) r++;
+        return sign | (uint16_t)r;
+    }
+    uint32_t r = ((ax - 0x38000000u) >> 13);               /* rebias 127 -> 15, drop 13 bits */
+    const uint32_t rem = ax & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) r++;
+    return sign | (uint16_t)r;
+}
+
+/* out[i] = the float16 bits of x[i] (the rounding phf_decode_layers gives a 16-bit cache's new rows; tests) */
+PHF_EXPORT void phf_f16_round(const float *x, uint16_t *out, long n) {
+    for (long i = 0; i < n; i++) out[i] = phf_float_to_f16(x[i]);
+}
+
+/* The attention of one PHF_LAYER_ATTN / PHF_LAYER_CROSS layer for one token, its residual add into h,
+ * and the MLP half. `own` is the layer whose cache is read (L itself, or the sharing layer for a cross
+ * layer), `fresh_k` / `fresh_v` that layer's new row as the attention reads it (set here for an own
+ * cache). */
+static int attention_layer(float *h, const phf_layer *L, const phf_layer *own, const void **fresh_k,
+                           const void **fresh_v, float *scratch_f32, long H, int threads) {
+    const long nh = L->nh, hd = L->hd, hs = nh / 2;
+    const long P = own->nkv / 2, dv = 2 * hd;
+    if (P <= 0 || hs % P != 0 || L->in_proj->k != H || L->out_proj->k != nh * hd || L->out_proj->n != H) return -1;
+    const long r = hs / P, rows_qkv = L->in_proj->n;
+    if (rows_qkv < nh * hd || (L == own && rows_qkv != (nh + 2 * own->nkv) * hd)) return -1;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(H + rows_qkv + nh * hd + P * 2 * r * dv + nh * hd + H));
+    if (!buf) return -1;
+    float *a = buf, *qkv = a + H, *qa = qkv + rows_qkv, *o = qa + nh * hd, *d = o + P * 2 * r * dv, *y = d + nh * hd;
+    phf_layernorm(h, L->ln1_w, L->ln1_b, L->ln1_eps, a, H);
+    int rc = qw_product(L->in_proj, a, qkv, threads);
+    if (rc == 0 && L->in_bias)
+        for (long i = 0; i < rows_qkv; i++) qkv[i] += L->in_bias[i];
+    if (rc == 0) {
+        /* queries of both stripes, scaled: qa[part][head pair j] = q[2j + part] * scale */
+        for (long j = 0; j < hs; j++)
+            for (int part = 0; part < 2; part++) {
+                const float *src = qkv + (2 * j + part) * hd;
+                float *dst = qa + (part * hs + j) * hd;
+                for (long e = 0; e < hd; e++) dst[e] = src[e] * L->scale;
+            }
+        if (L == own) { /* the new K / V row (pair layout), as the cache will hold it */
+            const long n = P * 2 * hd;
+            const float *kn = qkv + nh * hd, *vn = kn + n;
+            if (L->flags & PHF_LAYER_STORE16) {
+                uint16_t *ko = (uint16_t *)L->k_out, *vo = (uint16_t *)L->v_out;
+                for (long i = 0; i < n; i++) ko[i] = phf_float_to_f16(kn[i]);
+                for (long i = 0; i < n; i++) vo[i] = phf_float_to_f16(vn[i]);
+                if (L->kvtype == PHF_SD_F16) {
+                    *fresh_k = ko;
+                    *fresh_v = vo;
+                } else { /* a float32 cache given float16-rounded rows */
+                    for (long i = 0; i < n; i++) scratch_f32[i] = phf_f16_to_float(ko[i]);
+                    for (long i = 0; i < n; i++) scratch_f32[n + i] = phf_f16_to_float(vo[i]);
+                    *fresh_k = scratch_f32;
+                    *fresh_v = scratch_f32 + n;
+                }
+            } else {
+                if (L->kvtype != PHF_SD_F32) rc = -1; /* float32 rows into a 16-bit cache: not decided here */
+                memcpy(L->k_out, kn, sizeof(float) * (size_t)n);
+                memcpy(L->v_out, vn, sizeof(float) * (size_t)n);
+                *fresh_k = L->k_out;
+                *fresh_v = L->v_out;
+            }
+        }
+    }
+    if (rc == 0)
+        rc = phf_attend_rows(qa, own->k, own->k_hs, own->k_ts, own->v, own->v_hs, own->v_ts, own->rows, *fresh_k,
+                             *fresh_v, o, P, r, hd, dv, own->T, threads, own->kvtype);
+    if (rc == 0) {
+        /* differential combination, sub-LN (RMSNorm over each head pair's 2hd values), (1 - lambda_init) */
+        for (long p = 0; p < P; p++)
+            for (long i = 0; i < r; i++) {
+                const float *o1 = o + (p * 2 * r + i) * dv, *o2 = o + (p * 2 * r + r + i) * dv;
+                float *dj = d + (p * r + i) * dv;
+                double sq = 0.0;
+                for (long e = 0; e < dv; e++) {
+                    dj[e] = o1[e] - L->lambda * o2[e];
+                    sq += (double)dj[e] * dj[e];
+                }
+                const float inv = 1.0f / sqrtf((float)(sq / (double)dv) + L->subln_eps);
+                for (long e = 0; e < dv; e++) {
+                    float x = dj[e] * inv;
+                    if (L->subln_w) x *= L->subln_w[e];
+                    dj[e] = x * L->out_scale;
+                }
+            }
+        rc = qw_product(L->out_proj, d, y, threads);
+    }
+    if (rc == 0)
+        for (long i = 0; i < H; i++) h[i] += y[i] + (L->out_bias ? L->out_bias[i] : 0.0f);
+    free(buf);
+    if (rc == 0) rc = phf_mlp_residual(h, L->ln2_w, L->ln2_b, L->ln2_eps, L->fc1, L->fc2, H, threads);
+    return rc;
+}
+
+/*
+ * h (H) through layers[0 .. n) for one token, in place. Mamba layers write their new states to
+ * conv_out / ssm_out, attention layers with a cache of their own their new K/V row to k_out / v_out;
+ * nothing else is written. Returns 0, or -(1 + i) where layer i refused (bad shapes, a cross layer
+ * before any sharing layer, a GMU before any memory, no memory): h is then partly updated and the
+ * outputs incomplete.
+ */
+PHF_EXPORT int phf_decode_layers(float *h, const phf_layer *layers, long n, long H, int threads) {
+    const phf_layer *shared = NULL;
+    const void *shared_k = NULL, *shared_v = NULL;
+    float *memory = NULL, *ln = NULL, *fresh = NULL, *kept = NULL;
+    long mem_n = 0, fresh_n = 0, memory_n = 0;
+    int rc = 0;
+    long i;
+    for (i = 0; i < n; i++) { /* scratch: the largest memory and new-row sizes */
+        const phf_layer *L = layers + i;
+        if (L->kind == PHF_LAYER_MAMBA && L->Di > mem_n) mem_n = L->Di;
+        if (L->kind == PHF_LAYER_ATTN && L->nkv * L->hd > fresh_n) fresh_n = L->nkv * L->hd;
+    }
+    float *scratch = (float *)malloc(sizeof(float) * (size_t)(mem_n + H + 2 * fresh_n + 1));
+    if (!scratch) return -1;
+    ln = scratch + mem_n;
+    fresh = ln + H;
+    for (i = 0; i < n && rc == 0; i++) {
+        const phf_layer *L = layers + i;
+        switch (L->kind) {
+        case PHF_LAYER_MAMBA: {
+            float *mem = (L->flags & PHF_LAYER_MEMORY) ? scratch : NULL;
+            float *out = (float *)malloc(sizeof(float) * (size_t)H);
+            if (!out) {
+                rc = -1;
+                break;
+            }
+            phf_layernorm(h, L->ln1_w, L->ln1_b, L->ln1_eps, ln, H);
+            rc = phf_mamba_step(ln, L->in_proj, L->x_proj, L->out_proj, L->conv_w, L->conv_b, L->dt_w, L->dt_b, L->A,
+                                L->D, L->conv_state, L->ssm_state, L->conv_out, L->ssm_out, out, mem, H, L->Di, L->K,
+                                L->R, L->N, threads);
+            if (rc == 0) {
+                for (long e = 0; e < H; e++) h[e] += out[e];
+                if (mem) {
+                    memory = mem;
+                    memory_n = L->Di;
+                }
+                rc = phf_mlp_residual(h, L->ln2_w, L->ln2_b, L->ln2_eps, L->fc1, L->fc2, H, threads);
+            }
+            free(out);
+            break;
+        }
+        case PHF_LAYER_GMU:
+            if (!memory || L->in_proj->n != memory_n) {
+                rc = -1;
+                break;
+            }
+            rc = phf_gmu_residual(h, L->ln1_w, L->ln1_b, L->ln1_eps, L->in_proj, L->out_proj, memory, H, threads);
+            if (rc == 0) rc = phf_mlp_residual(h, L->ln2_w, L->ln2_b, L->ln2_eps, L->fc1, L->fc2, H, threads);
+            break;
+        case PHF_LAYER_ATTN: {
+            const void *fk = NULL, *fv = NULL;
+            rc = attention_layer(h, L, L, &fk, &fv, fresh, H, threads);
+            if (rc == 0 && (L->flags & PHF_LAYER_SHARES)) {
+                shared = L;
+                shared_k = fk;
+                shared_v = fv;
+                if (fk == (const void *)fresh) { /* keep the widened row: the next own-cache layer reuses `fresh` */
+                    const long nrow = L->nkv * L->hd;
+                    free(kept);
+                    kept = (float *)malloc(sizeof(float) * (size_t)(2 * nrow));
+                    if (!kept) {
+                        rc = -1;
+                        break;
+                    }
+                    memcpy(kept, fresh, sizeof(float) * (size_t)(2 * nrow));
+                    shared_k = kept;
+                    shared_v = kept + nrow;
+                }
+            }
+            break;
+        }
+        case PHF_LAYER_CROSS:
+            if (!shared) {
+                rc = -1;
+                break;
+            }
+            rc = attention_layer(h, L, shared, &shared_k, &shared_v, NULL, H, threads);
+            break;
+        default:
+            rc = -1;
+        }
+    }
+    free(kept);
+    free(scratch);
+    return rc == 0 ? 0 : (int)-i;
+}
