@@ -299,13 +299,45 @@ def test_ssm_scan_equals_mlx_ops(b, l, di, r, n, gated, fresh, threads, seed):
 
 
 @needs_kernel
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(0, 40), n=st.integers(0, 300), g_pad=st.integers(0, 9), v_pad=st.integers(0, 9),
+       threads=st.integers(1, 4), simd=st.booleans(), seed=st.integers(0, 2**16))
+def test_silu_mul_rows_against_numpy(m, n, g_pad, v_pad, threads, simd, seed):
+    """phf_silu_mul_rows (the gates of a prompt block's MLP and GMU): SiLU(g) * v row by row over
+    strided rows, any thread count, AVX2 and portable, against float64 NumPy; large |g| saturates
+    without NaN."""
+    lib = cpu_kernels._library()
+    rng = np.random.default_rng(seed)
+    gbuf = (rng.standard_normal((m, n + g_pad)) * 6).astype(np.float32)
+    vbuf = rng.standard_normal((m, n + v_pad)).astype(np.float32)
+    if m and n:
+        gbuf[0, 0], vbuf[0, 0] = 200.0, 1.5                 # exp(-200) underflows, exp(200) overflows
+        gbuf[-1, -1 - g_pad] = -200.0
+    g, v = gbuf[:, :n], vbuf[:, :n]
+    out = np.full((m, n), np.nan, dtype=np.float32)
+    old = lib.phf_fused_simd(int(simd))
+    try:
+        rc = lib.phf_silu_mul_rows(out.ctypes.data, n, gbuf.ctypes.data, n + g_pad, vbuf.ctypes.data, n + v_pad, m, n,
+                                   threads)
+    finally:
+        lib.phf_fused_simd(old)
+    assert rc == 0
+    g64 = g.astype(np.float64)
+    want = g64 / (1.0 + np.exp(-g64)) * v
+    np.testing.assert_allclose(out, want, rtol=2e-6, atol=1e-6)
+
+
+@needs_kernel
 @pytest.mark.parametrize("rows", [1, 3, 20])
 def test_fused_mlp_and_gmu_equal_mlx_ops(rows, monkeypatch):
-    """The decode-step MLP (fc1, SiLU gate, fc2) and GMU (in_proj, SiLU * memory, out_proj) in one host
-    call equal the model's MLX code on plain quantized layers; blocks of rows take the model's path."""
+    """The MLP (fc1, SiLU gate, fc2) and GMU (in_proj, SiLU * memory, out_proj) in one host call, for a
+    decode step's rows and a prompt block's, equal the model's MLX code on plain quantized layers."""
     from phiflash_mlx.models.phi4flash import MLP, GatedMemoryUnit, ModelArgs
 
     monkeypatch.setattr(cpu_kernels, "KERNEL_MIN_WEIGHTS", 0)
+    lib, gates = cpu_kernels._library(), []
+    real = lib.phf_silu_mul_rows
+    monkeypatch.setattr(lib, "phf_silu_mul_rows", lambda *a: gates.append(a[6]) or real(*a))
     args = ModelArgs.from_dict(dict(model_type="phi4flash", vocab_size=64, hidden_size=128, intermediate_size=192,
                                     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                                     sliding_window=8, mamba_d_state=4, mamba_d_conv=4, mamba_expand=2,
@@ -319,7 +351,9 @@ def test_fused_mlp_and_gmu_equal_mlx_ops(rows, monkeypatch):
         call = (lambda b: b(x)) if cls is MLP else (lambda b: b(x, memory))
         want = np.asarray(call(block))
         assert cpu_kernels.use_cpu_kernels(block) > 0 and type(block) is not cls
+        gates.clear()
         got = np.asarray(call(block))
+        assert gates == [rows]                                          # the host path ran
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 

@@ -59,6 +59,39 @@ static void silu_mul(float *out, const float *g, const float *v, long n) {
     for (long i = 0; i < n; i++) out[i] = silu1(g[i]) * v[i];
 }
 
+/* out[r][i] = SiLU(g[r][i]) * v[r][i] over m rows of n values (row strides o_ld, g_ld, v_ld; out may
+ * equal g or v), rows spread over the pool: the gates of a prompt block's MLP (m x 10240 values per
+ * layer at the released widths) and GMU, which MLX's CPU back-end computes on one thread. */
+typedef struct {
+    float *out;
+    const float *g, *v;
+    long o_ld, g_ld, v_ld, m, n, rows;
+    long next;
+} silu_rows_t;
+
+static void silu_rows_share(void *arg, int share) {
+    silu_rows_t *a = (silu_rows_t *)arg;
+    (void)share;
+    const long chunks = (a->m + a->rows - 1) / a->rows;
+    for (long c; (c = next_chunk(&a->next)) < chunks;)
+        for (long r = c * a->rows; r < a->m && r < (c + 1) * a->rows; r++)
+            silu_mul(a->out + r * a->o_ld, a->g + r * a->g_ld, a->v + r * a->v_ld, a->n);
+}
+
+PHF_EXPORT int phf_silu_mul_rows(float *out, long o_ld, const float *g, long g_ld, const float *v, long v_ld, long m,
+                                 long n, int threads) {
+    if (m < 0 || n < 0 || o_ld < n || g_ld < n || v_ld < n) return -1;
+    if (m == 0 || n == 0) return 0;
+    silu_rows_t a = {out, g, v, o_ld, g_ld, v_ld, m, n, 1, 0};
+    a.rows = (1L << 14) / n > 1 ? (1L << 14) / n : 1; /* ~64 KB of gate values per chunk */
+    const long chunks = (m + a.rows - 1) / a.rows;
+    if (threads < 1 || m * n < (1L << 15)) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > chunks) threads = (int)chunks;
+    run_shares(silu_rows_share, &a, threads);
+    return 0;
+}
+
 /* ---- the Mamba mixer, one token ------------------------------------------------------------- */
 
 typedef struct {
