@@ -46,16 +46,29 @@ PHF_EXPORT void phf_set_q8(int on) { __atomic_store_n(&q8_on, on ? 1 : 0, __ATOM
 
 PHF_EXPORT int phf_q8(void) { return __atomic_load_n(&q8_on, __ATOMIC_ACQUIRE); }
 
-/* The best SIMD level of this CPU for these products: 2 AVX512-VNNI (+VL), 1 AVX2+FMA, 0 portable C. */
+static int q8_level_cap = Q8_VNNI;
+
+/* The best SIMD level of this CPU for these products: 2 AVX512-VNNI (+VL), 1 AVX2+FMA, 0 portable C;
+ * at most the cap phf_set_q8_level_cap set. */
 PHF_EXPORT int phf_q8_level(void) {
+    const int cap = __atomic_load_n(&q8_level_cap, __ATOMIC_ACQUIRE);
 #ifdef PHF_X86
     __builtin_cpu_init();
     if (!phf_simd()) return Q8_PORTABLE;
-    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) return Q8_VNNI;
-    return Q8_AVX2;
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) return cap < Q8_VNNI ? cap : Q8_VNNI;
+    return cap < Q8_AVX2 ? cap : Q8_AVX2;
 #else
+    (void)cap;
     return Q8_PORTABLE;
 #endif
+}
+
+/* Caps the level every int8-activation product uses (2, 1 or 0: what a CPU with only AVX2, or no
+ * SIMD, would run; tests and measurements on bigger CPUs); returns the previous cap. */
+PHF_EXPORT int phf_set_q8_level_cap(int cap) {
+    if (cap < Q8_PORTABLE) cap = Q8_PORTABLE;
+    if (cap > Q8_VNNI) cap = Q8_VNNI;
+    return __atomic_exchange_n(&q8_level_cap, cap, __ATOMIC_ACQ_REL);
 }
 
 #define Q8_TILE_BYTES (64L * 1024) /* codes per unit of work: a chunk of decode rows, a prefill tile */
@@ -603,6 +616,204 @@ static int q8v_matvec(const float *x, long m, long k, const uint32_t *w, const v
 }
 #endif
 
+#ifdef PHF_X86
+/* ---- one row of x against 4- or 8-bit weights on AVX2 ---------------------------------------
+ *
+ * The same design as the 512-bit mat-vec above for CPUs without AVX-512 (most laptops): the block
+ * kernel's per-group float work held one core to ~13 GB/s of codes. Here one 32-byte vector is one
+ * segment of a weight row (64 4-bit codes, the low nibbles the even columns, or 32 8-bit codes), its
+ * products with x summed into 8 int32 lanes (vpmaddubsw + vpmaddwd; 8-bit codes widened to int16
+ * first, as a pair of 255 * 127 would saturate vpmaddubsw). Eight segments are reduced by a tree of
+ * unpacks and adds, built as the segments arrive (16 registers hold two weight rows' partial trees),
+ * to one vector of 8 segment sums; the float work is then done once for 8 segments. x is stored per
+ * segment as q8_quantize writes it (4 bits: even columns, then odd). Two weight rows per pass share
+ * each load of x. A row of x only (one stream); k a multiple of 8 segments. */
+
+#define Q8A_TARGET "avx2,fma,f16c"
+
+typedef struct {
+    const int8_t *xq;
+    const float *dseg, *sxseg;   /* [segments] */
+    const uint8_t *w;
+    const void *scales, *biases;
+    float *y;
+    long n, groups, row_bytes, segs;
+    int bits, spg, sdtype;
+    long rows_per_task, tasks, next;
+} q8a_t;
+
+/* 8 consecutive segments' scales (or biases) from value i of a row, spread over spg segments each */
+__attribute__((always_inline, target(Q8A_TARGET))) static inline __m256 q8a_sd8(const void *p, long i, int spg,
+                                                                                  int dt) {
+    __m256 v;
+    if (spg == 1) {
+        if (dt == PHF_SD_F32) return _mm256_loadu_ps((const float *)p + i);
+        const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+        if (dt == PHF_SD_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        return _mm256_cvtph_ps(h);
+    }
+    const int values = 8 / spg; /* 4 or 2 */
+    if (dt == PHF_SD_F32)
+        v = _mm256_castps128_ps256(values == 4 ? _mm_loadu_ps((const float *)p + i)
+                                               : _mm_castpd_ps(_mm_load_sd((const double *)((const float *)p + i))));
+    else {
+        uint64_t raw = 0;
+        memcpy(&raw, (const uint16_t *)p + i, sizeof(uint16_t) * (size_t)values);
+        const __m128i h = _mm_cvtsi64_si128((long long)raw);
+        v = dt == PHF_SD_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                              : _mm256_cvtph_ps(h);
+    }
+    const __m256i idx = spg == 2 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3) : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    return _mm256_permutevar8x32_ps(v, idx);
+}
+
+/* the int32 products of one segment (8 lanes to be summed) */
+__attribute__((always_inline, target(Q8A_TARGET))) static inline __m256i q8a_seg(const uint8_t *src, const int8_t *xp,
+                                                                                   const int BITS) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)src);
+    if (BITS == 4) {
+        const __m256i low4 = _mm256_set1_epi8(15);
+        const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xp)),
+                                           _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xp + 32))));
+        return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+    }
+    const __m128i x0 = _mm_loadu_si128((const __m128i *)xp), x1 = _mm_loadu_si128((const __m128i *)(xp + 16));
+    return _mm256_add_epi32(
+        _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(v)), _mm256_cvtepi8_epi16(x0)),
+        _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(v, 1)), _mm256_cvtepi8_epi16(x1)));
+}
+
+/* two segment vectors -> lanes (per 128-bit half) [a0+a2, b0+b2, a1+a3, b1+b3] */
+__attribute__((always_inline, target(Q8A_TARGET))) static inline __m256i q8a_pair(__m256i a, __m256i b) {
+    return _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
+}
+
+/* two pairs -> per 128-bit half, the sums of that half of each of the 4 segments */
+__attribute__((always_inline, target(Q8A_TARGET))) static inline __m256i q8a_quad(__m256i a, __m256i b) {
+    return _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
+}
+
+/* weight rows n .. n + NR - 1 (NR 1 or 2) against the row of x */
+__attribute__((always_inline, target(Q8A_TARGET))) static inline void q8a_block(const q8a_t *j, long n, const int NR,
+                                                                                 long ahead, const int BITS) {
+    const uint8_t *wr[2];
+    for (int r = 0; r < NR; r++) wr[r] = j->w + (n + r) * j->row_bytes;
+    const long xstep = BITS == 4 ? 64 : 32;
+    __m256 acc[2], bacc[2];
+    for (int r = 0; r < NR; r++) acc[r] = bacc[r] = _mm256_setzero_ps();
+    for (long seg = 0; seg < j->segs; seg += 8) {
+        __m256i quad[2][2];
+#pragma GCC unroll 2
+        for (int q = 0; q < 2; q++) {
+            __m256i pair[2][2];
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                const long s0 = seg + 4 * q + 2 * h;
+                const int8_t *x0 = j->xq + s0 * xstep;
+                __m256i a[2], b[2];
+                for (int r = 0; r < NR; r++) {
+                    const uint8_t *src = wr[r] + s0 * 32;
+                    if (ahead) _mm_prefetch((const char *)(src + ahead), _MM_HINT_T1);
+                    a[r] = q8a_seg(src, x0, BITS);
+                    b[r] = q8a_seg(src + 32, x0 + xstep, BITS);
+                }
+                for (int r = 0; r < NR; r++) pair[r][h] = q8a_pair(a[r], b[r]);
+            }
+            for (int r = 0; r < NR; r++) quad[r][q] = q8a_quad(pair[r][0], pair[r][1]);
+        }
+        const __m256 d = _mm256_loadu_ps(j->dseg + seg), sx = _mm256_loadu_ps(j->sxseg + seg);
+        for (int r = 0; r < NR; r++) {
+            /* lanes 0-3: segments 0-3, lanes 4-7: segments 4-7, each the sum of both 128-bit halves */
+            const __m256i lo = _mm256_permute2x128_si256(quad[r][0], quad[r][1], 0x20);
+            const __m256i hi = _mm256_permute2x128_si256(quad[r][0], quad[r][1], 0x31);
+            const long at = (n + r) * j->groups + seg / j->spg;
+            const __m256 sc = q8a_sd8(j->scales, at, j->spg, j->sdtype);
+            const __m256 bi = q8a_sd8(j->biases, at, j->spg, j->sdtype);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi)), _mm256_mul_ps(d, sc), acc[r]);
+            bacc[r] = _mm256_fmadd_ps(bi, sx, bacc[r]);
+        }
+    }
+    for (int r = 0; r < NR; r++) j->y[n + r] = hsum256(_mm256_add_ps(acc[r], bacc[r]));
+}
+
+#define Q8A_FNS(B_)                                                                                        \
+    __attribute__((noinline, target(Q8A_TARGET))) static void q8a_pair##B_(const q8a_t *j, long n, long ahead) { \
+        q8a_block(j, n, 2, ahead, B_);                                                                        \
+    }                                                                                                        \
+    __attribute__((noinline, target(Q8A_TARGET))) static void q8a_single##B_(const q8a_t *j, long n) {          \
+        q8a_block(j, n, 1, 0, B_);                                                                            \
+    }
+Q8A_FNS(4) Q8A_FNS(8)
+#undef Q8A_FNS
+
+static void q8a_share(void *arg, int share) {
+    q8a_t *j = (q8a_t *)arg;
+    (void)share;
+    const long pf = __atomic_load_n(&q8v_prefetch, __ATOMIC_ACQUIRE), rb = j->row_bytes;
+    for (long t; (t = next_chunk(&j->next)) < j->tasks;) {
+        const long n0 = t * j->rows_per_task, n1 = n0 + j->rows_per_task < j->n ? n0 + j->rows_per_task : j->n;
+        const long lead = n0 + 2 * pf < n1 ? n0 + 2 * pf : n1;  /* (prefetch within the task, as above) */
+        for (const uint8_t *p = j->w + n0 * rb, *e = j->w + lead * rb; p < e; p += 64)
+            _mm_prefetch((const char *)p, _MM_HINT_T1);
+        long n = n0;
+        for (; n + 2 <= n1; n += 2) {
+            const long ahead = pf && n + 2 * pf + 2 <= n1 ? 2 * pf * rb : 0;
+            if (j->bits == 4) q8a_pair4(j, n, ahead);
+            else q8a_pair8(j, n, ahead);
+        }
+        if (n < n1) {
+            if (j->bits == 4) q8a_single4(j, n);
+            else q8a_single8(j, n);
+        }
+    }
+}
+
+/* One row of x; 4-bit codes in groups of 64 or 128, 8-bit codes in groups of 32, 64 or 128; a
+ * multiple of 8 segments per row (k % 512 == 0 at 4 bits, k % 256 == 0 at 8); 16-bit scales need
+ * F16C. Returns 0 when done here, -1 to leave the product to the block kernel (nothing written). */
+static int q8a_matvec(const float *x, long m, long k, const uint32_t *w, const void *scales, const void *biases,
+                      int sdtype, long n, int bits, int group_size, float *y, int threads) {
+    if (m != 1 || !phf_simd() || (sdtype == PHF_SD_F16 && !phf_f16c())) return -1;
+    if (!(bits == 4 && (group_size == 64 || group_size == 128)) &&
+        !(bits == 8 && (group_size == 32 || group_size == 64 || group_size == 128)))
+        return -1;
+    const long seg_cols = bits == 4 ? 64 : 32, groups = k / group_size, segs = k / seg_cols;
+    if (k % seg_cols != 0 || segs % 8 != 0) return -1;
+    int8_t *xq = (int8_t *)malloc((size_t)k);
+    float *f = (float *)malloc(sizeof(float) * (size_t)(2 * groups + 2 * segs));
+    if (!xq || !f) {
+        free(xq);
+        free(f);
+        return -1;
+    }
+    float *d = f, *sx = d + groups, *dseg = sx + groups, *sxseg = dseg + segs;
+    q8_quantize(x, 1, k, group_size, bits == 4, 1, xq, d, sx);
+    const int spg = (int)(group_size / seg_cols);
+    for (long s = 0; s < segs; s++) {
+        dseg[s] = d[s / spg];
+        sxseg[s] = s % spg == 0 ? sx[s / spg] : 0.0f;
+    }
+    q8a_t j;
+    j.xq = xq; j.dseg = dseg; j.sxseg = sxseg; j.w = (const uint8_t *)w; j.scales = scales; j.biases = biases;
+    j.y = y; j.n = n; j.groups = groups; j.row_bytes = k * bits / 8; j.segs = segs; j.bits = bits; j.spg = spg;
+    j.sdtype = sdtype;
+    if (threads < 1 || n * k < (1L << 20)) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (n < 8L * threads) threads = (int)(n / 8) > 0 ? (int)(n / 8) : 1;
+    long rows = 4 * Q8_TILE_BYTES / j.row_bytes + 1; /* tasks as the 512-bit mat-vec's */
+    if (rows > n / (8L * threads) + 1) rows = n / (8L * threads) + 1;
+    if (rows > 2) rows -= rows % 2;
+    j.rows_per_task = rows;
+    j.tasks = (n + rows - 1) / rows;
+    j.next = 0;
+    run_shares(q8a_share, &j, threads);
+    free(xq);
+    free(f);
+    return 0;
+}
+#endif
+
 /*
  * y[m, n] = x[m, k] @ dequantize(w, scales, biases)[n, k]^T with x quantized to int8 per group (see the
  * top of this file); same arguments and layout as phf_qmatvec_sd (scales and biases float32, float16
@@ -625,6 +836,8 @@ PHF_EXPORT int phf_q8_matmul_sd(const float *x, long m, long k, const uint32_t *
     if (level < 0 || level > best) level = best;
 #ifdef PHF_X86
     if (level == Q8_VNNI && q8v_matvec(x, m, k, w, scales, biases, sdtype, n, bits, group_size, y, threads) == 0)
+        return 0;
+    if (level == Q8_AVX2 && q8a_matvec(x, m, k, w, scales, biases, sdtype, n, bits, group_size, y, threads) == 0)
         return 0;
 #endif
     /* 4-bit SIMD works on 64 columns at a time */
