@@ -458,7 +458,9 @@ static int attention_layer(float *h, const phf_layer *L, const phf_layer *own, c
                            const void **fresh_v, float *scratch_f32, long H, int threads) {
     const long nh = L->nh, hd = L->hd, hs = nh / 2;
     const long P = own->nkv / 2, dv = 2 * hd;
-    if (P <= 0 || hs % P != 0 || L->in_proj->k != H || L->out_proj->k != nh * hd || L->out_proj->n != H) return -1;
+    if (P <= 0 || hs % P != 0 || L->hd != own->hd || L->in_proj->k != H || L->out_proj->k != nh * hd ||
+        L->out_proj->n != H)
+        return -1;
     const long r = hs / P, rows_qkv = L->in_proj->n;
     if (rows_qkv < nh * hd || (L == own && rows_qkv != (nh + 2 * own->nkv) * hd)) return -1;
     float *buf = (float *)malloc(sizeof(float) * (size_t)(H + rows_qkv + nh * hd + P * 2 * r * dv + nh * hd + H));
