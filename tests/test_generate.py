@@ -9,7 +9,7 @@ import phiflash_mlx
 import reference
 from phiflash_mlx.errors import PhiflashError
 from phiflash_mlx.generate import (ChatSession, Generator, ReasoningSplitter, SamplingParams, Sampler,
-                                   StopStringFilter, filter_logprobs, split_reasoning)
+                                   StopStringFilter, _pick, filter_logprobs, nucleus_host, split_reasoning)
 from chat_fixture import build_chat_model_dir
 from conftest import GOLDEN_MODELS, golden_path
 
@@ -38,14 +38,10 @@ def test_greedy_matches_reference_argmax():
     assert got == ids[len(prompt):]
 
 
-@settings(max_examples=30)
-@given(seed=st.integers(0, 2**20), V=st.integers(2, 40), top_k=st.integers(0, 10),
-       top_p=st.floats(0.05, 1.0), min_p=st.sampled_from([0.0, 0.05, 0.3]))
-def test_filters_never_emit_excluded_tokens(seed, V, top_k, top_p, min_p):
-    rng = np.random.default_rng(seed)
-    logits = rng.normal(0, 3, V).astype(np.float32)
-    lp = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
-    # allowed set computed independently, in numpy: each filter on its own keeps a set; keep the intersection
+def _allowed(lp, top_k, top_p, min_p):
+    """The tokens the filters allow, written out independently in NumPy: each filter on its own keeps
+    a set; the nucleus is computed over the renormalised survivors of the others."""
+    V = lp.shape[0]
     order = np.argsort(-lp, kind="stable")
     allowed = np.ones(V, bool)
     if 0 < top_k < V:
@@ -54,7 +50,6 @@ def test_filters_never_emit_excluded_tokens(seed, V, top_k, top_p, min_p):
         allowed &= lp >= lp.max() + np.log(min_p)
     if top_p < 1:
         probs = np.exp(lp)
-        # after top-k/min-p, the nucleus is computed over the renormalised survivors
         probs = np.where(allowed, probs, 0) / np.where(allowed, probs, 0).sum()
         ranked = [i for i in order if allowed[i]]
         mass, nucleus = 0.0, set()
@@ -64,13 +59,76 @@ def test_filters_never_emit_excluded_tokens(seed, V, top_k, top_p, min_p):
             nucleus.add(i)
             mass += probs[i]
         allowed &= np.isin(np.arange(V), list(nucleus))
-    filtered = np.array(filter_logprobs(mx.array(lp[None]), top_p, top_k, min_p))[0]
+    return allowed
+
+
+def _log_softmax(logits):
+    return logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+
+
+@settings(max_examples=30)
+@given(seed=st.integers(0, 2**20), V=st.integers(2, 40), top_k=st.integers(0, 10),
+       top_p=st.floats(0.05, 1.0), min_p=st.sampled_from([0.0, 0.05, 0.3]))
+def test_filters_never_emit_excluded_tokens(seed, V, top_k, top_p, min_p):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 3, V).astype(np.float32)
+    allowed = _allowed(_log_softmax(logits), top_k, top_p, min_p)
+    filtered = np.array(filter_logprobs(mx.array(_log_softmax(logits)[None]), top_p, top_k, min_p))[0]
     kept = np.isfinite(filtered)
     assert kept.any()
     assert not (kept & ~allowed).any(), "a token outside the allowed set survived"
     sampler = Sampler(SamplingParams(temp=1.0, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed))
     for _ in range(5):
         assert kept[int(sampler(mx.array(logits[None])).item())]
+
+
+@settings(max_examples=40)
+@given(seed=st.integers(0, 2**20), V=st.integers(2, 3000), top_k=st.integers(0, 50),
+       top_p=st.floats(0.05, 1.0), min_p=st.sampled_from([0.0, 0.01, 0.3]), spread=st.sampled_from([0.5, 3.0, 12.0]))
+def test_host_nucleus_is_the_allowed_set(seed, V, top_k, top_p, min_p, spread):
+    """nucleus_host (the CPU sampler's filters, which sort only the tokens that can be in the
+    nucleus) keeps exactly the tokens the written-out filters allow, most likely first under top-p."""
+    rng = np.random.default_rng(seed)
+    lp = _log_softmax(rng.normal(0, spread, V))
+    want = _allowed(lp, top_k, top_p, min_p)
+    ids = nucleus_host(np.exp(lp - lp.max()), top_p, top_k, min_p)
+    got = np.zeros(V, bool)
+    got[ids] = True
+    assert len(ids) == got.sum() and (got == want).all(), (np.flatnonzero(got ^ want), len(ids))
+    if top_p < 1:
+        assert (np.diff(lp[ids]) <= 0).all()
+
+
+@pytest.mark.parametrize("n", [1, 7, 1024, 1025, 200064])
+def test_pick_follows_the_running_sum(n):
+    """_pick (the CPU sampler's draw) returns the index whose share of the running sum holds u, the
+    same as a search over the whole running sum, also across its blocks and a partial last block."""
+    rng = np.random.default_rng(n)
+    w = rng.random(n).astype(np.float32) ** 4
+    w[rng.random(n) < 0.2] = 0                       # excluded tokens: weight 0, never picked
+    if not w.any():
+        w[0] = 1
+    cdf = np.cumsum(w, dtype=np.float64)
+    for u in np.concatenate([rng.random(200), [0.0, 1 - 1e-12]]):
+        j = _pick(w, float(u))
+        assert w[j] > 0
+        assert cdf[j] - w[j] <= u * cdf[-1] * (1 + 1e-9) + 1e-12 and u * cdf[-1] <= cdf[j] * (1 + 1e-9) + 1e-12
+
+
+def test_cpu_draws_follow_the_filtered_distribution():
+    """The host draw, seeded: over 20000 draws each allowed token comes up in proportion to its
+    tempered probability renormalised over the allowed set (within 0.015), others never."""
+    logits = np.array([2.0, 1.5, 1.0, 0.2, -1.0, -3.0, 0.9], np.float32)
+    temp, top_p = 0.7, 0.9
+    lp = _log_softmax(logits / temp)
+    allowed = _allowed(lp, 0, top_p, 0.0)
+    want = np.where(allowed, np.exp(lp), 0)
+    want /= want.sum()
+    sampler = Sampler(SamplingParams(temp=temp, top_p=top_p, seed=3))
+    draws = np.asarray(sampler(mx.array(np.repeat(logits[None], 20000, axis=0))))
+    freq = np.bincount(draws, minlength=len(logits)) / len(draws)
+    assert (freq[~allowed] == 0).all()
+    assert np.abs(freq - want).max() < 0.015, (freq, want)
 
 
 def test_seed_is_reproducible(chat_model):
