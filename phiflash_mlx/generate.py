@@ -87,9 +87,10 @@ def nucleus_host(prob: np.ndarray, top_p: float = 1.0, top_k: int = 0, min_p: fl
     """The token ids `filter_logprobs` keeps, from one row of probabilities (V,) (float32 or float64,
     any positive scale), without sorting the vocabulary: top-k and min-p make the survivors S; a
     survivor whose share of S's mass is below (1 - top_p) / |S| cannot be in the nucleus (every token
-    ranked at or after it together holds less than 1 - top_p), so only the others are sorted, most
-    likely first (ties by id), and kept while the mass ranked above them is below top_p. With top_p
-    < 1 the ids come most likely first, else in id order."""
+    ranked at or after it together holds less than 1 - top_p). Of the others, a token stays while the
+    mass ranked above it is below top_p: few of them are sorted; many (a flat distribution) are put
+    in buckets of log-probability, the bucket where the mass reaches top_p is found from the
+    buckets' masses, and only that bucket is sorted. Ids in no particular order."""
     V = prob.shape[0]
     survive = None
     if 0 < top_k < V:
@@ -98,7 +99,7 @@ def nucleus_host(prob: np.ndarray, top_p: float = 1.0, top_k: int = 0, min_p: fl
     if min_p > 0:
         at_least = prob >= prob.max() * min_p
         survive = at_least if survive is None else survive & at_least
-    if top_p >= 1.0:                                               # (no nucleus: in id order)
+    if top_p >= 1.0:
         return np.flatnonzero(survive) if survive is not None else np.arange(V)
     mass = float(prob.sum(dtype=np.float64) if survive is None else prob[survive].sum(dtype=np.float64))
     count = V if survive is None else int(survive.sum())
@@ -106,10 +107,25 @@ def nucleus_host(prob: np.ndarray, top_p: float = 1.0, top_k: int = 0, min_p: fl
     if survive is not None:
         cand &= survive
     ids = np.flatnonzero(cand)
+    above, sure = 0.0, ids[:0]
+    if len(ids) > _SORT_AT_MOST:
+        pc = prob[ids].astype(np.float64)
+        logs = np.log(pc)
+        top, span = logs.max(), max(logs.max() - logs.min(), 1e-30)
+        bucket = ((top - logs) * ((_BUCKETS - 1) / span)).astype(np.int64)      # 0: the most likely
+        bmass = np.bincount(bucket, weights=pc, minlength=_BUCKETS) / mass
+        before = np.cumsum(bmass) - bmass                                   # mass of the buckets above
+        last = int(np.flatnonzero(before < top_p)[-1])                      # the bucket where it is reached
+        sure, above = ids[bucket < last], float(before[last])
+        ids = ids[bucket == last]
     ids = ids[np.argsort(-prob[ids], kind="stable")]
     q = prob[ids].astype(np.float64) / mass
-    before = np.cumsum(q) - q
-    return ids[before < top_p]                                     # the first always stays
+    before = above + np.cumsum(q) - q
+    return np.concatenate([sure, ids[before < top_p]])                 # (the most likely always stays)
+
+
+_SORT_AT_MOST = 2048   # candidates sorted as they are; more go through the buckets
+_BUCKETS = 4096
 
 
 def _pick(weights: np.ndarray, u: float, block: int = 256) -> int:
