@@ -35,6 +35,22 @@ def _on_sigint(signum, frame):
     raise KeyboardInterrupt
 
 
+def _import_extensions() -> None:
+    """Import NumPy and MLX with Ctrl-C held back until they are in: an interrupt that lands while
+    MLX's extension builds its enums aborts the process from inside the extension ("Critical
+    nanobind error" and a traceback, whatever Python does with it). A Ctrl-C pressed meanwhile is
+    delivered right after, as KeyboardInterrupt."""
+    block = getattr(signal, "pthread_sigmask", None)
+    if block is None or "mlx.core" in sys.modules:
+        return
+    previous = block(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        import numpy  # noqa: F401
+        import mlx.core  # noqa: F401
+    finally:
+        block(signal.SIG_SETMASK, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 success, 1 a one-line error, 2 a usage error, 130 interrupted (Ctrl-C), 141 the
     reader of the output went away (`| head`): quietly, as other command-line tools do."""
@@ -42,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
     try:
+        _import_extensions()
         parser = build_parser()                  # imports the command modules (and MLX): Ctrl-C may land here
         args = parser.parse_args(argv)
         command = args.command
