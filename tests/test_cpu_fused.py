@@ -389,3 +389,44 @@ def test_bfloat16_model_decodes_like_the_plain_one(monkeypatch):
     assert "_whole_step" not in counts and counts.get("_mamba_unit", 0) > 0, counts
     err_fast, err_plain = np.abs(outs[1] - outs[0]).max(), np.abs(outs[2] - outs[0]).max()
     assert err_fast <= 1.5 * err_plain + 0.02, (err_fast, err_plain)
+
+
+@needs_fused
+def test_whole_step_follows_replaced_weights(monkeypatch):
+    """The one-call step keeps each layer's host description while the layer's modules and arrays are
+    the same objects: after decode steps, new weights for a LayerNorm, a quantized product (new codes,
+    scales and biases), the differential sub-LN and lambda, and a swapped-in quantized module are all
+    used by the next steps, as the plain model with the same changes computes them (within 1e-4)."""
+    plain, fast, (cache_p, cache_f) = _prefilled_pair()
+    lib = cpu_kernels._fused_library()
+    real, done = lib.phf_decode_layers, []
+    monkeypatch.setattr(lib, "phf_decode_layers", lambda *a: done.append(real(*a) == 0) or done[-1] - 1)
+
+    def steps(tokens):
+        for tok in tokens:
+            got = np.asarray(fast(mx.array([[tok]]), cache=cache_f))
+            np.testing.assert_allclose(got, np.asarray(plain(mx.array([[tok]]), cache=cache_p)), rtol=1e-4, atol=1e-4)
+
+    steps([3, 14, 15])                          # (the first step after the prompt trims the window: units)
+    assert done[-2:] == [True, True]
+    kinds = [layer.kind for layer in plain.layers]
+    fc = plain.layers[kinds.index("global")].mlp.fc1
+    w = mx.random.normal((fc.weight.shape[0], fc.weight.shape[1] * 32 // fc.bits), key=mx.random.key(5)) * 0.05
+    codes = dict(zip(("weight", "scales", "biases"), mx.quantize(w, group_size=fc.group_size, bits=fc.bits)))
+    fc2 = plain.layers[-1].mlp.fc2
+    w2 = mx.random.normal((fc2.weight.shape[0], fc2.weight.shape[1] * 32 // fc2.bits), key=mx.random.key(6)) * 0.05
+    swapped = dict(zip(("weight", "scales", "biases"), mx.quantize(w2, group_size=fc2.group_size, bits=fc2.bits)))
+    for model in (plain, fast):
+        layers = model.layers
+        ln = layers[0].input_layernorm
+        ln.weight = ln.weight * 1.3 + 0.1
+        inner = layers[kinds.index("swa")].attn.inner_cross_attn
+        inner.subln.weight = inner.subln.weight * 1.7
+        inner.lambda_q1 = inner.lambda_q1 + 0.3
+        layers[kinds.index("global")].mlp.fc1.update(dict(codes))
+        new = nn.QuantizedLinear(w2.shape[1], w2.shape[0], bias=False, group_size=fc2.group_size, bits=fc2.bits)
+        new.update(dict(swapped))
+        layers[-1].mlp.fc2 = new
+    done.clear()
+    steps([7, 21])
+    assert done == [True, True]

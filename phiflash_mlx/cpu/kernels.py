@@ -1468,19 +1468,21 @@ L_MAMBA, L_GMU, L_ATTN, L_CROSS = 0, 1, 2, 3            # phf_layer.kind
 L_MEMORY, L_SHARES, L_STORE16 = 1, 2, 4                  # phf_layer.flags
 
 
-def _sources(module, depth: int) -> list:
-    """A module, its arrays and (down to `depth` levels) its submodules and theirs: what a layer's host
-    description is made from (compared by identity: new weights, an adapter or a swapped module make
-    a new description)."""
+def _modules(module, depth: int) -> list:
+    """A module and (down to `depth` levels) its submodules: what a layer's host description is made
+    from."""
     out = [module]
-    for v in module.values():
-        if isinstance(v, mx.array):
-            out.append(v)
-        elif isinstance(v, nn.Module):
-            out += _sources(v, depth - 1) if depth > 0 else [v]
-        else:
-            out.append(v)
+    if depth > 0:
+        for v in module.values():
+            if isinstance(v, nn.Module):
+                out += _modules(v, depth - 1)
     return out
+
+
+def _snapshot(modules: list) -> tuple:
+    """Who each module's entries are (ids; the caller keeps the objects alive): new weights, an
+    adapter, a swapped or added submodule change it."""
+    return tuple(tuple(map(id, m.values())) for m in modules)
 
 
 class _LayerHost:
@@ -1488,10 +1490,13 @@ class _LayerHost:
     copies made once), or `struct` None where the layer's modules are not ones the step covers. Kept
     in the layer's __dict__ while its modules and arrays are the same objects."""
 
-    def __init__(self, layer, H: int, sources: list):
+    def __init__(self, layer, H: int):
         from ..models.phi4flash import CROSS, GLOBAL, GMU, MAMBA, MAMBA_MEM, SWA
 
-        self.sources = sources
+        self.H = H
+        self.modules = _modules(layer, 3)
+        self.held = [tuple(m.values()) for m in self.modules]      # (keeps the ids below meaningful)
+        self.ids = _snapshot(self.modules)
         self.struct = None
         kind = getattr(layer, "kind", None)
         if not (_layer_norm_applies(layer.input_layernorm, H) and _mlp_applies(layer, H)):
@@ -1542,12 +1547,9 @@ class _LayerHost:
 
     @classmethod
     def of(cls, layer, H: int) -> "_LayerHost":
-        sources = _sources(layer, 4)
         held = layer.__dict__.get("_phf_layer_host")
-        if (held is None or held.H != H or len(held.sources) != len(sources)
-                or any(x is not y for x, y in zip(held.sources, sources))):
-            held = cls(layer, H, sources)
-            held.H = H
+        if held is None or held.H != H or _snapshot(held.modules) != held.ids:
+            held = cls(layer, H)
             layer.__dict__["_phf_layer_host"] = held
         return held
 
