@@ -308,6 +308,34 @@ PHF_EXPORT int phf_set_q8v_prefetch(int pairs) {
 }
 
 #ifdef PHF_X86
+/* The decode mat-vecs' split of n weight rows of row_bytes over the pool: tasks of ~256 KB of codes
+ * (each starts its prefetch anew), at least 8 per thread, an even number of rows (pairs); sets
+ * *threads (fewer for a small product) and returns the rows per task. */
+static long q8_decode_tasks(long n, long k, long row_bytes, int *threads) {
+    int t = *threads;
+    if (t < 1 || n * k < (1L << 20)) t = 1;
+    if (t > MAX_THREADS) t = MAX_THREADS;
+    if (n < 8L * t) t = (int)(n / 8) > 0 ? (int)(n / 8) : 1;
+    long rows = 4 * Q8_TILE_BYTES / row_bytes + 1;
+    if (rows > n / (8L * t) + 1) rows = n / (8L * t) + 1;
+    if (rows > 2) rows -= rows % 2;
+    *threads = t;
+    return rows;
+}
+
+/* Per segment of each of m rows of x: d of the segment's group, and the group's sum of x on its first
+ * segment only (0 on the others), so that the bias term counts once per group. */
+static void q8_segment_terms(const float *d, const float *sx, long m, long groups, long segs, int spg, float *dseg,
+                             float *sxseg) {
+    for (long r = 0; r < m; r++)
+        for (long s = 0; s < segs; s++) {
+            dseg[r * segs + s] = d[r * groups + s / spg];
+            sxseg[r * segs + s] = s % spg == 0 ? sx[r * groups + s / spg] : 0.0f;
+        }
+}
+#endif
+
+#ifdef PHF_X86
 /* ---- decode rows of x against 4- or 8-bit weights on 512-bit VNNI ------------------------------
  *
  * The block kernel above spends its time on per-group float work: for every 32 bytes of codes it
@@ -588,26 +616,14 @@ static int q8v_matvec(const float *x, long m, long k, const uint32_t *w, const v
         memcpy(xq + c + 64, tmp, 32);
     }
     const int spg = (int)(group_size / seg_cols);
-    for (long r = 0; r < m; r++)
-        for (long s = 0; s < segs; s++) {
-            dseg[r * segs + s] = d[r * groups + s / spg];
-            sxseg[r * segs + s] = s % spg == 0 ? sx[r * groups + s / spg] : 0.0f;
-        }
+    q8_segment_terms(d, sx, m, groups, segs, spg, dseg, sxseg);
     q8v_t j;
     j.xq = xq; j.dseg = dseg; j.sxseg = sxseg; j.w = (const uint8_t *)w; j.scales = scales; j.biases = biases;
     j.y = y; j.m = m; j.k = k; j.n = n; j.groups = groups; j.row_bytes = k * bits / 8; j.loads = j.row_bytes / 64;
     j.spg = spg; j.segs = segs; j.bits = bits;
     j.sdtype = sdtype;
-    if (threads < 1 || n * k < (1L << 20)) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (n < 8L * threads) threads = (int)(n / 8) > 0 ? (int)(n / 8) : 1;
-    /* tasks of ~256 KB of codes (each starts its prefetch anew), at least 8 per thread, an even
-     * number of rows */
-    long rows = 4 * Q8_TILE_BYTES / j.row_bytes + 1;
-    if (rows > n / (8L * threads) + 1) rows = n / (8L * threads) + 1;
-    if (rows > 2) rows -= rows % 2;
-    j.rows_per_task = rows;
-    j.tasks = (n + rows - 1) / rows;
+    j.rows_per_task = q8_decode_tasks(n, k, j.row_bytes, &threads);
+    j.tasks = (n + j.rows_per_task - 1) / j.rows_per_task;
     j.next = 0;
     run_shares(q8v_share, &j, threads);
     free(xq);
@@ -790,22 +806,13 @@ static int q8a_matvec(const float *x, long m, long k, const uint32_t *w, const v
     float *d = f, *sx = d + groups, *dseg = sx + groups, *sxseg = dseg + segs;
     q8_quantize(x, 1, k, group_size, bits == 4, 1, xq, d, sx);
     const int spg = (int)(group_size / seg_cols);
-    for (long s = 0; s < segs; s++) {
-        dseg[s] = d[s / spg];
-        sxseg[s] = s % spg == 0 ? sx[s / spg] : 0.0f;
-    }
+    q8_segment_terms(d, sx, 1, groups, segs, spg, dseg, sxseg);
     q8a_t j;
     j.xq = xq; j.dseg = dseg; j.sxseg = sxseg; j.w = (const uint8_t *)w; j.scales = scales; j.biases = biases;
     j.y = y; j.n = n; j.groups = groups; j.row_bytes = k * bits / 8; j.segs = segs; j.bits = bits; j.spg = spg;
     j.sdtype = sdtype;
-    if (threads < 1 || n * k < (1L << 20)) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (n < 8L * threads) threads = (int)(n / 8) > 0 ? (int)(n / 8) : 1;
-    long rows = 4 * Q8_TILE_BYTES / j.row_bytes + 1; /* tasks as the 512-bit mat-vec's */
-    if (rows > n / (8L * threads) + 1) rows = n / (8L * threads) + 1;
-    if (rows > 2) rows -= rows % 2;
-    j.rows_per_task = rows;
-    j.tasks = (n + rows - 1) / rows;
+    j.rows_per_task = q8_decode_tasks(n, k, j.row_bytes, &threads);
+    j.tasks = (n + j.rows_per_task - 1) / j.rows_per_task;
     j.next = 0;
     run_shares(q8a_share, &j, threads);
     free(xq);
