@@ -305,19 +305,20 @@ def test_decode_rows_kernel(dtype, bits, group_size, m, n, loads, threads, prefe
 @pytest.mark.skipif(BEST < 1, reason="needs AVX2")
 @settings(max_examples=30, deadline=None)
 @given(dtype=st.sampled_from(["float32", "float16", "bfloat16"]), bits=st.sampled_from([4, 8]),
-       group_size=st.sampled_from([32, 64, 128]), n=st.integers(1, 41), blocks=st.integers(1, 6),
-       threads=st.integers(1, 4), prefetch=st.integers(0, 3), zero_group=st.none() | st.integers(0, 3),
-       seed=st.integers(0, 2 ** 16))
-def test_decode_row_kernel_avx2(dtype, bits, group_size, n, blocks, threads, prefetch, zero_group, seed):
-    """The AVX2 mat-vec of one row of x (what CPUs without AVX-512 run for a decode step; forced here
-    with the level cap): 4-bit codes in groups of 64 / 128, 8-bit in groups of 32-128 (4-bit groups of
-    32 take the block kernel), rows of 1-6 blocks of 8 segments, odd numbers of weight rows, several
-    tasks, every prefetch distance, 16-bit scales and biases read as stored; against the float64
-    emulation of the int8 product."""
+       group_size=st.sampled_from([32, 64, 128]), m=st.sampled_from([1, 1, 2, 3, 4, 5, 8, 15]),
+       n=st.integers(1, 41), blocks=st.integers(1, 6), threads=st.integers(1, 4), prefetch=st.integers(0, 3),
+       zero_group=st.none() | st.integers(0, 3), seed=st.integers(0, 2 ** 16))
+def test_decode_rows_kernel_avx2(dtype, bits, group_size, m, n, blocks, threads, prefetch, zero_group, seed):
+    """The AVX2 mat-vec (what CPUs without AVX-512 run for a decode step; forced here with the level
+    cap): one row of x (weight rows in pairs) or 2-15 (a batch of streams, up to four per pass over a
+    weight row, the rest in a shorter group); 4-bit codes in groups of 64 / 128, 8-bit in groups of
+    32-128 (4-bit groups of 32 take the block kernel), rows of 1-6 blocks of 8 segments, odd numbers
+    of weight rows, several tasks, every prefetch distance, 16-bit scales and biases read as stored;
+    against the float64 emulation of the int8 product."""
     rng = np.random.default_rng(seed)
     k = blocks * 8 * (64 if bits == 4 else 32)
     k -= k % group_size
-    x, codes, _, _ = random_case(rng, 1, n, k, bits, group_size, zero_group, 0)
+    x, codes, _, _ = random_case(rng, m, n, k, bits, group_size, zero_group, 0)
     s16, s64 = to_16(spread(rng, (n, k // group_size)), dtype)
     b16, b64 = to_16(spread(rng, (n, k // group_size)), dtype)
     old_cap, old_pf = LIB.phf_set_q8_level_cap(1), LIB.phf_set_q8v_prefetch(prefetch)

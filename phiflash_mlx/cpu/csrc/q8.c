@@ -642,18 +642,20 @@ static int q8v_matvec(const float *x, long m, long k, const uint32_t *w, const v
  * first, as a pair of 255 * 127 would saturate vpmaddubsw). Eight segments are reduced by a tree of
  * unpacks and adds, built as the segments arrive (16 registers hold two weight rows' partial trees),
  * to one vector of 8 segment sums; the float work is then done once for 8 segments. x is stored per
- * segment as q8_quantize writes it (4 bits: even columns, then odd). Two weight rows per pass share
- * each load of x. A row of x only (one stream); k a multiple of 8 segments. */
+ * segment as q8_quantize writes it (4 bits: even columns, then odd). One row of x goes against two
+ * weight rows per pass, which share each load of x; several rows of x (a batch of streams) go up to
+ * four at a time against one weight row, which each segment of codes loaded serves. k a multiple of
+ * 8 segments. */
 
 #define Q8A_TARGET "avx2,fma,f16c"
 
 typedef struct {
-    const int8_t *xq;
-    const float *dseg, *sxseg;   /* [segments] */
+    const int8_t *xq;            /* [m, k] */
+    const float *dseg, *sxseg;   /* [m, segments] */
     const uint8_t *w;
     const void *scales, *biases;
-    float *y;
-    long n, groups, row_bytes, segs;
+    float *y;                    /* [m, n] */
+    long m, k, n, groups, row_bytes, segs;
     int bits, spg, sdtype;
     long rows_per_task, tasks, next;
 } q8a_t;
@@ -683,21 +685,37 @@ __attribute__((always_inline, target(Q8A_TARGET))) static inline __m256 q8a_sd8(
     return _mm256_permutevar8x32_ps(v, idx);
 }
 
-/* the int32 products of one segment (8 lanes to be summed) */
-__attribute__((always_inline, target(Q8A_TARGET))) static inline __m256i q8a_seg(const uint8_t *src, const int8_t *xp,
-                                                                                   const int BITS) {
+/* one segment of a weight row, ready for the products: 4 bits: the low and the high nibbles; 8 bits:
+ * the two halves widened to int16 */
+typedef struct {
+    __m256i a, b;
+} q8a_codes;
+
+__attribute__((always_inline, target(Q8A_TARGET))) static inline q8a_codes q8a_load(const uint8_t *src, const int BITS) {
     const __m256i v = _mm256_loadu_si256((const __m256i *)src);
+    q8a_codes c;
     if (BITS == 4) {
         const __m256i low4 = _mm256_set1_epi8(15);
-        const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xp)),
-                                           _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xp + 32))));
+        c.a = _mm256_and_si256(v, low4);
+        c.b = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    } else {
+        c.a = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(v));
+        c.b = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(v, 1));
+    }
+    return c;
+}
+
+/* the int32 products of one segment with x (8 lanes to be summed) */
+__attribute__((always_inline, target(Q8A_TARGET))) static inline __m256i q8a_dot(q8a_codes c, const int8_t *xp,
+                                                                                   const int BITS) {
+    if (BITS == 4) {
+        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(c.a, _mm256_loadu_si256((const __m256i *)xp)),
+                                           _mm256_maddubs_epi16(c.b, _mm256_loadu_si256((const __m256i *)(xp + 32))));
         return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
     }
     const __m128i x0 = _mm_loadu_si128((const __m128i *)xp), x1 = _mm_loadu_si128((const __m128i *)(xp + 16));
-    return _mm256_add_epi32(
-        _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(v)), _mm256_cvtepi8_epi16(x0)),
-        _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(v, 1)), _mm256_cvtepi8_epi16(x1)));
+    return _mm256_add_epi32(_mm256_madd_epi16(c.a, _mm256_cvtepi8_epi16(x0)),
+                            _mm256_madd_epi16(c.b, _mm256_cvtepi8_epi16(x1)));
 }
 
 /* two segment vectors -> lanes (per 128-bit half) [a0+a2, b0+b2, a1+a3, b1+b3] */
@@ -710,9 +728,10 @@ __attribute__((always_inline, target(Q8A_TARGET))) static inline __m256i q8a_qua
     return _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
 }
 
-/* weight rows n .. n + NR - 1 (NR 1 or 2) against the row of x */
-__attribute__((always_inline, target(Q8A_TARGET))) static inline void q8a_block(const q8a_t *j, long n, const int NR,
-                                                                                 long ahead, const int BITS) {
+/* weight rows n .. n + NR - 1 (NR 1 or 2) against row a of x */
+__attribute__((always_inline, target(Q8A_TARGET))) static inline void q8a_block(const q8a_t *j, long a, long n,
+                                                                                 const int NR, long ahead,
+                                                                                 const int BITS) {
     const uint8_t *wr[2];
     for (int r = 0; r < NR; r++) wr[r] = j->w + (n + r) * j->row_bytes;
     const long xstep = BITS == 4 ? 64 : 32;
@@ -726,19 +745,19 @@ __attribute__((always_inline, target(Q8A_TARGET))) static inline void q8a_block(
 #pragma GCC unroll 2
             for (int h = 0; h < 2; h++) {
                 const long s0 = seg + 4 * q + 2 * h;
-                const int8_t *x0 = j->xq + s0 * xstep;
-                __m256i a[2], b[2];
+                const int8_t *x0 = j->xq + a * j->k + s0 * xstep;
+                __m256i u[2], v[2];
                 for (int r = 0; r < NR; r++) {
                     const uint8_t *src = wr[r] + s0 * 32;
                     if (ahead) _mm_prefetch((const char *)(src + ahead), _MM_HINT_T1);
-                    a[r] = q8a_seg(src, x0, BITS);
-                    b[r] = q8a_seg(src + 32, x0 + xstep, BITS);
+                    u[r] = q8a_dot(q8a_load(src, BITS), x0, BITS);
+                    v[r] = q8a_dot(q8a_load(src + 32, BITS), x0 + xstep, BITS);
                 }
-                for (int r = 0; r < NR; r++) pair[r][h] = q8a_pair(a[r], b[r]);
+                for (int r = 0; r < NR; r++) pair[r][h] = q8a_pair(u[r], v[r]);
             }
             for (int r = 0; r < NR; r++) quad[r][q] = q8a_quad(pair[r][0], pair[r][1]);
         }
-        const __m256 d = _mm256_loadu_ps(j->dseg + seg), sx = _mm256_loadu_ps(j->sxseg + seg);
+        const __m256 d = _mm256_loadu_ps(j->dseg + a * j->segs + seg), sx = _mm256_loadu_ps(j->sxseg + a * j->segs + seg);
         for (int r = 0; r < NR; r++) {
             /* lanes 0-3: segments 0-3, lanes 4-7: segments 4-7, each the sum of both 128-bit halves */
             const __m256i lo = _mm256_permute2x128_si256(quad[r][0], quad[r][1], 0x20);
@@ -750,15 +769,66 @@ __attribute__((always_inline, target(Q8A_TARGET))) static inline void q8a_block(
             bacc[r] = _mm256_fmadd_ps(bi, sx, bacc[r]);
         }
     }
-    for (int r = 0; r < NR; r++) j->y[n + r] = hsum256(_mm256_add_ps(acc[r], bacc[r]));
+    for (int r = 0; r < NR; r++) j->y[a * j->n + n + r] = hsum256(_mm256_add_ps(acc[r], bacc[r]));
+}
+
+/* Rows a0 .. a0 + MR - 1 of x (MR 2, 3 or 4) against weight row n: each segment of codes loaded (and
+ * split or widened) serves every row of x. */
+__attribute__((always_inline, target(Q8A_TARGET))) static inline void q8a_rows_block(const q8a_t *j, long a0, long n,
+                                                                                      const int MR, const int BITS) {
+    const uint8_t *wr = j->w + n * j->row_bytes;
+    const long xstep = BITS == 4 ? 64 : 32;
+    __m256 acc[4], bacc[4];
+    for (int r = 0; r < MR; r++) acc[r] = bacc[r] = _mm256_setzero_ps();
+    for (long seg = 0; seg < j->segs; seg += 8) {
+        __m256i quad[4][2];
+#pragma GCC unroll 2
+        for (int q = 0; q < 2; q++) {
+            __m256i pair[4][2];
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                const long s0 = seg + 4 * q + 2 * h;
+                const q8a_codes c0 = q8a_load(wr + s0 * 32, BITS), c1 = q8a_load(wr + s0 * 32 + 32, BITS);
+#pragma GCC unroll 4
+                for (int r = 0; r < MR; r++) {
+                    const int8_t *x0 = j->xq + (a0 + r) * j->k + s0 * xstep;
+                    pair[r][h] = q8a_pair(q8a_dot(c0, x0, BITS), q8a_dot(c1, x0 + xstep, BITS));
+                }
+            }
+#pragma GCC unroll 4
+            for (int r = 0; r < MR; r++) quad[r][q] = q8a_quad(pair[r][0], pair[r][1]);
+        }
+        const long at = n * j->groups + seg / j->spg;
+        const __m256 sc = q8a_sd8(j->scales, at, j->spg, j->sdtype);
+        const __m256 bi = q8a_sd8(j->biases, at, j->spg, j->sdtype);
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; r++) {
+            const __m256i lo = _mm256_permute2x128_si256(quad[r][0], quad[r][1], 0x20);
+            const __m256i hi = _mm256_permute2x128_si256(quad[r][0], quad[r][1], 0x31);
+            const float *dr = j->dseg + (a0 + r) * j->segs + seg, *sr = j->sxseg + (a0 + r) * j->segs + seg;
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi)),
+                                     _mm256_mul_ps(_mm256_loadu_ps(dr), sc), acc[r]);
+            bacc[r] = _mm256_fmadd_ps(bi, _mm256_loadu_ps(sr), bacc[r]);
+        }
+    }
+    for (int r = 0; r < MR; r++) j->y[(a0 + r) * j->n + n] = hsum256(_mm256_add_ps(acc[r], bacc[r]));
 }
 
 #define Q8A_FNS(B_)                                                                                        \
     __attribute__((noinline, target(Q8A_TARGET))) static void q8a_pair##B_(const q8a_t *j, long n, long ahead) { \
-        q8a_block(j, n, 2, ahead, B_);                                                                        \
+        q8a_block(j, 0, n, 2, ahead, B_);                                                                     \
     }                                                                                                        \
-    __attribute__((noinline, target(Q8A_TARGET))) static void q8a_single##B_(const q8a_t *j, long n) {          \
-        q8a_block(j, n, 1, 0, B_);                                                                            \
+    __attribute__((noinline, target(Q8A_TARGET))) static void q8a_single##B_(const q8a_t *j, long a, long n) {  \
+        q8a_block(j, a, n, 1, 0, B_);                                                                         \
+    }                                                                                                        \
+    __attribute__((noinline, target(Q8A_TARGET))) static void q8a_rows2_##B_(const q8a_t *j, long a0, long n) { \
+        q8a_rows_block(j, a0, n, 2, B_);                                                                      \
+    }                                                                                                        \
+    __attribute__((noinline, target(Q8A_TARGET))) static void q8a_rows3_##B_(const q8a_t *j, long a0, long n) { \
+        q8a_rows_block(j, a0, n, 3, B_);                                                                      \
+    }                                                                                                        \
+    __attribute__((noinline, target(Q8A_TARGET))) static void q8a_rows4_##B_(const q8a_t *j, long a0, long n) { \
+        q8a_rows_block(j, a0, n, 4, B_);                                                                      \
     }
 Q8A_FNS(4) Q8A_FNS(8)
 #undef Q8A_FNS
@@ -772,44 +842,69 @@ static void q8a_share(void *arg, int share) {
         const long lead = n0 + 2 * pf < n1 ? n0 + 2 * pf : n1;  /* (prefetch within the task, as above) */
         for (const uint8_t *p = j->w + n0 * rb, *e = j->w + lead * rb; p < e; p += 64)
             _mm_prefetch((const char *)p, _MM_HINT_T1);
-        long n = n0;
-        for (; n + 2 <= n1; n += 2) {
-            const long ahead = pf && n + 2 * pf + 2 <= n1 ? 2 * pf * rb : 0;
-            if (j->bits == 4) q8a_pair4(j, n, ahead);
-            else q8a_pair8(j, n, ahead);
+        if (j->m == 1) {
+            long n = n0;
+            for (; n + 2 <= n1; n += 2) {
+                const long ahead = pf && n + 2 * pf + 2 <= n1 ? 2 * pf * rb : 0;
+                if (j->bits == 4) q8a_pair4(j, n, ahead);
+                else q8a_pair8(j, n, ahead);
+            }
+            if (n < n1) {
+                if (j->bits == 4) q8a_single4(j, 0, n);
+                else q8a_single8(j, 0, n);
+            }
+            continue;
         }
-        if (n < n1) {
-            if (j->bits == 4) q8a_single4(j, n);
-            else q8a_single8(j, n);
+        /* several rows of x: groups of up to 4 pass over the task's weight rows (in L2 after the first) */
+        for (long a0 = 0; a0 < j->m; a0 += 4) {
+            const long mr = j->m - a0 < 4 ? j->m - a0 : 4;
+            for (long n = n0; n < n1; n++) {
+                if (a0 == 0 && pf && n + 2 * pf < n1)
+                    for (long b = 0; b < rb; b += 64)
+                        _mm_prefetch((const char *)(j->w + (n + 2 * pf) * rb + b), _MM_HINT_T1);
+                if (j->bits == 4) {
+                    if (mr == 1) q8a_single4(j, a0, n);
+                    else if (mr == 2) q8a_rows2_4(j, a0, n);
+                    else if (mr == 3) q8a_rows3_4(j, a0, n);
+                    else q8a_rows4_4(j, a0, n);
+                } else {
+                    if (mr == 1) q8a_single8(j, a0, n);
+                    else if (mr == 2) q8a_rows2_8(j, a0, n);
+                    else if (mr == 3) q8a_rows3_8(j, a0, n);
+                    else q8a_rows4_8(j, a0, n);
+                }
+            }
         }
     }
 }
 
-/* One row of x; 4-bit codes in groups of 64 or 128, 8-bit codes in groups of 32, 64 or 128; a
- * multiple of 8 segments per row (k % 512 == 0 at 4 bits, k % 256 == 0 at 8); 16-bit scales need
- * F16C. Returns 0 when done here, -1 to leave the product to the block kernel (nothing written). */
+/* Rows of x (m <= Q8V_MAX_ROWS); 4-bit codes in groups of 64 or 128, 8-bit codes in groups of 32, 64
+ * or 128; a multiple of 8 segments per row (k % 512 == 0 at 4 bits, k % 256 == 0 at 8); 16-bit
+ * scales need F16C. Returns 0 when done here, -1 to leave the product to the block kernel (nothing
+ * written). */
 static int q8a_matvec(const float *x, long m, long k, const uint32_t *w, const void *scales, const void *biases,
                       int sdtype, long n, int bits, int group_size, float *y, int threads) {
-    if (m != 1 || !phf_simd() || (sdtype == PHF_SD_F16 && !phf_f16c())) return -1;
+    if (m < 1 || m > Q8V_MAX_ROWS || !phf_simd() || (sdtype == PHF_SD_F16 && !phf_f16c())) return -1;
     if (!(bits == 4 && (group_size == 64 || group_size == 128)) &&
         !(bits == 8 && (group_size == 32 || group_size == 64 || group_size == 128)))
         return -1;
     const long seg_cols = bits == 4 ? 64 : 32, groups = k / group_size, segs = k / seg_cols;
     if (k % seg_cols != 0 || segs % 8 != 0) return -1;
-    int8_t *xq = (int8_t *)malloc((size_t)k);
-    float *f = (float *)malloc(sizeof(float) * (size_t)(2 * groups + 2 * segs));
+    int8_t *xq = (int8_t *)malloc((size_t)(m * k));
+    float *f = (float *)malloc(sizeof(float) * (size_t)(m * (2 * groups + 2 * segs)));
     if (!xq || !f) {
         free(xq);
         free(f);
         return -1;
     }
-    float *d = f, *sx = d + groups, *dseg = sx + groups, *sxseg = dseg + segs;
-    q8_quantize(x, 1, k, group_size, bits == 4, 1, xq, d, sx);
+    float *d = f, *sx = d + m * groups, *dseg = sx + m * groups, *sxseg = dseg + m * segs;
+    q8_quantize(x, m, k, group_size, bits == 4, 1, xq, d, sx);
     const int spg = (int)(group_size / seg_cols);
-    q8_segment_terms(d, sx, 1, groups, segs, spg, dseg, sxseg);
+    q8_segment_terms(d, sx, m, groups, segs, spg, dseg, sxseg);
     q8a_t j;
     j.xq = xq; j.dseg = dseg; j.sxseg = sxseg; j.w = (const uint8_t *)w; j.scales = scales; j.biases = biases;
-    j.y = y; j.n = n; j.groups = groups; j.row_bytes = k * bits / 8; j.segs = segs; j.bits = bits; j.spg = spg;
+    j.y = y; j.m = m; j.k = k; j.n = n; j.groups = groups; j.row_bytes = k * bits / 8; j.segs = segs;
+    j.bits = bits; j.spg = spg;
     j.sdtype = sdtype;
     j.rows_per_task = q8_decode_tasks(n, k, j.row_bytes, &threads);
     j.tasks = (n + j.rows_per_task - 1) / j.rows_per_task;
