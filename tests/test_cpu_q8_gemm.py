@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from test_cpu_q8 import BEST, LIB, emulate, pack, q8_product, random_case
+from test_cpu_scales16 import DTYPES, spread, to_16   # (at import: inside a @given test it nests @given)
 
 pytestmark = pytest.mark.skipif(LIB is None, reason="the C kernels were not built (Linux only; see setup.py)")
 
@@ -116,7 +117,6 @@ def test_bad_shapes_are_declined():
 def test_16_bit_scales_and_biases(dtype, bits, group_size, m, n, groups, threads, seed):
     """Scales and biases as stored (float16 / bfloat16 bit patterns) give the integer math with their
     exact values, through phf_q8_gemm_sd and through phf_q8_matmul_sd's route."""
-    from test_cpu_scales16 import DTYPES, spread, to_16
     rng = np.random.default_rng(seed)
     k = group_size * groups
     x, codes, _, _ = random_case(rng, m, n, k, bits, group_size, None, 0)
