@@ -333,6 +333,102 @@ static void q8_segment_terms(const float *d, const float *sx, long m, long group
             sxseg[r * segs + s] = s % spg == 0 ? sx[r * groups + s / spg] : 0.0f;
         }
 }
+
+/* A decode mat-vec's job (both the 512-bit and the AVX2 one): x quantized per segment of a weight row
+ * (half a 64-byte vector: 64 columns at 4 bits, 32 at 8), each segment's d and sum-of-x terms. */
+typedef struct {
+    const int8_t *xq;            /* [m, k], the kernel's layout */
+    const float *dseg, *sxseg;   /* [m, segments]: d of the segment's group; the group's sum of x, or 0 */
+    const uint8_t *w;            /* [n, row_bytes] */
+    const void *scales, *biases; /* [n, groups], dtype code sdtype */
+    float *y;                    /* [m, n] */
+    long m, k, n, groups, row_bytes, loads, segs; /* loads: 64-byte vectors per weight row */
+    int bits, spg, sdtype;       /* segments per group: 1, 2 or 4 */
+    void *scratch[2];            /* what q8_decode_prepare allocated */
+} q8d_t;
+
+/* Quantizes x for a decode mat-vec (4 bits: each 64 columns even-first, then odd, and with `swap` the
+ * middle quarters of every 128 columns exchanged, the 512-bit kernel's layout) and fills the job.
+ * Returns 0, or -1 without memory (nothing to free). */
+static int q8_decode_prepare(q8d_t *j, const float *x, long m, long k, const uint32_t *w, const void *scales,
+                             const void *biases, int sdtype, long n, int bits, int group_size, float *y, int swap) {
+    const long seg_cols = bits == 4 ? 64 : 32, groups = k / group_size, segs = k / seg_cols;
+    int8_t *xq = (int8_t *)malloc((size_t)(m * k));
+    float *f = (float *)malloc(sizeof(float) * (size_t)(m * (2 * groups + 2 * segs)));
+    if (!xq || !f) {
+        free(xq);
+        free(f);
+        return -1;
+    }
+    float *d = f, *sx = d + m * groups, *dseg = sx + m * groups, *sxseg = dseg + m * segs;
+    q8_quantize(x, m, k, group_size, bits == 4, 1, xq, d, sx);
+    for (long c = 0; swap && bits == 4 && c < m * k; c += 128) {
+        int8_t tmp[32];
+        memcpy(tmp, xq + c + 32, 32);
+        memcpy(xq + c + 32, xq + c + 64, 32);
+        memcpy(xq + c + 64, tmp, 32);
+    }
+    const int spg = (int)(group_size / seg_cols);
+    q8_segment_terms(d, sx, m, groups, segs, spg, dseg, sxseg);
+    j->xq = xq; j->dseg = dseg; j->sxseg = sxseg; j->w = (const uint8_t *)w; j->scales = scales; j->biases = biases;
+    j->y = y; j->m = m; j->k = k; j->n = n; j->groups = groups; j->row_bytes = k * bits / 8; j->loads = j->row_bytes / 64;
+    j->segs = segs; j->bits = bits; j->spg = spg; j->sdtype = sdtype;
+    j->scratch[0] = xq;
+    j->scratch[1] = f;
+    return 0;
+}
+
+/* A decode mat-vec's kernels (its job struct passed as `job`) and the split of its weight rows. */
+typedef void (*q8_pair_fn)(const void *job, long n, long ahead); /* row 0 of x against weight rows n, n + 1 */
+typedef void (*q8_rows_fn)(const void *job, long a0, long n);    /* rows a0 .. of x against weight row n */
+typedef struct {
+    const void *job;
+    const uint8_t *w;
+    long m, n, row_bytes, rows_per_task, tasks, next;
+    q8_pair_fn pair;
+    q8_rows_fn rows[5]; /* rows[mr]: mr = 1 .. 4 rows of x */
+} q8_decode_t;
+
+static void q8_decode_share(void *arg, int share) {
+    q8_decode_t *j = (q8_decode_t *)arg;
+    (void)share;
+    const long pf = __atomic_load_n(&q8v_prefetch, __ATOMIC_ACQUIRE), rb = j->row_bytes;
+    for (long t; (t = next_chunk(&j->next)) < j->tasks;) {
+        const long n0 = t * j->rows_per_task, n1 = n0 + j->rows_per_task < j->n ? n0 + j->rows_per_task : j->n;
+        /* prefetch only within the task: the rows after it may be another thread's, and a line fetched
+         * into this core's L2 does not help that one; so the task's first rows are fetched up front */
+        const long lead = n0 + 2 * pf < n1 ? n0 + 2 * pf : n1;
+        for (const uint8_t *p = j->w + n0 * rb, *e = j->w + lead * rb; p < e; p += 64)
+            _mm_prefetch((const char *)p, _MM_HINT_T1);
+        if (j->m == 1) {
+            long n = n0;
+            for (; n + 2 <= n1; n += 2) j->pair(j->job, n, pf && n + 2 * pf + 2 <= n1 ? 2 * pf * rb : 0);
+            if (n < n1) j->rows[1](j->job, 0, n);
+            continue;
+        }
+        /* several rows of x: groups of up to 4 pass over the task's weight rows (in L2 after the first) */
+        for (long a0 = 0; a0 < j->m; a0 += 4) {
+            const long mr = j->m - a0 < 4 ? j->m - a0 : 4;
+            for (long n = n0; n < n1; n++) {
+                if (a0 == 0 && pf && n + 2 * pf < n1)
+                    for (long b = 0; b < rb; b += 64)
+                        _mm_prefetch((const char *)(j->w + (n + 2 * pf) * rb + b), _MM_HINT_T1);
+                j->rows[mr](j->job, a0, n);
+            }
+        }
+    }
+}
+
+/* Runs a prepared job's kernels over its weight rows on the pool, then frees the job's scratch. */
+static void q8_decode_run(q8d_t *j, int threads, q8_pair_fn pair, q8_rows_fn r1, q8_rows_fn r2, q8_rows_fn r3,
+                          q8_rows_fn r4) {
+    q8_decode_t d = {j, j->w, j->m, j->n, j->row_bytes, 0, 0, 0, pair, {NULL, r1, r2, r3, r4}};
+    d.rows_per_task = q8_decode_tasks(j->n, j->k, j->row_bytes, &threads);
+    d.tasks = (j->n + d.rows_per_task - 1) / d.rows_per_task;
+    run_shares(q8_decode_share, &d, threads);
+    free(j->scratch[0]);
+    free(j->scratch[1]);
+}
 #endif
 
 #ifdef PHF_X86
@@ -357,16 +453,7 @@ static void q8_segment_terms(const float *d, const float *sx, long m, long group
 
 #define Q8V_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c"
 
-typedef struct {
-    const int8_t *xq;            /* [m, k], the layout above */
-    const float *dseg, *sxseg;   /* [m, segments]: d of the segment's group; the group's sum of x, or 0 */
-    const uint8_t *w;            /* [n, row_bytes] */
-    const void *scales, *biases; /* [n, groups], dtype code sdtype */
-    float *y;                    /* [m, n] */
-    long m, k, n, groups, row_bytes, loads, segs; /* xq rows k apart, dseg / sxseg rows segs apart */
-    int bits, spg, sdtype;       /* segments per group: 1, 2 or 4 */
-    long rows_per_task, tasks, next;
-} q8v_t;
+typedef q8d_t q8v_t; /* (xq in the layout above) */
 
 /* `count` (<= 16) consecutive scales / biases from element i, as floats; lanes past count are 0. With
  * spg 2 or 4 each value fills that many lanes (count counts lanes). */
@@ -450,11 +537,11 @@ __attribute__((always_inline, target(Q8V_TARGET))) static inline void q8v_block(
 }
 
 #define Q8V_FNS(B_)                                                                                        \
-    __attribute__((noinline, target(Q8V_TARGET))) static void q8v_pair##B_(const q8v_t *j, long n, long ahead) { \
-        q8v_block(j, 0, n, 2, ahead, B_);                                                                     \
+    __attribute__((noinline, target(Q8V_TARGET))) static void q8v_pair##B_(const void *j, long n, long ahead) { \
+        q8v_block((const q8v_t *)j, 0, n, 2, ahead, B_);                                                      \
     }                                                                                                        \
-    __attribute__((noinline, target(Q8V_TARGET))) static void q8v_single_row##B_(const q8v_t *j, long a, long n) { \
-        q8v_block(j, a, n, 1, 0, B_);                                                                         \
+    __attribute__((noinline, target(Q8V_TARGET))) static void q8v_single_row##B_(const void *j, long a, long n) { \
+        q8v_block((const q8v_t *)j, a, n, 1, 0, B_);                                                          \
     }
 Q8V_FNS(4) Q8V_FNS(8)
 #undef Q8V_FNS
@@ -521,59 +608,12 @@ __attribute__((always_inline, target(Q8V_TARGET))) static inline void q8v_rows_b
 }
 
 #define Q8V_ROWS_FN(MR_, B_)                                                                               \
-    __attribute__((noinline, target(Q8V_TARGET))) static void q8v_rows_##MR_##_##B_(const q8v_t *j, long a0,    \
+    __attribute__((noinline, target(Q8V_TARGET))) static void q8v_rows_##MR_##_##B_(const void *j, long a0,     \
                                                                                      long n) {               \
-        q8v_rows_block(j, a0, n, MR_, B_);                                                                   \
+        q8v_rows_block((const q8v_t *)j, a0, n, MR_, B_);                                                    \
     }
 Q8V_ROWS_FN(2, 4) Q8V_ROWS_FN(3, 4) Q8V_ROWS_FN(4, 4) Q8V_ROWS_FN(2, 8) Q8V_ROWS_FN(3, 8) Q8V_ROWS_FN(4, 8)
 #undef Q8V_ROWS_FN
-
-static void q8v_share(void *arg, int share) {
-    q8v_t *j = (q8v_t *)arg;
-    (void)share;
-    const long pf = __atomic_load_n(&q8v_prefetch, __ATOMIC_ACQUIRE), rb = j->row_bytes;
-    for (long t; (t = next_chunk(&j->next)) < j->tasks;) {
-        const long n0 = t * j->rows_per_task, n1 = n0 + j->rows_per_task < j->n ? n0 + j->rows_per_task : j->n;
-        /* prefetch only within the task: the rows after it may be another thread's, and a line fetched
-         * into this core's L2 does not help that one; so the task's first rows are fetched up front */
-        const long lead = n0 + 2 * pf < n1 ? n0 + 2 * pf : n1;
-        for (const uint8_t *p = j->w + n0 * rb, *e = j->w + lead * rb; p < e; p += 64)
-            _mm_prefetch((const char *)p, _MM_HINT_T1);
-        if (j->m == 1) {
-            long n = n0;
-            for (; n + 2 <= n1; n += 2) {
-                const long ahead = pf && n + 2 * pf + 2 <= n1 ? 2 * pf * rb : 0;
-                if (j->bits == 4) q8v_pair4(j, n, ahead);
-                else q8v_pair8(j, n, ahead);
-            }
-            if (n < n1) {
-                if (j->bits == 4) q8v_single_row4(j, 0, n);
-                else q8v_single_row8(j, 0, n);
-            }
-            continue;
-        }
-        /* several rows of x: groups of up to 4 pass over the task's weight rows (in L2 after the first) */
-        for (long a0 = 0; a0 < j->m; a0 += 4) {
-            const long mr = j->m - a0 < 4 ? j->m - a0 : 4;
-            for (long n = n0; n < n1; n++) {
-                if (a0 == 0 && pf && n + 2 * pf < n1)
-                    for (long b = 0; b < rb; b += 64)
-                        _mm_prefetch((const char *)(j->w + (n + 2 * pf) * rb + b), _MM_HINT_T1);
-                if (j->bits == 4) {
-                    if (mr == 1) q8v_single_row4(j, a0, n);
-                    else if (mr == 2) q8v_rows_2_4(j, a0, n);
-                    else if (mr == 3) q8v_rows_3_4(j, a0, n);
-                    else q8v_rows_4_4(j, a0, n);
-                } else {
-                    if (mr == 1) q8v_single_row8(j, a0, n);
-                    else if (mr == 2) q8v_rows_2_8(j, a0, n);
-                    else if (mr == 3) q8v_rows_3_8(j, a0, n);
-                    else q8v_rows_4_8(j, a0, n);
-                }
-            }
-        }
-    }
-}
 
 static int q8v_supported(void) {
     static int known = -1;
@@ -596,38 +636,12 @@ static int q8v_matvec(const float *x, long m, long k, const uint32_t *w, const v
     if (!(bits == 4 && (group_size == 64 || group_size == 128)) &&
         !(bits == 8 && (group_size == 32 || group_size == 64 || group_size == 128)))
         return -1;
-    /* a segment: the columns of half a vector of codes (64 at 4 bits, 32 at 8 bits) */
-    const long seg_cols = bits == 4 ? 64 : 32, groups = k / group_size, segs = k / seg_cols;
-    int8_t *xq = (int8_t *)malloc((size_t)(m * k));
-    float *f = (float *)malloc(sizeof(float) * (size_t)(m * (2 * groups + 2 * segs)));
-    if (!xq || !f) {
-        free(xq);
-        free(f);
-        return -1;
-    }
-    float *d = f, *sx = d + m * groups, *dseg = sx + m * groups, *sxseg = dseg + m * segs;
-    /* 4 bits: each 64 columns even-first, then odd; then swap the middle quarters of every 128
-     * columns. 8 bits: natural order. */
-    q8_quantize(x, m, k, group_size, bits == 4, 1, xq, d, sx);
-    for (long c = 0; bits == 4 && c < m * k; c += 128) {
-        int8_t tmp[32];
-        memcpy(tmp, xq + c + 32, 32);
-        memcpy(xq + c + 32, xq + c + 64, 32);
-        memcpy(xq + c + 64, tmp, 32);
-    }
-    const int spg = (int)(group_size / seg_cols);
-    q8_segment_terms(d, sx, m, groups, segs, spg, dseg, sxseg);
     q8v_t j;
-    j.xq = xq; j.dseg = dseg; j.sxseg = sxseg; j.w = (const uint8_t *)w; j.scales = scales; j.biases = biases;
-    j.y = y; j.m = m; j.k = k; j.n = n; j.groups = groups; j.row_bytes = k * bits / 8; j.loads = j.row_bytes / 64;
-    j.spg = spg; j.segs = segs; j.bits = bits;
-    j.sdtype = sdtype;
-    j.rows_per_task = q8_decode_tasks(n, k, j.row_bytes, &threads);
-    j.tasks = (n + j.rows_per_task - 1) / j.rows_per_task;
-    j.next = 0;
-    run_shares(q8v_share, &j, threads);
-    free(xq);
-    free(f);
+    if (q8_decode_prepare(&j, x, m, k, w, scales, biases, sdtype, n, bits, group_size, y, 1) != 0) return -1;
+    if (bits == 4)
+        q8_decode_run(&j, threads, q8v_pair4, q8v_single_row4, q8v_rows_2_4, q8v_rows_3_4, q8v_rows_4_4);
+    else
+        q8_decode_run(&j, threads, q8v_pair8, q8v_single_row8, q8v_rows_2_8, q8v_rows_3_8, q8v_rows_4_8);
     return 0;
 }
 #endif
@@ -649,16 +663,7 @@ static int q8v_matvec(const float *x, long m, long k, const uint32_t *w, const v
 
 #define Q8A_TARGET "avx2,fma,f16c"
 
-typedef struct {
-    const int8_t *xq;            /* [m, k] */
-    const float *dseg, *sxseg;   /* [m, segments] */
-    const uint8_t *w;
-    const void *scales, *biases;
-    float *y;                    /* [m, n] */
-    long m, k, n, groups, row_bytes, segs;
-    int bits, spg, sdtype;
-    long rows_per_task, tasks, next;
-} q8a_t;
+typedef q8d_t q8a_t; /* (xq as q8_quantize writes it) */
 
 /* 8 consecutive segments' scales (or biases) from value i of a row, spread over spg segments each */
 __attribute__((always_inline, target(Q8A_TARGET))) static inline __m256 q8a_sd8(const void *p, long i, int spg,
@@ -815,68 +820,23 @@ __attribute__((always_inline, target(Q8A_TARGET))) static inline void q8a_rows_b
 }
 
 #define Q8A_FNS(B_)                                                                                        \
-    __attribute__((noinline, target(Q8A_TARGET))) static void q8a_pair##B_(const q8a_t *j, long n, long ahead) { \
-        q8a_block(j, 0, n, 2, ahead, B_);                                                                     \
+    __attribute__((noinline, target(Q8A_TARGET))) static void q8a_pair##B_(const void *j, long n, long ahead) { \
+        q8a_block((const q8a_t *)j, 0, n, 2, ahead, B_);                                                      \
     }                                                                                                        \
-    __attribute__((noinline, target(Q8A_TARGET))) static void q8a_single##B_(const q8a_t *j, long a, long n) {  \
-        q8a_block(j, a, n, 1, 0, B_);                                                                         \
+    __attribute__((noinline, target(Q8A_TARGET))) static void q8a_single##B_(const void *j, long a, long n) {   \
+        q8a_block((const q8a_t *)j, a, n, 1, 0, B_);                                                          \
     }                                                                                                        \
-    __attribute__((noinline, target(Q8A_TARGET))) static void q8a_rows2_##B_(const q8a_t *j, long a0, long n) { \
-        q8a_rows_block(j, a0, n, 2, B_);                                                                      \
+    __attribute__((noinline, target(Q8A_TARGET))) static void q8a_rows2_##B_(const void *j, long a0, long n) {  \
+        q8a_rows_block((const q8a_t *)j, a0, n, 2, B_);                                                       \
     }                                                                                                        \
-    __attribute__((noinline, target(Q8A_TARGET))) static void q8a_rows3_##B_(const q8a_t *j, long a0, long n) { \
-        q8a_rows_block(j, a0, n, 3, B_);                                                                      \
+    __attribute__((noinline, target(Q8A_TARGET))) static void q8a_rows3_##B_(const void *j, long a0, long n) {  \
+        q8a_rows_block((const q8a_t *)j, a0, n, 3, B_);                                                       \
     }                                                                                                        \
-    __attribute__((noinline, target(Q8A_TARGET))) static void q8a_rows4_##B_(const q8a_t *j, long a0, long n) { \
-        q8a_rows_block(j, a0, n, 4, B_);                                                                      \
+    __attribute__((noinline, target(Q8A_TARGET))) static void q8a_rows4_##B_(const void *j, long a0, long n) {  \
+        q8a_rows_block((const q8a_t *)j, a0, n, 4, B_);                                                       \
     }
 Q8A_FNS(4) Q8A_FNS(8)
 #undef Q8A_FNS
-
-static void q8a_share(void *arg, int share) {
-    q8a_t *j = (q8a_t *)arg;
-    (void)share;
-    const long pf = __atomic_load_n(&q8v_prefetch, __ATOMIC_ACQUIRE), rb = j->row_bytes;
-    for (long t; (t = next_chunk(&j->next)) < j->tasks;) {
-        const long n0 = t * j->rows_per_task, n1 = n0 + j->rows_per_task < j->n ? n0 + j->rows_per_task : j->n;
-        const long lead = n0 + 2 * pf < n1 ? n0 + 2 * pf : n1;  /* (prefetch within the task, as above) */
-        for (const uint8_t *p = j->w + n0 * rb, *e = j->w + lead * rb; p < e; p += 64)
-            _mm_prefetch((const char *)p, _MM_HINT_T1);
-        if (j->m == 1) {
-            long n = n0;
-            for (; n + 2 <= n1; n += 2) {
-                const long ahead = pf && n + 2 * pf + 2 <= n1 ? 2 * pf * rb : 0;
-                if (j->bits == 4) q8a_pair4(j, n, ahead);
-                else q8a_pair8(j, n, ahead);
-            }
-            if (n < n1) {
-                if (j->bits == 4) q8a_single4(j, 0, n);
-                else q8a_single8(j, 0, n);
-            }
-            continue;
-        }
-        /* several rows of x: groups of up to 4 pass over the task's weight rows (in L2 after the first) */
-        for (long a0 = 0; a0 < j->m; a0 += 4) {
-            const long mr = j->m - a0 < 4 ? j->m - a0 : 4;
-            for (long n = n0; n < n1; n++) {
-                if (a0 == 0 && pf && n + 2 * pf < n1)
-                    for (long b = 0; b < rb; b += 64)
-                        _mm_prefetch((const char *)(j->w + (n + 2 * pf) * rb + b), _MM_HINT_T1);
-                if (j->bits == 4) {
-                    if (mr == 1) q8a_single4(j, a0, n);
-                    else if (mr == 2) q8a_rows2_4(j, a0, n);
-                    else if (mr == 3) q8a_rows3_4(j, a0, n);
-                    else q8a_rows4_4(j, a0, n);
-                } else {
-                    if (mr == 1) q8a_single8(j, a0, n);
-                    else if (mr == 2) q8a_rows2_8(j, a0, n);
-                    else if (mr == 3) q8a_rows3_8(j, a0, n);
-                    else q8a_rows4_8(j, a0, n);
-                }
-            }
-        }
-    }
-}
 
 /* Rows of x (m <= Q8V_MAX_ROWS); 4-bit codes in groups of 64 or 128, 8-bit codes in groups of 32, 64
  * or 128; a multiple of 8 segments per row (k % 512 == 0 at 4 bits, k % 256 == 0 at 8); 16-bit
@@ -888,30 +848,14 @@ static int q8a_matvec(const float *x, long m, long k, const uint32_t *w, const v
     if (!(bits == 4 && (group_size == 64 || group_size == 128)) &&
         !(bits == 8 && (group_size == 32 || group_size == 64 || group_size == 128)))
         return -1;
-    const long seg_cols = bits == 4 ? 64 : 32, groups = k / group_size, segs = k / seg_cols;
-    if (k % seg_cols != 0 || segs % 8 != 0) return -1;
-    int8_t *xq = (int8_t *)malloc((size_t)(m * k));
-    float *f = (float *)malloc(sizeof(float) * (size_t)(m * (2 * groups + 2 * segs)));
-    if (!xq || !f) {
-        free(xq);
-        free(f);
-        return -1;
-    }
-    float *d = f, *sx = d + m * groups, *dseg = sx + m * groups, *sxseg = dseg + m * segs;
-    q8_quantize(x, m, k, group_size, bits == 4, 1, xq, d, sx);
-    const int spg = (int)(group_size / seg_cols);
-    q8_segment_terms(d, sx, m, groups, segs, spg, dseg, sxseg);
+    const long seg_cols = bits == 4 ? 64 : 32;
+    if (k % seg_cols != 0 || (k / seg_cols) % 8 != 0) return -1;
     q8a_t j;
-    j.xq = xq; j.dseg = dseg; j.sxseg = sxseg; j.w = (const uint8_t *)w; j.scales = scales; j.biases = biases;
-    j.y = y; j.m = m; j.k = k; j.n = n; j.groups = groups; j.row_bytes = k * bits / 8; j.segs = segs;
-    j.bits = bits; j.spg = spg;
-    j.sdtype = sdtype;
-    j.rows_per_task = q8_decode_tasks(n, k, j.row_bytes, &threads);
-    j.tasks = (n + j.rows_per_task - 1) / j.rows_per_task;
-    j.next = 0;
-    run_shares(q8a_share, &j, threads);
-    free(xq);
-    free(f);
+    if (q8_decode_prepare(&j, x, m, k, w, scales, biases, sdtype, n, bits, group_size, y, 0) != 0) return -1;
+    if (bits == 4)
+        q8_decode_run(&j, threads, q8a_pair4, q8a_single4, q8a_rows2_4, q8a_rows3_4, q8a_rows4_4);
+    else
+        q8_decode_run(&j, threads, q8a_pair8, q8a_single8, q8a_rows2_8, q8a_rows3_8, q8a_rows4_8);
     return 0;
 }
 #endif
