@@ -894,12 +894,14 @@ def _host_f32(a: mx.array, shape=None) -> np.ndarray:
     return n if shape is None else n.reshape(shape)
 
 
+def _padded(cache) -> bool:
+    """A batch cache that holds padding (mlx-lm's lengths / left_padding)."""
+    return getattr(cache, "lengths", None) is not None or getattr(cache, "left_padding", None) is not None
+
+
 def _mamba_step_applies(mixer, mask, cache) -> bool:
     """The fused one-token mixer applies: no padding, quantized in/x/out projections, float dt_proj."""
-    if mask is not None or _fused_library() is None:
-        return False
-    if cache is not None and (getattr(cache, "lengths", None) is not None
-                              or getattr(cache, "left_padding", None) is not None):
+    if mask is not None or _fused_library() is None or (cache is not None and _padded(cache)):
         return False
     names = ("in_proj", "x_proj", "dt_proj", "out_proj", "conv1d", "A_log", "D", "d_inner", "dt_rank", "d_state",
              "d_conv", "produces_memory")
@@ -1294,6 +1296,12 @@ def _kv_to_store(attn, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.a
     return (keys, values) if dt is None else (keys.astype(dt), values.astype(dt))
 
 
+def _kv_dtype_applies(attn) -> bool:
+    """The attention stores its new rows as they come or as float16 (what the host attention reads)."""
+    kv_dtype = attn.kv_dtype
+    return kv_dtype is None or kv_dtype == mx.float16
+
+
 def _attention_applies(layer, H, cache) -> bool:
     from ..models.cache import KVCache, RotatingKVCache
 
@@ -1301,8 +1309,7 @@ def _attention_applies(layer, H, cache) -> bool:
     if not all(hasattr(attn, n) for n in ("Wqkv", "out_proj", "inner_cross_attn", "nh", "nkv", "hd", "kind",
                                             "lambda_init", "scale")):
         return False
-    kv_dtype = attn.kv_dtype
-    if (kv_dtype is not None and kv_dtype != mx.float16) or not _layer_norm_applies(layer.input_layernorm, H):
+    if not _kv_dtype_applies(attn) or not _layer_norm_applies(layer.input_layernorm, H):
         return False
     if cache is not None and type(cache) not in (KVCache, RotatingKVCache):
         return False
@@ -1555,7 +1562,10 @@ class _LayerHost:
 
 
 def _step_plan(model, cache, H):
-    """Per layer (layer, kind, cache, rows, host) where the whole step can run on the host; else None."""
+    """Per layer (layer, kind, cache, rows, host) where the whole step can run on the host; else None.
+    What the layer's modules allow is settled by its _LayerHost; here only what depends on the caches
+    and the switches."""
+    from ..models.cache import KVCache, RotatingKVCache
     from ..models.phi4flash import CROSS, GLOBAL, GMU, MAMBA, MAMBA_MEM, SWA
 
     if _fused_library() is None:
@@ -1568,14 +1578,14 @@ def _step_plan(model, cache, H):
         if host.struct is None:
             return None
         if kind in (MAMBA, MAMBA_MEM):
-            if c is None or c[0] is None or c[1] is None or not _mamba_step_applies(layer.attn, None, c):
+            if c is None or c[0] is None or c[1] is None or _padded(c):
                 return None
             memory = memory or layer.attn.produces_memory
         elif kind == GMU:
             if not memory:
                 return None
         elif kind in (SWA, GLOBAL):
-            if c is None or not _attention_applies(layer, H, c):
+            if type(c) not in (KVCache, RotatingKVCache) or not _kv_dtype_applies(layer.attn):
                 return None
             if getattr(c, "keys", None) is None or _kv_code(c.keys, c.values) is None:
                 return None                       # (the host attention reads float32 / float16 caches)
@@ -1586,7 +1596,7 @@ def _step_plan(model, cache, H):
                 return None
             shared = shared or kind == GLOBAL
         elif kind == CROSS:
-            if not shared:
+            if not shared or not _kv_dtype_applies(layer.attn):
                 return None
         else:
             return None
