@@ -430,3 +430,25 @@ def test_whole_step_follows_replaced_weights(monkeypatch):
     done.clear()
     steps([7, 21])
     assert done == [True, True]
+
+
+@needs_fused
+def test_a_deleted_model_is_freed_without_the_garbage_collector():
+    """The one-call step's per-layer host descriptions do not hold their layers: after decode steps, a
+    deleted model's layers (and with them its weights) go at once, not at the next garbage collection."""
+    import gc
+    import weakref
+
+    _, fast, (_, cache) = _prefilled_pair()
+    for tok in (3, 14, 15):
+        mx.eval(fast(mx.array([[tok]]), cache=cache))
+    assert all("_phf_layer_host" in layer.__dict__ for layer in fast.layers)
+    refs = [weakref.ref(layer) for layer in fast.layers]
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del fast, cache
+        assert not any(r() is not None for r in refs)
+    finally:
+        if enabled:
+            gc.enable()

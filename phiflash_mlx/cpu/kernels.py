@@ -1492,6 +1492,12 @@ def _snapshot(modules: list) -> tuple:
     return tuple(tuple(map(id, m.values())) for m in modules)
 
 
+def _layer_ids(layer, below: list) -> tuple:
+    """_snapshot of a layer and the modules below it (the layer itself is not held: it holds its
+    _LayerHost, and a cycle would keep a deleted model's weights until the garbage collector ran)."""
+    return (tuple(map(id, layer.values())),) + _snapshot(below)
+
+
 class _LayerHost:
     """One decoder layer as `phf_decode_layers` takes it: the phf_layer's weight part (host views and
     copies made once), or `struct` None where the layer's modules are not ones the step covers. Kept
@@ -1501,9 +1507,9 @@ class _LayerHost:
         from ..models.phi4flash import CROSS, GLOBAL, GMU, MAMBA, MAMBA_MEM, SWA
 
         self.H = H
-        self.modules = _modules(layer, 3)
-        self.held = [tuple(m.values()) for m in self.modules]      # (keeps the ids below meaningful)
-        self.ids = _snapshot(self.modules)
+        self.below = _modules(layer, 3)[1:]
+        self.held = [tuple(m.values()) for m in [layer] + self.below]  # (keeps the ids below meaningful)
+        self.ids = _layer_ids(layer, self.below)
         self.struct = None
         kind = getattr(layer, "kind", None)
         if not (_layer_norm_applies(layer.input_layernorm, H) and _mlp_applies(layer, H)):
@@ -1555,7 +1561,7 @@ class _LayerHost:
     @classmethod
     def of(cls, layer, H: int) -> "_LayerHost":
         held = layer.__dict__.get("_phf_layer_host")
-        if held is None or held.H != H or _snapshot(held.modules) != held.ids:
+        if held is None or held.H != H or _layer_ids(layer, held.below) != held.ids:
             held = cls(layer, H)
             layer.__dict__["_phf_layer_host"] = held
         return held
