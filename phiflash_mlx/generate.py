@@ -179,7 +179,9 @@ class Sampler:
         if p.temp == 0:
             return mx.argmax(logits, axis=-1)
         if mx.default_device().type == mx.DeviceType.cpu and logits.ndim == 2:
-            return self._host(logits)
+            token = self._host(logits)
+            if token is not None:
+                return token
         logprobs = logits / p.temp
         logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
         logprobs = filter_logprobs(logprobs, p.top_p, p.top_k, p.min_p)
@@ -188,11 +190,14 @@ class Sampler:
         self.key, sub = mx.random.split(self.key)
         return mx.random.categorical(logprobs, key=sub)
 
-    def _host(self, logits: mx.array) -> mx.array:
+    def _host(self, logits: mx.array) -> mx.array | None:
+        """The draw on the host; None for a row without a finite maximum (NaN or +inf logits: MLX's ops
+        decide, as everywhere else)."""
         p = self.params
-        u = self._uniform(logits.shape[0])
         x = np.asarray(logits.astype(mx.float32) if logits.dtype != mx.float32 else logits)
-        u = np.asarray(u, dtype=np.float64)
+        if not np.isfinite(x.max(axis=-1)).all():
+            return None
+        u = np.asarray(self._uniform(logits.shape[0]), dtype=np.float64)
         out = np.empty((x.shape[0],), dtype=np.uint32)
         for row in range(x.shape[0]):
             prob = np.exp((x[row] - x[row].max()) * np.float32(1.0 / p.temp))

@@ -253,3 +253,21 @@ def test_split_reasoning():
     assert split_reasoning("<think>carry the one</think> 42") == ("carry the one", "42")
     assert split_reasoning("no tags") == ("", "no tags")
     assert split_reasoning("<think>unfinished") == ("unfinished", "")
+
+
+def test_cpu_draws_with_masked_and_broken_logits():
+    """-inf logits (what a logits processor uses to forbid tokens) are never drawn, with or without
+    top-p; a row with NaN or +inf (broken weights) gives a token id, not an exception."""
+    V = 1000
+    masked = np.full((1, V), -np.inf, np.float32)
+    masked[0, 7], masked[0, 9] = 1.0, 2.0
+    for top_p in (0.95, 1.0):
+        drawn = {int(Sampler(SamplingParams(temp=1.0, top_p=top_p, seed=s))(mx.array(masked)).item())
+                 for s in range(40)}
+        assert drawn == {7, 9}, (top_p, drawn)
+    for bad in (np.nan, np.inf):
+        x = np.zeros((2, V), np.float32)
+        x[1, 5] = bad
+        for top_p in (0.95, 1.0):
+            ids = np.asarray(Sampler(SamplingParams(temp=0.6, top_p=top_p, seed=1))(mx.array(x)))
+            assert ids.shape == (2,) and ((0 <= ids) & (ids < V)).all()
