@@ -90,19 +90,6 @@ def levels(model, lib, contexts, rounds: int, steps: int, prefill: bool) -> dict
     return out
 
 
-def _mlx_draw(sampler, logits):
-    """What Sampler does off the CPU device: MLX's filters and one categorical draw."""
-    import mlx.core as mx
-
-    gen = importlib.import_module("phiflash_mlx.generate")
-    p = sampler.params
-    lp = logits / p.temp
-    lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
-    lp = gen.filter_logprobs(lp, p.top_p, p.top_k, p.min_p)
-    sampler.key, sub = mx.random.split(sampler.key)
-    return mx.random.categorical(lp, key=sub)
-
-
 def sampling(vocab: int, repeats: int) -> dict:
     import mlx.core as mx
 
@@ -112,7 +99,7 @@ def sampling(vocab: int, repeats: int) -> dict:
     cases = {
         "greedy": (gen.SamplingParams(temp=0), None),
         "t0.6_p0.95_host": (gen.SamplingParams(temp=0.6, top_p=0.95, seed=1), None),
-        "t0.6_p0.95_mlx_ops": (gen.SamplingParams(temp=0.6, top_p=0.95, seed=1), _mlx_draw),
+        "t0.6_p0.95_mlx_ops": (gen.SamplingParams(temp=0.6, top_p=0.95, seed=1), gen.Sampler._ops),
         "t0.6_p1.0_host": (gen.SamplingParams(temp=0.6, top_p=1.0, seed=1), None),
     }
     out = {}
@@ -141,7 +128,7 @@ def generation(model, rounds: int, tokens: int) -> dict:
     try:
         for r in range(rounds):
             for name in tps:
-                gen.Sampler.__call__ = host_call if name == "host" else _mlx_draw
+                gen.Sampler.__call__ = host_call if name == "host" else gen.Sampler._ops
                 g = gen.Generator(model, None)
                 ids = rng.integers(0, model.args.vocab_size, 64).tolist()
                 last = None

@@ -182,6 +182,11 @@ class Sampler:
             token = self._host(logits)
             if token is not None:
                 return token
+        return self._ops(logits)
+
+    def _ops(self, logits: mx.array) -> mx.array:
+        """The draw through MLX's ops (temperature > 0): `filter_logprobs` and one categorical draw."""
+        p = self.params
         logprobs = logits / p.temp
         logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
         logprobs = filter_logprobs(logprobs, p.top_p, p.top_k, p.min_p)
